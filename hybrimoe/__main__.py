@@ -1,0 +1,3 @@
+from hybrimoe.cli import main
+
+raise SystemExit(main())

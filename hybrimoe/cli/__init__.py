@@ -1,0 +1,51 @@
+"""`hybrimoe` command line: each subcommand lives in its own module of this package.
+
+A subcommand module exposes `register(subparsers) -> None`, which adds its parser and sets
+`func=run` where `run(args) -> int` is the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from hybrimoe.errors import HybrimoeError
+
+# Subcommand modules, in the order `--help` lists them. A module that does not exist yet is skipped.
+SUBCOMMAND_MODULES = [
+    "generate", "chat", "serve", "simulate", "bench", "calibrate", "make_tiny", "import_trace",
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrimoe", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"hybrimoe.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"hybrimoe.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except HybrimoeError as exc:
+        print(f"hybrimoe {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
