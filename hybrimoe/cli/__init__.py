@@ -20,7 +20,9 @@ SUBCOMMAND_MODULES = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybrimoe", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="hybrimoe",
+        description="Run Mixture-of-Experts LLMs on one GPU plus host memory (HybriMoE).")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:

@@ -1,0 +1,38 @@
+"""Runtime options of an Engine: how and where the model runs (not what it computes).
+
+The single place where keyword options (`Engine.from_pretrained(..., **runtime_options)`) and CLI
+flags are validated; later runtime choices (expert cache, placement policy) join here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from hybrimoe.errors import ConfigError
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    device: str = "cpu"  # torch device of the dense weights and the KV cache
+    max_context: int | None = None  # tokens (prompt + completion); None = the model's maximum
+
+    @classmethod
+    def from_kwargs(cls, **options: object) -> "RuntimeOptions":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ConfigError(f"unknown runtime option(s) {unknown}; known: {sorted(known)}")
+        result = cls(**options)  # type: ignore[arg-type]
+        if result.max_context is not None and (not isinstance(result.max_context, int) or result.max_context < 2):
+            raise ConfigError(f"max_context must be an integer >= 2 tokens, got {result.max_context!r}")
+        if not isinstance(result.device, str) or not result.device:
+            raise ConfigError(f"device must be a torch device name such as 'cpu' or 'cuda:0', got {result.device!r}")
+        return result
+
+
+def check_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype {dtype!r} is not supported; use one of {list(DTYPES)}")
+    return dtype

@@ -1,0 +1,74 @@
+"""Request and result records of the Engine (see docs/CONTRACTS.md, "Engine side")."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from hybrimoe.errors import ConfigError
+
+FINISH_REASONS = ("stop", "length")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick tokens and when to stop; validated by `validate()` at the edge (CLI, server)."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0  # nucleus mass kept, in (0, 1]
+    top_k: int = 0  # 0 = off
+    seed: int | None = None  # None = fresh randomness on every request
+    stop_token_ids: list[int] = field(default_factory=list)  # in addition to the EOS ids
+    stop_strings: list[str] = field(default_factory=list)  # ends before the first occurrence
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def validate(self) -> "SamplingParams":
+        """Raise ConfigError naming the bad field and what is accepted; return self."""
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ConfigError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise ConfigError(f"seed must be an integer or None, got {self.seed!r}")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+        if any(not isinstance(s, str) or not s for s in self.stop_strings):
+            raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        return self
+
+
+@dataclass
+class GenerationResult:
+    """One finished request.
+
+    `token_ids` are the generated tokens, without a stop token id that ended generation;
+    `completion_tokens` counts every token the model produced, that stop token included
+    (the OpenAI `usage` convention). `text` ends before a matched stop string.
+    """
+
+    text: str
+    token_ids: list[int]
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" | "length"
+    prefill_seconds: float  # prompt forward + first token
+    decode_seconds: float  # every later forward + sampling
+    decode_tokens_per_second: float  # (completion_tokens - 1) / decode_seconds; 0 if no decode step
+
+
+@dataclass
+class StreamChunk:
+    """What `Engine.stream` yields: new tokens and the text that is now certain."""
+
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None = None  # None while running
+    result: GenerationResult | None = None  # the last chunk only
