@@ -1,0 +1,185 @@
+"""DeepSeek parts against transformers: MLA + YaRN attention (prefill, then decode through the KV cache)
+and the three router variants, on random weights in float32."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from transformers import DeepseekV2Config, DeepseekV3Config
+from transformers.cache_utils import DynamicCache
+from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
+from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
+
+from hybrimoe.models.deepseek_routing import route_deepseek
+from hybrimoe.models.mla import LatentKVLayer, MLAttention
+from hybrimoe.models.yarn import RopeSpec
+
+YARN = {
+    "type": "yarn",
+    "factor": 40.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 0.707,
+    "mscale_all_dim": 0.707,
+}
+PREFILL, DECODE = 16, 6
+
+
+def _hf_config(family: str, q_lora_rank: int | None, rope: dict | None, interleave: bool = True) -> Any:
+    common = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        kv_lora_rank=32,
+        q_lora_rank=q_lora_rank,
+        qk_nope_head_dim=16,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        max_position_embeddings=2560,
+        rope_theta=10000.0,
+        rope_scaling=dict(rope) if rope else None,
+        num_hidden_layers=1,
+        vocab_size=32,
+    )
+    if family == "v2":
+        cfg = DeepseekV2Config(**common)
+    else:
+        cfg = DeepseekV3Config(**common, rope_interleave=interleave)
+    cfg._attn_implementation = "eager"
+    return cfg
+
+
+def _ours_config(hf: Any, family: str) -> SimpleNamespace:
+    rope = dict(hf.rope_parameters)
+    return SimpleNamespace(
+        hidden_size=hf.hidden_size,
+        num_attention_heads=hf.num_attention_heads,
+        q_lora_rank=hf.q_lora_rank,
+        kv_lora_rank=hf.kv_lora_rank,
+        qk_nope_head_dim=hf.qk_nope_head_dim,
+        qk_rope_head_dim=hf.qk_rope_head_dim,
+        v_head_dim=hf.v_head_dim,
+        attention_bias=hf.attention_bias,
+        rope_theta=rope["rope_theta"],
+        rope_scaling=rope,
+        max_position_embeddings=hf.max_position_embeddings,
+        rope_interleave=True if family == "v2" else hf.rope_interleave,
+    )
+
+
+def _hf_attention_run(family: str, hf_cfg: Any, attn: torch.nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Run transformers' attention chunk by chunk (first chunk = prefill) through its DynamicCache."""
+    mod = hf_v2 if family == "v2" else hf_v3
+    rotary = (mod.DeepseekV2RotaryEmbedding if family == "v2" else mod.DeepseekV3RotaryEmbedding)(hf_cfg)
+    cache, start, outs = DynamicCache(config=hf_cfg), 0, []
+    for x in xs:
+        t = x.shape[0]
+        pos = torch.arange(start, start + t)[None]
+        pe = rotary(x[None], pos)
+        s = start + t
+        mask = torch.full((t, s), float("-inf")).triu(start + 1)[None, None]  # [1, 1, T, S] additive
+        if family == "v2":
+            out, _ = attn(x[None], attention_mask=mask, cache=cache, position_embeddings=pe)
+        else:
+            out, _ = attn(x[None], position_embeddings=pe, attention_mask=mask, cache=cache)
+        outs.append(out[0])
+        start = s
+    return outs
+
+
+@pytest.mark.parametrize(
+    "family,q_lora_rank,rope,interleave",
+    [
+        ("v2", None, YARN, True),  # V2-Lite shape: no query compression
+        ("v2", 24, YARN, True),  # V2
+        ("v2", None, None, True),  # plain RoPE
+        ("v3", 24, YARN, True),  # V3
+        ("v3", None, YARN, False),  # V3 with half-split rotary pairs
+    ],
+)
+def test_mla_matches_transformers(family: str, q_lora_rank: int | None, rope: dict | None, interleave: bool) -> None:
+    torch.manual_seed(0)
+    hf_cfg = _hf_config(family, q_lora_rank, rope, interleave)
+    hf_attn = (hf_v2.DeepseekV2Attention if family == "v2" else hf_v3.DeepseekV3Attention)(hf_cfg, 0).eval()
+    with torch.no_grad():
+        for p in hf_attn.parameters():
+            p.normal_(0.0, 0.3)
+    ours = MLAttention(_ours_config(hf_cfg, family), 0).eval()
+    missing, unexpected = ours.load_state_dict(hf_attn.state_dict(), strict=False)
+    assert not unexpected and all(name.startswith("rotary.") for name in missing)
+    assert abs(ours.scale - hf_attn.scaling) < 1e-12
+
+    xs = [torch.randn(PREFILL, 64)] + [torch.randn(1, 64) for _ in range(DECODE)]
+    with torch.no_grad():
+        expected = _hf_attention_run(family, hf_cfg, hf_attn, xs)
+        kv = LatentKVLayer.allocate(200, hf_cfg.kv_lora_rank, hf_cfg.qk_rope_head_dim, torch.float32)
+        start = 0
+        for x, want in zip(xs, expected):
+            got = ours(x, torch.arange(start, start + x.shape[0]), kv)
+            start += x.shape[0]
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert kv.length == start
+
+
+def test_yarn_frequencies_and_scales_match_transformers() -> None:
+    hf_cfg = _hf_config("v3", 24, YARN)
+    hf_rotary = hf_v3.DeepseekV3RotaryEmbedding(hf_cfg)
+    spec = RopeSpec.from_hf(8, 10000.0, hf_cfg.rope_parameters, hf_cfg.max_position_embeddings)
+    torch.testing.assert_close(spec.inv_freq(), hf_rotary.inv_freq, atol=0, rtol=0)
+    assert spec.cos_sin_scale == pytest.approx(hf_rotary.attention_scaling, abs=1e-12)
+    # YaRN stretches the low frequencies by `factor` and keeps the highest one
+    plain = RopeSpec.from_hf(8, 10000.0, None, 2560).inv_freq()
+    assert spec.inv_freq()[0] == plain[0] and spec.inv_freq()[-1] == pytest.approx(plain[-1] / 40.0)
+    assert spec.softmax_scale(24) == pytest.approx(24**-0.5 * (0.1 * 0.707 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+
+
+ROUTER_CASES = {
+    "greedy": dict(family="v2", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
+    "group_limited_greedy": dict(
+        family="v2", topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0, norm_topk_prob=False
+    ),
+    "noaux_tc": dict(family="v3", topk_method="noaux_tc", n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "noaux_tc_unnormalised": dict(
+        family="v3", topk_method="noaux_tc", n_group=8, topk_group=3, routed_scaling_factor=1.0, norm_topk_prob=False
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ROUTER_CASES))
+def test_routing_matches_transformers(case: str) -> None:
+    params = dict(ROUTER_CASES[case])
+    family = params.pop("family")
+    torch.manual_seed(1)
+    n_experts, top_k, hidden, tokens = 32, 6, 24, 64
+    common = dict(hidden_size=hidden, num_attention_heads=4, n_routed_experts=n_experts, num_experts_per_tok=top_k, **params)
+    if family == "v2":
+        gate = hf_v2.DeepseekV2TopkRouter(DeepseekV2Config(**common))
+    else:
+        gate = hf_v3.DeepseekV3TopkRouter(DeepseekV3Config(**common))
+    bias = None
+    with torch.no_grad():
+        gate.weight.normal_()
+        if family == "v3":
+            bias = torch.randn(n_experts) * 0.5  # large enough to change choices
+            gate.e_score_correction_bias.copy_(bias)
+        x = torch.randn(tokens, hidden)
+        x[1] = x[0]  # a repeated token routes identically
+        logits, want_w, want_ids = gate(x)
+    ids, weights, scores = route_deepseek(logits, SimpleNamespace(top_k=top_k, **params), bias)
+    assert ids.dtype == torch.long and ids.shape == (tokens, top_k) and weights.dtype == torch.float32
+    torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
+    torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-6)
+    expected_scores = logits.softmax(-1) if family == "v2" else logits.sigmoid()
+    torch.testing.assert_close(scores, expected_scores)
+    if family == "v3":  # the bias steers the choice: it differs from the plain top-k of the scores
+        plain = scores.topk(top_k, dim=-1).indices.sort(-1).values
+        assert not torch.equal(plain, ids.sort(-1).values)
+        if params["norm_topk_prob"]:
+            torch.testing.assert_close(weights.sum(-1), torch.full((tokens,), 2.5))
+    if params["n_group"] > 1:  # every chosen expert lies in at most topk_group groups
+        groups = ids // (n_experts // params["n_group"])
+        assert all(len(set(row.tolist())) <= params["topk_group"] for row in groups)
