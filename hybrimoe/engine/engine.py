@@ -1,0 +1,199 @@
+"""Engine: one sequence at a time through a MoETransformer, prefill then decode with a KV cache.
+
+    prompt ids ─► prefill forward [P] ─► sample ─► (decode forward [1] ─► sample)* ─► result
+                                                 │
+                         detokenise incrementally ─► hold back possible stop strings ─► chunks
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from hybrimoe.engine.options import RuntimeOptions, check_dtype
+from hybrimoe.engine.recorder import RoutingRecorder
+from hybrimoe.engine.sampling import make_generator, sample_next
+from hybrimoe.engine.stopping import IncrementalDetokenizer, StopStringFilter
+from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
+from hybrimoe.errors import CheckpointError, HybrimoeError
+
+log = logging.getLogger(__name__)
+
+
+class PromptError(HybrimoeError, ValueError):
+    """A prompt the engine cannot run: empty, too long for the context, or a malformed chat."""
+
+
+def _eos_ids(model_dir: Path | None, config: Any, tokenizer: Any) -> set[int]:
+    """EOS ids from the model config, generation_config.json and the tokenizer."""
+    ids: set[int] = {int(i) for i in (getattr(config, "eos_token_ids", None) or ())}
+    if model_dir is not None and (model_dir / "generation_config.json").is_file():
+        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    return ids
+
+
+class Engine:
+    """Generation over a `MoETransformer` (docs/CONTRACTS.md, "Engine side"). Not thread-safe."""
+
+    def __init__(self, model: Any, tokenizer: Any, model_name: str,
+                 options: RuntimeOptions | None = None, model_dir: str | os.PathLike | None = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.model_name = model_name
+        self.options = options or RuntimeOptions()
+        limit = int(model.config.max_position_embeddings)
+        self.max_context = min(limit, self.options.max_context) if self.options.max_context else limit
+        self.eos_token_ids = _eos_ids(Path(model_dir) if model_dir else None, model.config, tokenizer)
+        self.recorder: RoutingRecorder | None = None
+        self._stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                       "prefill_seconds": 0.0, "decode_seconds": 0.0}
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: str = "fp32", **runtime_options: Any) -> "Engine":
+        from transformers import AutoTokenizer
+
+        from hybrimoe.loader import load_model
+
+        options = RuntimeOptions.from_kwargs(**runtime_options)
+        path = Path(model_dir)
+        if not path.is_dir():
+            raise CheckpointError(f"model directory not found: {path}")
+        model = load_model(path, dtype=check_dtype(dtype), device=options.device)
+        model.eval()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as exc:
+            raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}") from None
+        return cls(model, tokenizer, path.resolve().name, options, model_dir=path)
+
+    # -- prompts ---------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text).input_ids)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a chat, ending where the assistant's reply starts.
+
+        Uses the tokenizer's chat template when it has one; otherwise "role: content" lines
+        followed by "assistant:".
+        """
+        if not isinstance(messages, list) or not messages or any(
+                not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
+                for m in messages):
+            raise PromptError("a chat is a non-empty list of {'role': str, 'content': str} messages")
+        if getattr(self.tokenizer, "chat_template", None):
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+        text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
+        return self.encode(text)
+
+    def _check_prompt(self, prompt_ids: list[int]) -> None:
+        if not prompt_ids:
+            raise PromptError("the prompt is empty")
+        if len(prompt_ids) > self.max_context - 1:
+            raise PromptError(f"the prompt has {len(prompt_ids)} tokens; this model's context holds "
+                              f"{self.max_context}, so at most {self.max_context - 1} prompt tokens fit")
+        vocab = int(self.model.config.vocab_size)
+        bad = [t for t in prompt_ids if not 0 <= int(t) < vocab]
+        if bad:
+            raise PromptError(f"prompt token ids {bad[:5]} are outside the vocabulary 0..{vocab - 1}")
+
+    # -- generation ------------------------------------------------------------------------------
+    def _forward(self, ids: list[int], start_pos: int, kv: Any, phase: str) -> torch.Tensor:
+        """Logits [V] of the last of `ids`, the recorder (if any) seeing this step's routing."""
+        input_ids = torch.tensor(ids, dtype=torch.long, device=self.options.device)  # [T]
+        recorder = self.recorder
+        if recorder is None:
+            return self.model(input_ids, start_pos, kv)[-1]
+        previous = self.model.routing_observer
+        recorder.begin_step(phase, start_pos, ids)
+        self.model.routing_observer = recorder.observe
+        try:
+            logits = self.model(input_ids, start_pos, kv)[-1]
+        except BaseException:
+            recorder.cancel_step()
+            raise
+        finally:
+            self.model.routing_observer = previous
+        recorder.end_step()
+        return logits
+
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
+        """Yield chunks as tokens are generated; the last one carries `finish_reason` and `result`."""
+        params.validate()
+        prompt_ids = [int(t) for t in prompt_ids]
+        self._check_prompt(prompt_ids)
+        n_prompt = len(prompt_ids)
+        budget = min(params.max_new_tokens, self.max_context - n_prompt)  # tokens we may produce
+        stop_ids = self.eos_token_ids | set(params.stop_token_ids)
+        generator = make_generator(params.seed)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringFilter(list(params.stop_strings))
+        kv = self.model.new_kv_cache(n_prompt + budget)
+        generated: list[int] = []
+        produced = 0  # tokens sampled, a final stop id included
+        decode_seconds = 0.0
+        try:
+            start = time.perf_counter()
+            with torch.inference_mode():
+                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator)
+            prefill_seconds = time.perf_counter() - start
+            while True:
+                produced += 1
+                if token in stop_ids:
+                    finish, new_ids, text = "stop", [], ""
+                    break
+                generated.append(token)
+                text = stops.push(detok.push(token))
+                if stops.stopped:
+                    finish, new_ids = "stop", [token]
+                    break
+                if produced >= budget:
+                    finish, new_ids = "length", [token]
+                    break
+                yield StreamChunk(token_ids=[token], text=text)
+                start = time.perf_counter()
+                with torch.inference_mode():
+                    logits = self._forward([token], n_prompt + produced - 1, kv, "decode")
+                    token = sample_next(logits, params, generator)
+                decode_seconds += time.perf_counter() - start
+            if not stops.stopped:
+                text += stops.push(detok.flush())
+                text += stops.flush()
+        finally:
+            if self.recorder is not None:
+                self.recorder.end_sequence()
+        result = GenerationResult(
+            text=stops.released_text, token_ids=generated, prompt_tokens=n_prompt, completion_tokens=produced,
+            finish_reason=finish, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
+            decode_tokens_per_second=(produced - 1) / decode_seconds if decode_seconds > 0 else 0.0)
+        self._account(result)
+        yield StreamChunk(token_ids=new_ids, text=text, finish_reason=finish, result=result)
+
+    def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
+        for chunk in self.stream(prompt_ids, params):
+            if chunk.result is not None:
+                return chunk.result
+        raise AssertionError("stream ended without a result")
+
+    def _account(self, result: GenerationResult) -> None:
+        self._stats["requests"] += 1
+        self._stats["prompt_tokens"] += result.prompt_tokens
+        self._stats["completion_tokens"] += result.completion_tokens
+        self._stats["prefill_seconds"] += result.prefill_seconds
+        self._stats["decode_seconds"] += result.decode_seconds
+        log.debug("request: %d prompt + %d completion tokens, prefill %.3fs, %.1f decode tok/s",
+                  result.prompt_tokens, result.completion_tokens, result.prefill_seconds,
+                  result.decode_tokens_per_second)
+
+    def stats(self) -> dict[str, float]:
+        """Cumulative counters since the engine was made (tokens, seconds, requests)."""
+        return dict(self._stats)
