@@ -1,0 +1,60 @@
+"""Multi-head / grouped-query attention with the family hooks of Mixtral, Qwen2/3-MoE and OLMoE.
+
+Hooks: q/k/v bias (Qwen2-MoE), q/k RMSNorm per head (Qwen3-MoE) or over the full projected width
+(OLMoE: q over heads*D, k over kv_heads*D, before the reshape into heads), clip_qkv (OLMoE),
+sliding window (Mixtral). Parameter names follow the Hugging Face checkpoints.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.models.kv_cache import LayerKV
+from hybrimoe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, causal_attention
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = d = config.head_dim
+        self.scale = d ** -0.5
+        self.clip = config.clip_qkv
+        self.sliding_window = config.sliding_window
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=config.o_bias)
+        self.qk_norm = config.qk_norm
+        if config.qk_norm == "head":
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        elif config.qk_norm == "full":
+            self.q_norm = RMSNorm(self.num_heads * d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * d, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config, d)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LayerKV) -> torch.Tensor:
+        """x [T, H], positions [T] (absolute) -> [T, H]; appends this step's k/v to `kv_layer`."""
+        t = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # [T, Hq*D], [T, Hkv*D] x2
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip is not None:
+            q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
+        q = q.view(t, self.num_heads, self.head_dim)
+        k = k.view(t, self.num_kv_heads, self.head_dim)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
+        cos, sin = self.rotary(positions, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_all, v_all = kv_layer.append(k, v)                                  # [Hkv, S, D]
+        out = causal_attention(q, k_all, v_all, self.scale, self.sliding_window)  # [T, Hq*D]
+        return self.o_proj(out)

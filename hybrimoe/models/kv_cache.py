@@ -1,0 +1,73 @@
+"""Preallocated key/value cache, one `LayerKV` per decoder layer (batch 1).
+
+Each attention module decides what it caches: GQA caches k [kv_heads, S, head_dim] and
+v [kv_heads, S, head_dim]; MLA caches decompressed k [heads, S, qk_head_dim] and v [heads, S, v_head_dim].
+A layer's buffers are allocated on its first write, sized to `max_tokens`, with the shapes, dtype and
+device of what was written; later writes copy into them, so decoding never reallocates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hybrimoe.errors import HybrimoeError
+
+
+class LayerKV:
+    """The cache of one layer: k [heads, max_tokens, dk], v [heads, max_tokens, dv]."""
+
+    def __init__(self, cache: "KVCache") -> None:
+        self.cache = cache
+        self.max_tokens = cache.max_tokens
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes k [heads, T, dk], v [heads, T, dv] at positions start..start+T-1, start = `cache.length`
+        (the model sets it to `start_pos` before its layers run and advances it after them).
+
+        Returns views of every cached position so far: k [heads, start+T, dk], v [heads, start+T, dv].
+        """
+        start_pos = self.cache.length
+        end = start_pos + k.shape[1]
+        if end > self.max_tokens:
+            raise HybrimoeError(f"KV cache full: {end} tokens do not fit in max_tokens={self.max_tokens}")
+        if self.k is None or self.v is None:
+            self.k = k.new_empty(k.shape[0], self.max_tokens, k.shape[2])
+            self.v = v.new_empty(v.shape[0], self.max_tokens, v.shape[2])
+        self.k[:, start_pos:end] = k
+        self.v[:, start_pos:end] = v
+        return self.k[:, :end], self.v[:, :end]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)
+
+
+class KVCache:
+    """Per-layer caches plus the number of tokens they hold (`length`, advanced by the model)."""
+
+    def __init__(self, num_layers: int, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise HybrimoeError(f"max_tokens must be positive, got {max_tokens}")
+        self.max_tokens = max_tokens
+        self.layers = [LayerKV(self) for _ in range(num_layers)]
+        self.length = 0
+
+    def __getitem__(self, layer: int) -> LayerKV:
+        return self.layers[layer]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def reset(self) -> None:
+        """Forgets every token (buffers are kept and overwritten by the next sequence)."""
+        self.length = 0
+
+    def truncate(self, length: int) -> None:
+        """Keeps the first `length` tokens (e.g. to reuse a shared prompt prefix)."""
+        if not 0 <= length <= self.length:
+            raise HybrimoeError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
+        self.length = length
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)

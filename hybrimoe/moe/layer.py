@@ -1,0 +1,129 @@
+"""One MoE layer: route -> (observe) -> execute routed experts -> + shared experts.
+
+The block owns the router and the shared experts; the routed experts live in the `ExpertStore` and are
+computed by an executor (`ReferenceExecutor` here; the hybrid CPU/GPU runtime supplies another one
+with the same `run` signature). Shapes: T = tokens, H = hidden, E = routed experts, K = experts/token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.models.layers import GatedMLP
+from hybrimoe.models.routing import route
+from hybrimoe.moe.store import ExpertStore
+
+
+@dataclass(frozen=True)
+class RoutingRecord:
+    layer: int
+    expert_ids: torch.Tensor   # [T, K] long: experts actually used
+    weights: torch.Tensor      # [T, K] fp32: combine weights
+    scores: torch.Tensor       # [T, E] fp32: full router score vector (softmax, or sigmoid for DeepSeek-V3)
+
+
+RoutingObserver = Callable[[int, RoutingRecord], None]
+
+
+class Executor(Protocol):
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:
+        """x [T, H], expert_ids [T, K], weights [T, K] -> sum_k weights[t, k] * f_{expert_ids[t, k]}(x[t]), [T, H]."""
+        ...
+
+
+def expert_forward(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """x [N, H] -> down @ (silu(gate @ x) * (up @ x)), [N, H]."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+def group_by_expert(expert_ids: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """expert_ids [T, K] -> [(expert, flat slot indices into the [T*K] assignments)], ascending expert.
+
+    Token of slot s is s // K; its weight is weights.view(-1)[s].
+    """
+    flat = expert_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat).tolist()
+    groups, start = [], 0
+    for expert, n in enumerate(counts):
+        if n:
+            groups.append((expert, order[start:start + n]))
+            start += n
+    return groups
+
+
+class ReferenceExecutor:
+    """Computes every activated expert on the store's device, one expert (and its tokens) at a time."""
+
+    def __init__(self, store: ExpertStore) -> None:
+        self.store = store
+
+    def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+            weights: torch.Tensor) -> torch.Tensor:
+        k = expert_ids.shape[1]
+        out = torch.zeros_like(x)                                         # [T, H]
+        flat_w = weights.reshape(-1)                                      # [T*K]
+        for expert, slots in group_by_expert(expert_ids):
+            tokens = slots // k                                           # [N]
+            w = self.store.weights(layer, expert)
+            y = expert_forward(x[tokens], w.gate, w.up, w.down)           # [N, H]
+            out.index_add_(0, tokens, (y * flat_w[slots, None]).to(out.dtype))
+        return out
+
+
+@dataclass
+class MoEHooks:
+    """State shared by every MoE block of one model."""
+    observer: RoutingObserver | None = None
+
+
+class Router(nn.Module):
+    """Gate weights [E, H] kept in fp32 (and DeepSeek-V3's score correction bias [E])."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
+        if config.topk_method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight)                            # [T, E] fp32
+
+
+class MoEBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, executor: Executor, hooks: MoEHooks) -> None:
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.executor = executor
+        self.hooks = hooks
+        self.gate = Router(config)
+        self.shared_expert: GatedMLP | None = None
+        self.shared_experts: GatedMLP | None = None
+        if config.shared_expert_gated:   # Qwen2-MoE: one shared expert with a sigmoid gate
+            self.shared_expert = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        elif config.shared_expert_intermediate_size:   # DeepSeek: n_shared_experts fused into one MLP
+            self.shared_experts = GatedMLP(config.hidden_size, config.shared_expert_intermediate_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        logits = self.gate(x)                                             # [T, E]
+        expert_ids, weights, scores = route(logits, self.config, self.gate.e_score_correction_bias)
+        if self.hooks.observer is not None:
+            self.hooks.observer(self.layer_idx, RoutingRecord(self.layer_idx, expert_ids, weights, scores))
+        out = self.executor.run(self.layer_idx, x, expert_ids, weights)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        elif self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out
