@@ -3,7 +3,6 @@ and the three router variants, on random weights in float32."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +13,9 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
 from hybrimoe.models.deepseek_routing import route_deepseek
-from hybrimoe.models.mla import LatentKVLayer, MLAttention
+from hybrimoe.config import ModelConfig
+from hybrimoe.models.kv_cache import KVCache
+from hybrimoe.models.mla import MLAttention
 from hybrimoe.models.yarn import RopeSpec
 
 YARN = {
@@ -53,22 +54,10 @@ def _hf_config(family: str, q_lora_rank: int | None, rope: dict | None, interlea
     return cfg
 
 
-def _ours_config(hf: Any, family: str) -> SimpleNamespace:
-    rope = dict(hf.rope_parameters)
-    return SimpleNamespace(
-        hidden_size=hf.hidden_size,
-        num_attention_heads=hf.num_attention_heads,
-        q_lora_rank=hf.q_lora_rank,
-        kv_lora_rank=hf.kv_lora_rank,
-        qk_nope_head_dim=hf.qk_nope_head_dim,
-        qk_rope_head_dim=hf.qk_rope_head_dim,
-        v_head_dim=hf.v_head_dim,
-        attention_bias=hf.attention_bias,
-        rope_theta=rope["rope_theta"],
-        rope_scaling=rope,
-        max_position_embeddings=hf.max_position_embeddings,
-        rope_interleave=True if family == "v2" else hf.rope_interleave,
-    )
+def _ours_config(hf: Any) -> ModelConfig:
+    d = hf.to_dict()
+    d.update(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, moe_intermediate_size=8, intermediate_size=16)
+    return ModelConfig.from_dict(d)
 
 
 def _hf_attention_run(family: str, hf_cfg: Any, attn: torch.nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -101,14 +90,18 @@ def _hf_attention_run(family: str, hf_cfg: Any, attn: torch.nn.Module, xs: list[
         ("v3", None, YARN, False),  # V3 with half-split rotary pairs
     ],
 )
-def test_mla_matches_transformers(family: str, q_lora_rank: int | None, rope: dict | None, interleave: bool) -> None:
+@pytest.mark.parametrize("absorb", [False, True, None], ids=["expanded", "absorbed", "auto"])
+def test_mla_matches_transformers(
+    family: str, q_lora_rank: int | None, rope: dict | None, interleave: bool, absorb: bool | None
+) -> None:
     torch.manual_seed(0)
     hf_cfg = _hf_config(family, q_lora_rank, rope, interleave)
     hf_attn = (hf_v2.DeepseekV2Attention if family == "v2" else hf_v3.DeepseekV3Attention)(hf_cfg, 0).eval()
     with torch.no_grad():
         for p in hf_attn.parameters():
             p.normal_(0.0, 0.3)
-    ours = MLAttention(_ours_config(hf_cfg, family), 0).eval()
+    ours = MLAttention(_ours_config(hf_cfg), 0).eval()
+    ours.absorb = absorb
     missing, unexpected = ours.load_state_dict(hf_attn.state_dict(), strict=False)
     assert not unexpected and all(name.startswith("rotary.") for name in missing)
     assert abs(ours.scale - hf_attn.scaling) < 1e-12
@@ -116,13 +109,20 @@ def test_mla_matches_transformers(family: str, q_lora_rank: int | None, rope: di
     xs = [torch.randn(PREFILL, 64)] + [torch.randn(1, 64) for _ in range(DECODE)]
     with torch.no_grad():
         expected = _hf_attention_run(family, hf_cfg, hf_attn, xs)
-        kv = LatentKVLayer.allocate(200, hf_cfg.kv_lora_rank, hf_cfg.qk_rope_head_dim, torch.float32)
-        start = 0
+        kv = KVCache(num_layers=1, max_tokens=64)
         for x, want in zip(xs, expected):
-            got = ours(x, torch.arange(start, start + x.shape[0]), kv)
-            start += x.shape[0]
+            got = ours(x, torch.arange(kv.length, kv.length + x.shape[0]), kv[0])
+            kv.length += x.shape[0]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert kv.length == start
+    # the cache holds the latent and the rotated shared key only: L + R numbers per token
+    assert kv[0].k.shape == (1, 64, hf_cfg.kv_lora_rank) and kv[0].v.shape == (1, 64, hf_cfg.qk_rope_head_dim)
+
+
+def test_mla_picks_absorbed_form_for_decode_only() -> None:
+    hf_cfg = _hf_config("v2", None, YARN)
+    ours = MLAttention(_ours_config(hf_cfg), 0)
+    assert ours.absorbed_is_cheaper(1, 16) and ours.absorbed_is_cheaper(1, 4000)
+    assert not ours.absorbed_is_cheaper(4000, 4000)
 
 
 def test_yarn_frequencies_and_scales_match_transformers() -> None:
@@ -157,9 +157,13 @@ def test_routing_matches_transformers(case: str) -> None:
     n_experts, top_k, hidden, tokens = 32, 6, 24, 64
     common = dict(hidden_size=hidden, num_attention_heads=4, n_routed_experts=n_experts, num_experts_per_tok=top_k, **params)
     if family == "v2":
-        gate = hf_v2.DeepseekV2TopkRouter(DeepseekV2Config(**common))
+        hf_cfg = DeepseekV2Config(**common)
+        gate = hf_v2.DeepseekV2TopkRouter(hf_cfg)
     else:
-        gate = hf_v3.DeepseekV3TopkRouter(DeepseekV3Config(**common))
+        hf_cfg = DeepseekV3Config(**common)
+        gate = hf_v3.DeepseekV3TopkRouter(hf_cfg)
+    config = ModelConfig.from_dict(hf_cfg.to_dict())
+    assert config.topk_method == params["topk_method"]
     bias = None
     with torch.no_grad():
         gate.weight.normal_()
@@ -169,7 +173,7 @@ def test_routing_matches_transformers(case: str) -> None:
         x = torch.randn(tokens, hidden)
         x[1] = x[0]  # a repeated token routes identically
         logits, want_w, want_ids = gate(x)
-    ids, weights, scores = route_deepseek(logits, SimpleNamespace(top_k=top_k, **params), bias)
+    ids, weights, scores = route_deepseek(logits, config, bias)
     assert ids.dtype == torch.long and ids.shape == (tokens, top_k) and weights.dtype == torch.float32
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-6)

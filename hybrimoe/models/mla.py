@@ -9,91 +9,49 @@ D = qk_nope_head_dim, V = v_head_dim.
     k_nope, v = split(W_kvb c)        per head [S, D] and [S, V]
     attention over k = [k_nope | k_r], q = [q_nope | rope(q_rope)], softmax scale (D+R)^-0.5 * YaRN mscale^2
 
+Two equal ways to attend (see `absorbed_is_cheaper`): "expanded" decompresses k_nope and v for every
+cached token, as transformers does; "absorbed" folds W_kvb into the query and the output instead
+(DeepSeek-V2 paper, section 2.1.2), which makes a decode step O(S * (L + R)) per head.
+
 Parameter names equal the HF checkpoint's under `self_attn.` so the loader can copy them one to one.
 The inner RMSNorms use eps 1e-6 whatever `rms_norm_eps` says, as DeepSeek's and transformers' code do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from hybrimoe.models.yarn import RopeSpec, RotaryEmbedding, apply_rotary
+from hybrimoe.models.kv_cache import LayerKV
+from hybrimoe.models.layers import RMSNorm, causal_attention
+from hybrimoe.models.yarn import DeepseekRotary, RopeSpec, apply_rotary
+
+if TYPE_CHECKING:
+    from hybrimoe.config import ModelConfig
 
 LATENT_NORM_EPS = 1e-6
 
 
-class LatentKV(Protocol):
-    """One layer's cache as MLA uses it: append rows, get every row so far back."""
-
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """a [T, L], b [T, R] appended; returns all rows, [S, L] and [S, R]."""
-        ...
-
-
-@dataclass
-class LatentKVLayer:
-    """Preallocated latent cache of one MLA layer: rmsnorm'd latents [max, L] and rotated keys [max, R]."""
-
-    latent: torch.Tensor  # [max_tokens, L]
-    rope_key: torch.Tensor  # [max_tokens, R]
-    length: int = field(default=0)
-
-    @classmethod
-    def allocate(
-        cls, max_tokens: int, kv_lora_rank: int, rope_dim: int, dtype: torch.dtype, device: Any = "cpu"
-    ) -> "LatentKVLayer":
-        return cls(
-            torch.empty(max_tokens, kv_lora_rank, dtype=dtype, device=device),
-            torch.empty(max_tokens, rope_dim, dtype=dtype, device=device),
-        )
-
-    def update(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        end = self.length + a.shape[0]
-        if end > self.latent.shape[0]:
-            raise ValueError(f"KV cache holds {self.latent.shape[0]} tokens; {end} requested")
-        self.latent[self.length : end] = a
-        self.rope_key[self.length : end] = b
-        self.length = end
-        return self.latent[:end], self.rope_key[:end]
-
-
-class _RMSNorm(nn.Module):
-    """RMSNorm computed in float32, weight applied in the input dtype (as transformers does)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def mla_rope_spec(config: Any) -> RopeSpec:
-    """RopeSpec of a DeepSeek config (rotary slice qk_rope_head_dim; V2 always interleaved pairs)."""
+def mla_rope_spec(config: "ModelConfig") -> RopeSpec:
+    """RopeSpec of a DeepSeek config: rotary slice qk_rope_head_dim; V2 always rotates interleaved pairs."""
     return RopeSpec.from_hf(
         dim=config.qk_rope_head_dim,
         theta=config.rope_theta,
         scaling=config.rope_scaling,
         max_position_embeddings=config.max_position_embeddings,
-        interleaved=config.rope_interleave,
+        interleaved=config.rope_interleave or config.model_type == "deepseek_v2",
     )
 
 
 class MLAttention(nn.Module):
     """DeepSeek MLA for one layer; forward(x [T, H], positions [T], kv_layer) -> [T, H]."""
 
-    def __init__(self, config: Any, layer_idx: int) -> None:
+    def __init__(self, config: "ModelConfig", layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        hidden, bias = config.hidden_size, bool(getattr(config, "attention_bias", False))
+        hidden, bias = config.hidden_size, config.qkv_bias  # DeepSeek's attention_bias: q_a, kv_a and o
         self.num_heads = config.num_attention_heads
         self.q_lora_rank: int | None = config.q_lora_rank
         self.kv_lora_rank = config.kv_lora_rank
@@ -106,24 +64,27 @@ class MLAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, n * qk_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(hidden, self.q_lora_rank, bias=bias)
-            self.q_a_layernorm = _RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
+            self.q_a_layernorm = RMSNorm(self.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(self.q_lora_rank, n * qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, self.kv_lora_rank + self.rope_dim, bias=bias)
-        self.kv_a_layernorm = _RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, n * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(n * self.v_dim, hidden, bias=bias)
+        self.o_proj = nn.Linear(n * self.v_dim, hidden, bias=config.o_bias)
 
         spec = mla_rope_spec(config)
-        self.rotary = RotaryEmbedding(spec)
+        self.rotary = DeepseekRotary(spec)
         self.interleaved = spec.interleaved
         self.scale = spec.softmax_scale(qk_dim)
+        self.absorb: bool | None = None  # None: pick the cheaper attention form per call (see below)
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_lora_rank is None:
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LatentKV) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LayerKV) -> torch.Tensor:
+        """x [T, H], positions [T] absolute -> [T, H]; caches the latent [1, T, L] as `k` and the rotated
+        shared key [1, T, R] as `v` of `kv_layer` (L + R numbers per token instead of N * (D+R+V))."""
         t, n = x.shape[0], self.num_heads
         q = self._query(x).view(t, n, -1).transpose(0, 1)  # [N, T, D+R]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
@@ -133,17 +94,47 @@ class MLAttention(nn.Module):
         cos, sin = self.rotary(positions)  # [T, R/2]
         q_rope = apply_rotary(q_rope, cos, sin, self.interleaved)  # [N, T, R]
         k_rope = apply_rotary(k_rope, cos, sin, self.interleaved)  # [T, R]
-        latent_all, k_rope_all = kv_layer.update(latent, k_rope)  # [S, L], [S, R]
-        s = latent_all.shape[0]
+        latent_all, k_rope_all = kv_layer.append(latent[None], k_rope[None])  # [1, S, L], [1, S, R]
+        s = latent_all.shape[1]
+        absorb = self.absorb if self.absorb is not None else self.absorbed_is_cheaper(t, s)
+        attend = self._attend_absorbed if absorb else self._attend_expanded
+        return self.o_proj(attend(q_nope, q_rope, latent_all[0], k_rope_all))
 
-        kv = self.kv_b_proj(latent_all).view(s, n, -1).transpose(0, 1)  # [N, S, D+V]
+    def absorbed_is_cheaper(self, t: int, s: int) -> bool:
+        """Multiply-accumulates of both attention forms for T queries over S cached tokens:
+        expanded  S*L*N*(D+V)             (decompress every cached latent)  + N*T*S*(D+R+V)
+        absorbed  T*N*L*(D+V)             (fold W_uk into q, W_uv after)    + N*T*S*(2L+R)
+        Decoding (T = 1) favours the absorbed form; a long prefill (T = S) the expanded one."""
+        n, l, d, r, v = self.num_heads, self.kv_lora_rank, self.nope_dim, self.rope_dim, self.v_dim
+        expanded = s * l * n * (d + v) + n * t * s * (d + r + v)
+        absorbed = t * n * l * (d + v) + n * t * s * (2 * l + r)
+        return absorbed < expanded
+
+    def _attend_expanded(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
+        """q_nope [N, T, D], q_rope [N, T, R], latent [S, L], k_rope [1, S, R] -> [T, N*V] (as transformers)."""
+        n, s = self.num_heads, latent.shape[0]
+        kv = self.kv_b_proj(latent).view(s, n, -1).transpose(0, 1)  # [N, S, D+V]
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
-        k = torch.cat([k_nope, k_rope_all.unsqueeze(0).expand(n, s, self.rope_dim)], dim=-1)  # [N, S, D+R]
-        q = torch.cat([q_nope, q_rope], dim=-1)  # [N, T, D+R]
+        k = torch.cat([k_nope, k_rope.expand(n, s, self.rope_dim)], dim=-1)  # [N, S, D+R]
+        return causal_attention(torch.cat([q_nope, q_rope], dim=-1), k, v, self.scale)
 
-        mask = None
-        if t > 1:  # query i (at cache row s-t+i) sees rows 0..s-t+i
-            rows = torch.arange(s, device=x.device)
-            mask = rows[None, :] <= (rows[s - t :, None])  # [T, S] bool
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)  # [N, T, V]
-        return self.o_proj(out.transpose(0, 1).reshape(t, n * self.v_dim))
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor
+    ) -> torch.Tensor:
+        """Same result without decompressing the cache: q_nope.(W_uk c) = (W_uk^T q_nope).c, and
+        sum_j p_j (W_uv c_j) = W_uv (sum_j p_j c_j). Shapes as in `_attend_expanded`."""
+        n, t, s = self.num_heads, q_nope.shape[1], latent.shape[0]
+        w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_lora_rank)  # [N, D+V, L]
+        w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [N, D, L], [N, V, L]
+        q_latent = torch.matmul(q_nope, w_uk)  # [N, T, L]
+        scores = torch.matmul(q_latent, latent.t()) + torch.matmul(q_rope, k_rope.transpose(1, 2))  # [N, T, S]
+        scores = scores * self.scale
+        if t > 1:  # query i sits at cache row s - t + i and sees rows 0..s - t + i
+            rows = torch.arange(s, device=latent.device)
+            scores = scores.masked_fill(rows[None, :] > rows[s - t :, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(latent.dtype)
+        context = torch.matmul(probs, latent)  # [N, T, L]
+        out = torch.matmul(context, w_uv.transpose(1, 2))  # [N, T, V]
+        return out.transpose(0, 1).reshape(t, n * self.v_dim)

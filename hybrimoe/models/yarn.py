@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import nn
 
 from hybrimoe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hybrimoe.config import ModelConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
@@ -144,7 +147,7 @@ class RopeSpec:
         return interpolated * (1 - keep) + extrapolated * keep
 
 
-class RotaryEmbedding(nn.Module):
+class DeepseekRotary(nn.Module):
     """cos/sin tables for positions, with YaRN's magnitude correction folded in."""
 
     def __init__(self, spec: RopeSpec) -> None:
@@ -157,6 +160,12 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         scale = self.spec.cos_sin_scale
         return freqs.cos() * scale, freqs.sin() * scale
+
+
+def yarn_frequencies(config: "ModelConfig", dim: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [dim/2] fp32, cos/sin multiplier) of the config's YaRN scaling over `dim` rotated dims."""
+    spec = RopeSpec.from_hf(dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
+    return spec.inv_freq(), spec.cos_sin_scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
