@@ -90,7 +90,9 @@ class ModelConfig:
 
     @property
     def uses_deepseek_router(self) -> bool:
-        return self.topk_method != "greedy" or self.scoring_func != "softmax"
+        # every DeepSeek family: transformers' V2 "greedy" router never renormalises (norm_topk_prob ignored)
+        return (self.model_type.startswith("deepseek") or self.topk_method != "greedy"
+                or self.scoring_func != "softmax")
 
     # ------------------------------------------------------------------ constructors
     @classmethod

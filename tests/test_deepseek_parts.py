@@ -12,7 +12,7 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
-from hybrimoe.models.deepseek_routing import route_deepseek
+from hybrimoe.models.routing import route
 from hybrimoe.config import ModelConfig
 from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.mla import MLAttention
@@ -139,6 +139,10 @@ def test_yarn_frequencies_and_scales_match_transformers() -> None:
 
 ROUTER_CASES = {
     "greedy": dict(family="v2", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
+    # transformers' V2 router never renormalises, whatever norm_topk_prob says
+    "greedy_norm_flag_ignored": dict(
+        family="v2", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True
+    ),
     "group_limited_greedy": dict(
         family="v2", topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0, norm_topk_prob=False
     ),
@@ -173,7 +177,7 @@ def test_routing_matches_transformers(case: str) -> None:
         x = torch.randn(tokens, hidden)
         x[1] = x[0]  # a repeated token routes identically
         logits, want_w, want_ids = gate(x)
-    ids, weights, scores = route_deepseek(logits, config, bias)
+    ids, weights, scores = route(logits, config, bias)  # the model's router entry point
     assert ids.dtype == torch.long and ids.shape == (tokens, top_k) and weights.dtype == torch.float32
     torch.testing.assert_close(ids, want_ids, atol=0, rtol=0)
     torch.testing.assert_close(weights, want_w, atol=1e-6, rtol=1e-6)
