@@ -95,11 +95,11 @@ def test_context_limit(tokenizer) -> None:
 
 def test_max_context_runtime_option(tokenizer) -> None:
     engine = Engine(FakeModel(FakeConfig(vocab_size=len(tokenizer))), tokenizer, "fake")
-    from hybrimoe.engine import RuntimeOptions
-    small = Engine(engine.model, tokenizer, "fake", RuntimeOptions.from_kwargs(max_context=8))
+    from hybrimoe.engine import EngineOptions
+    small = Engine(engine.model, tokenizer, "fake", EngineOptions.from_kwargs(max_context=8))
     assert engine.max_context == 64 and small.max_context == 8
     with pytest.raises(ConfigError, match="unknown runtime option"):
-        RuntimeOptions.from_kwargs(expert_cahce=3)
+        EngineOptions.from_kwargs(expert_cahce=3)
 
 
 def test_stats_are_cumulative(tokenizer) -> None:

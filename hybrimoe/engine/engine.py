@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import torch
 
-from hybrimoe.engine.options import RuntimeOptions, check_dtype
+from hybrimoe.engine.options import EngineOptions, check_dtype
 from hybrimoe.engine.recorder import RoutingRecorder
 from hybrimoe.engine.sampling import make_generator, sample_next
 from hybrimoe.engine.stopping import IncrementalDetokenizer, StopStringFilter
@@ -45,11 +45,11 @@ class Engine:
     """Generation over a `MoETransformer` (docs/CONTRACTS.md, "Engine side"). Not thread-safe."""
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str,
-                 options: RuntimeOptions | None = None, model_dir: str | os.PathLike | None = None) -> None:
+                 options: EngineOptions | None = None, model_dir: str | os.PathLike | None = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.model_name = model_name
-        self.options = options or RuntimeOptions()
+        self.options = options or EngineOptions()
         limit = int(model.config.max_position_embeddings)
         self.max_context = min(limit, self.options.max_context) if self.options.max_context else limit
         self.eos_token_ids = _eos_ids(Path(model_dir) if model_dir else None, model.config, tokenizer)
@@ -63,7 +63,7 @@ class Engine:
 
         from hybrimoe.loader import load_model
 
-        options = RuntimeOptions.from_kwargs(**runtime_options)
+        options = EngineOptions.from_kwargs(**runtime_options)
         path = Path(model_dir)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")

@@ -1,7 +1,8 @@
-"""Runtime options of an Engine: how and where the model runs (not what it computes).
+"""Engine options: where the dense model runs and how long a context it serves.
 
-The single place where keyword options (`Engine.from_pretrained(..., **runtime_options)`) and CLI
-flags are validated; later runtime choices (expert cache, placement policy) join here.
+Validated once from the keyword options of `Engine.from_pretrained(..., **runtime_options)`.
+The hybrid runtime's own options (placement policy, expert cache; `hybrimoe.runtime_options`)
+are separate and are handed on to it.
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ DTYPES = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
-class RuntimeOptions:
+class EngineOptions:
     device: str = "cpu"  # torch device of the dense weights and the KV cache
     max_context: int | None = None  # tokens (prompt + completion); None = the model's maximum
 
     @classmethod
-    def from_kwargs(cls, **options: object) -> "RuntimeOptions":
+    def from_kwargs(cls, **options: object) -> "EngineOptions":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
         if unknown:
