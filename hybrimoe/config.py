@@ -161,6 +161,14 @@ def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
     return int(value)
 
 
+def _num_experts(d: dict[str, Any]) -> int:
+    """Routed experts, whichever alias the file uses (transformers renames them between versions)."""
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if d.get(key) is not None:
+            return _int(d, key)
+    raise ConfigError("config.json lacks the number of experts (num_local_experts / num_experts / n_routed_experts)")
+
+
 def _rope(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling dict or None) from `rope_parameters` (transformers 5) or `rope_scaling` (hub)."""
     params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
@@ -198,13 +206,13 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
 
     if model_type == "mixtral":
         cfg = dict(head_dim=_int(d, "head_dim", None) if d.get("head_dim") else default_head_dim,
-                   intermediate_size=0, num_experts=_int(d, "num_local_experts", 8),
+                   intermediate_size=0, num_experts=_num_experts(d),
                    top_k=_int(d, "num_experts_per_tok", 2), moe_intermediate_size=_int(d, "intermediate_size"),
                    moe_layers=tuple(range(layers)), sliding_window=d.get("sliding_window"), norm_topk_prob=True)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         if d.get("use_sliding_window"):
             raise ConfigError(f"{model_type}: use_sliding_window=true is not supported")
-        num_experts = _int(d, "num_experts")
+        num_experts = _num_experts(d)
         mlp_only = tuple(int(i) for i in (d.get("mlp_only_layers") or ()))
         step = _int(d, "decoder_sparse_step", 1)
         moe = tuple(i for i in range(layers)
@@ -221,7 +229,7 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
                    shared_expert_gated=shared > 0, decoder_sparse_step=step, mlp_only_layers=mlp_only)
     elif model_type == "olmoe":
         bias = bool(d.get("attention_bias", False))
-        cfg = dict(head_dim=default_head_dim, intermediate_size=0, num_experts=_int(d, "num_experts"),
+        cfg = dict(head_dim=default_head_dim, intermediate_size=0, num_experts=_num_experts(d),
                    top_k=_int(d, "num_experts_per_tok"), moe_intermediate_size=_int(d, "intermediate_size"),
                    moe_layers=tuple(range(layers)), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
                    qkv_bias=bias, o_bias=bias, qk_norm="full", clip_qkv=d.get("clip_qkv"))
@@ -233,7 +241,7 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
 
 def _deepseek(model_type: str, d: dict[str, Any], layers: int) -> dict[str, Any]:
     v3 = model_type == "deepseek_v3"
-    num_experts = _int(d, "n_routed_experts")
+    num_experts = _num_experts(d)
     first_dense = _int(d, "first_k_dense_replace", 3 if v3 else 0)
     freq = _int(d, "moe_layer_freq", 1)
     moe = tuple(i for i in range(layers) if num_experts > 0 and i >= first_dense and i % freq == 0)
