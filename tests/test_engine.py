@@ -119,3 +119,12 @@ def test_encode_chat_uses_the_template_or_a_plain_join(tokenizer) -> None:
     assert plain.tokenizer.decode(plain.encode_chat(messages)) == "user: hi there\nassistant:"
     with pytest.raises(HybrimoeError):
         engine.encode_chat([{"role": "user"}])
+
+
+def test_stream_checks_its_input_before_the_first_chunk(tokenizer) -> None:
+    engine = Engine(FakeModel(FakeConfig(vocab_size=len(tokenizer))), tokenizer, "fake")
+    with pytest.raises(ConfigError):
+        engine.stream([1, 2], SamplingParams(max_new_tokens=0))
+    with pytest.raises(HybrimoeError):
+        engine.stream([len(tokenizer) + 5], SamplingParams())
+    assert engine.model.calls == []

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from hybrimoe.cli import main
+from hybrimoe.tiny import FAMILIES
 
-FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 PROMPT = "the quick brown fox"
 
 

@@ -127,10 +127,16 @@ class Engine:
         return logits
 
     def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
-        """Yield chunks as tokens are generated; the last one carries `finish_reason` and `result`."""
+        """Chunks as tokens are generated; the last one carries `finish_reason` and `result`.
+
+        Parameters and prompt are checked here, before the first chunk is asked for.
+        """
         params.validate()
         prompt_ids = [int(t) for t in prompt_ids]
         self._check_prompt(prompt_ids)
+        return self._run(prompt_ids, params)
+
+    def _run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
         n_prompt = len(prompt_ids)
         budget = min(params.max_new_tokens, self.max_context - n_prompt)  # tokens we may produce
         stop_ids = self.eos_token_ids | set(params.stop_token_ids)
