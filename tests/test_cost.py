@@ -83,3 +83,35 @@ def test_load_errors_and_round_trip(tmp_path: Path) -> None:
     original.save(tmp_path / "r.json")
     again = CostModel.load(str(tmp_path / "r.json"))
     assert again == original and again.derivations == original.derivations
+
+
+def test_fits_recover_known_parameters() -> None:
+    from hybrimoe.policy.cost import fit_affine, fit_penalty, fit_roofline
+
+    tokens = [1, 2, 4, 8, 16, 32, 64, 128]
+    truth = [max(2e-3, 5e-5 * n) + 1e-4 for n in tokens]  # knee at 40 tokens
+    fit = fit_roofline(tokens, truth)
+    assert (fit.flat, fit.slope, fit.intercept) == pytest.approx((2e-3, 5e-5, 1e-4), rel=1e-6)
+    flat_only = fit_roofline([1, 2, 4], [3e-3, 3e-3, 3e-3])
+    assert flat_only.predict(4) == pytest.approx(3e-3) and "lower bound" in flat_only.note
+    assert fit_affine([1e6, 2e6, 4e6], [1e-5 + b / 2e10 for b in (1e6, 2e6, 4e6)]) == pytest.approx((1e-5, 5e-11))
+    assert fit_penalty([1.0, 2.0], [1.5, 3.0]) == pytest.approx(1.5)
+    assert fit_penalty([1.0, 2.0], [0.9, 1.8]) == 1.0  # never below 1
+
+
+def test_calibrate_cli_writes_loadable_profile(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from hybrimoe.cli import main
+
+    out = tmp_path / "here.json"
+    assert main(["calibrate", "--hidden", "32", "--intermediate", "64", "--tokens", "1,4,16", "--layers", "2",
+                 "--experts-per-layer", "2", "--threads", "1", "--device", "cpu", "--out", str(out)]) == 0
+    cost = CostModel.load(str(out))
+    assert cost.name == "here" and cost.cpu_bits == 16.0 and cost.cpu_first_expert_penalty >= 1.0
+    assert all(d.startswith("measured on") or d.startswith("bf16") for d in cost.derivations.values())
+    assert "measured on cpu" in cost.derivations["gpu_hbm_bandwidth"]  # no CUDA in this test
+    assert cost.extra["samples"]["cpu"]["tokens"] == [1, 4, 16]
+    shape = ExpertShape(32, 64, cost.cpu_bits)
+    assert cost.cpu_expert_time(shape, 16) >= cost.cpu_expert_time(shape, 1) > 0
+    assert main(["calibrate", "--out", str(tmp_path / "x.json")]) == 2  # no expert named
+    assert main(["calibrate", "--model-shape", "nope", "--out", str(tmp_path / "x.json")]) == 2

@@ -206,4 +206,86 @@ class ExpertCostTable:
         return self.model.copy_time(self.gpu_shape)
 
 
-__all__ = ["CostModel", "ExpertCostTable", "ExpertShape", "ModelShape", "PARAMETERS", "known_profiles"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fitting a profile to measurements (used by hybrimoe.calibrate; pure Python). Residuals are
+# relative, (measured - predicted) / measured, so 1-token and 128-token samples weigh alike.
+
+
+@dataclass(frozen=True)
+class RooflineFit:
+    """t(n) = max(flat, slope * n) + intercept, in seconds (n = tokens)."""
+
+    flat: float  # s: memory-bound time (bytes / bandwidth)
+    slope: float  # s per token: compute time (flops per token / FLOP rate)
+    intercept: float  # s: fixed overhead
+    note: str = ""  # what the data could not pin down
+
+    def predict(self, tokens: float) -> float:
+        return max(self.flat, self.slope * tokens) + self.intercept
+
+
+def _weighted_line(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept, slope) minimising sum(((y - intercept - slope*x) / y)^2)."""
+    w = [1.0 / (y * y) for y in ys]
+    sw, sx, sy = sum(w), sum(wi * x for wi, x in zip(w, xs)), sum(wi * y for wi, y in zip(w, ys))
+    sxx, sxy = sum(wi * x * x for wi, x in zip(w, xs)), sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    det = sw * sxx - sx * sx
+    if det <= 0:
+        return 0.0, sy / sx if sx else 0.0
+    slope = (sw * sxy - sx * sy) / det
+    return (sy - slope * sx) / sw, slope
+
+
+def _rel_sse(fit: RooflineFit, xs: list[float], ys: list[float]) -> float:
+    return sum(((y - fit.predict(x)) / y) ** 2 for x, y in zip(xs, ys))
+
+
+def fit_roofline(tokens: list[int], seconds: list[float]) -> RooflineFit:
+    """Least-squares roofline through (tokens, seconds): every split of the sorted samples into a
+    flat (memory-bound) head and a linear (compute-bound) tail is fitted; the best one is kept."""
+    assert tokens and len(tokens) == len(seconds) and min(seconds) > 0, (tokens, seconds)
+    pairs = sorted(zip(tokens, seconds))
+    xs, ys = [float(p[0]) for p in pairs], [float(p[1]) for p in pairs]
+    level = sum(1 / y for y in ys) / sum(1 / (y * y) for y in ys)  # weighted mean of all samples
+    best = RooflineFit(level, level / xs[-1], 0.0, "(compute-bound region not reached: FLOP rate is a lower bound)")
+    best_err = _rel_sse(best, xs, ys)
+    for head in range(0, len(xs) - 1):  # samples [0, head) flat, [head, n) on the line
+        tail_x, tail_y = xs[head:], ys[head:]
+        if len(set(tail_x)) < 2:
+            continue
+        intercept, slope = _weighted_line(tail_x, tail_y)
+        if slope <= 0:
+            continue
+        if intercept < 0:  # no negative overheads: refit the line through the origin
+            intercept = 0.0
+            slope = sum(1 / y for y in tail_y) / sum(x / (y * y) for x, y in zip(tail_x, tail_y))
+        if head:
+            head_y = ys[:head]
+            flat = sum(1 / y for y in head_y) / sum(1 / (y * y) for y in head_y) - intercept
+            note = ""
+        else:
+            flat, note = slope * xs[0], "(memory-bound region not reached: bandwidth is a lower bound)"
+        fit = RooflineFit(max(flat, 1e-12), slope, intercept, note)
+        err = _rel_sse(fit, xs, ys)
+        if err < best_err:
+            best, best_err = fit, err
+    return best
+
+
+def fit_affine(xs: list[float], ys: list[float]) -> tuple[float, float]:
+    """(intercept >= 0, slope > 0) of y = intercept + slope*x by relative least squares."""
+    intercept, slope = _weighted_line([float(x) for x in xs], [float(y) for y in ys])
+    if intercept < 0 or slope <= 0:
+        intercept, slope = 0.0, sum(1 / y for y in ys) / sum(x / (y * y) for x, y in zip(xs, ys))
+    return intercept, slope
+
+
+def fit_penalty(predicted: list[float], measured: list[float]) -> float:
+    """Factor k >= 1 minimising sum(((measured - k*predicted) / predicted)^2) = mean(measured/predicted)."""
+    return max(1.0, sum(m / p for m, p in zip(measured, predicted)) / len(predicted))
+
+
+__all__ = ["CostModel", "ExpertCostTable", "ExpertShape", "ModelShape", "PARAMETERS", "RooflineFit",
+           "fit_affine", "fit_penalty", "fit_roofline", "known_profiles"]
