@@ -94,3 +94,13 @@ def test_attention_geometry_grows_with_context() -> None:
     mixtral = ModelShape.named("mixtral-8x7b")  # GQA: 8 kv heads of 128, k and v, bf16
     assert mixtral.kv_cache_bytes(0, 1) == 2 * 8 * 128 * 2
     assert mixtral.attention_params(0) == 4096 * 4096 * 2 + 2 * 4096 * 1024
+
+
+def test_policy_side_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, hybrimoe.policy.cost, hybrimoe.policy.shape, hybrimoe.trace.importers, hybrimoe.data, "
+            "hybrimoe.cli.calibrate, hybrimoe.cli.import_trace; assert 'torch' not in sys.modules, 'torch imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
