@@ -108,7 +108,8 @@ def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None])
 def _median(values: list[float]) -> float:
     ordered = sorted(values)
     mid = len(ordered) // 2
-    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    median = ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+    return max(median, 1e-9)  # s: below the clocks' resolution; the fits need positive times
 
 
 def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
