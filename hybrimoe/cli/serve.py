@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Any
 
 from hybrimoe.cli.generate import add_model_arguments, engine_from_args
 from hybrimoe.errors import ConfigError
-
-log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 
@@ -42,7 +39,5 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 0..65535, got {args.port}")
     engine = engine_from_args(args)
     app = create_app(engine, max_body_bytes=args.max_body_bytes, model_name=args.served_model_name)
-    log.info("listening on http://%s:%d/v1 (model '%s')", args.host, args.port,
-             args.served_model_name or engine.model_name)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return 0

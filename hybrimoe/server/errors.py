@@ -47,17 +47,33 @@ def from_validation_error(exc: ValidationError | RequestValidationError) -> APIE
     """400 naming the first offending field (dotted path, as OpenAI's `param`) and what was wrong."""
     errors = exc.errors()
     first = errors[0] if errors else {}
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    param = _param_path(first.get("loc", ()))
     message = first.get("msg", "invalid request")
-    if first.get("type") == "missing":
+    missing = first.get("type") == "missing"
+    if missing:
         message = f"missing required field '{param}'"
     elif param:
         message = f"invalid value for '{param}': {message}"
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more error{'s' if len(errors) > 2 else ''})"
-    return APIError(400, message, param=param, code="invalid_value" if first.get("type") != "missing"
-                    else "missing_required_parameter")
+    others = {_param_path(e.get("loc", ())) for e in errors} - {param}
+    if others:
+        message += f" (also invalid: {', '.join(sorted(p or '(body)' for p in others))})"
+    return APIError(400, message, param=param, code="missing_required_parameter" if missing else "invalid_value")
+
+
+def _param_path(loc: tuple) -> str | None:
+    """Dotted field path of a pydantic error location, without the union-member tags pydantic adds
+    (('prompt', 'list[int]', 2) -> 'prompt'; ('messages', 0, 'role') -> 'messages.0.role')."""
+    parts: list[str] = []
+    for part in loc:
+        if part == "body":
+            continue
+        if isinstance(part, str) and (part in _TYPE_TAGS or "[" in part or "-" in part):
+            break
+        parts.append(str(part))
+    return ".".join(parts) or None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "TextPart", "StreamOptions"}
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -119,10 +119,10 @@ class RequestMetricsMiddleware:
             nonlocal status, recorded
             if message["type"] == "http.response.start":
                 status = int(message["status"])
-            await send(message)
             if message["type"] == "http.response.body" and not message.get("more_body", False) and not recorded:
-                recorded = True
+                recorded = True  # counted before the client can see the end of the response
                 self.metrics.request_done(endpoint, status, time.perf_counter() - start)
+            await send(message)
 
         try:
             await self.app(scope, receive, counting_send)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from hybrimoe.engine.types import SamplingParams, StreamChunk
+from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
 from hybrimoe.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
@@ -176,16 +176,28 @@ class EngineWorker:
         self.metrics.started(time.perf_counter() - job.created_at)
         job.push(Started(prompt_tokens=len(prompt_ids), max_new_tokens=params.max_new_tokens))
         generated = 0
-        result = None
+        ended = False
+
+        def end(result: GenerationResult | None) -> None:
+            nonlocal ended
+            if not ended:
+                ended = True
+                self.metrics.ended(len(prompt_ids), generated, result)
+
         try:
             chunk = first
             while chunk is not None:
-                if generated == 0 and chunk.token_ids:
+                if chunk is first:  # prefill and the first token are done
                     self.metrics.first_token(time.perf_counter() - job.created_at)
                 generated += len(chunk.token_ids)
-                result = chunk.result or result
+                if chunk.result is not None:  # account before the client can see the end
+                    end(chunk.result)
+                    self._refresh_stats(force=True)
+                else:
+                    self._refresh_stats()
                 job.push(chunk)
-                self._refresh_stats()
+                if chunk.result is not None:
+                    break
                 if job.cancelled:
                     log.info("request cancelled after %d tokens", generated)
                     self.metrics.cancelled()
@@ -199,5 +211,5 @@ class EngineWorker:
             close = getattr(stream, "close", None)
             if close is not None:
                 close()
-            self.metrics.ended(len(prompt_ids), generated, result)
+            end(None)
         job.push(Finished())
