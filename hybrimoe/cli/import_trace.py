@@ -7,7 +7,7 @@ import logging
 
 from hybrimoe.errors import TraceError
 from hybrimoe.trace.format import RoutingTrace, TokenRouting
-from hybrimoe.trace.importers import load_any_trace, save_trace
+from hybrimoe.trace.importers import load_any_trace
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     trace = merge_traces(traces, list(args.inputs))
     if args.model:
         trace.header.model = args.model
-    save_trace(trace, args.out)
+    trace.save(args.out)
     phases = {p: sum(t.phase == p for t in trace.tokens) for p in ("prefill", "decode")}
     log.info("wrote %s: %s, %d sequences, %d tokens (%d prefill, %d decode)", args.out, trace.header.model,
              len(trace.sequences()), len(trace.tokens), phases["prefill"], phases["decode"])

@@ -62,7 +62,7 @@ def packaged_traces(model: str | None = None, role: str | None = None) -> list[P
 
 def rebuild_packaged_traces(src: str | os.PathLike, dst: str | os.PathLike = TRACES_DIR) -> list[dict]:
     """Convert every original trace under `src` into `dst`/<model>/<name>.jsonl.gz and write the manifest."""
-    from hybrimoe.trace.importers import load_any_trace, save_trace
+    from hybrimoe.trace.importers import load_any_trace
 
     src, dst = Path(src), Path(dst)
     entries = []
@@ -75,7 +75,7 @@ def rebuild_packaged_traces(src: str | os.PathLike, dst: str | os.PathLike = TRA
         for token in trace.tokens:  # 4 decimals: the recorders' routers ran in bf16 (~3 significant digits)
             for routing in token.layers.values():
                 routing.weights = [round(w, WEIGHT_DECIMALS) for w in routing.weights]
-        save_trace(trace, dst / rel)
+        trace.save(dst / rel)
         entries.append({"model": trace.header.model, "file": rel, "role": role, "source": source,
                         "original": original, "sequences": len(trace.sequences()), "tokens": len(trace.tokens),
                         "prefill_tokens": sum(t.phase == "prefill" for t in trace.tokens),

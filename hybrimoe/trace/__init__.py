@@ -7,5 +7,6 @@ from hybrimoe.trace.format import (
     TraceHeader,
     TraceWriter,
 )
+from hybrimoe.trace.importers import load_any_trace
 
-__all__ = ["LayerRouting", "RoutingTrace", "TokenRouting", "TraceHeader", "TraceWriter"]
+__all__ = ["LayerRouting", "RoutingTrace", "TokenRouting", "TraceHeader", "TraceWriter", "load_any_trace"]

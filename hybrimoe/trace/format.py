@@ -77,8 +77,10 @@ class RoutingTrace:
         return cls(header, list(tokens))
 
 
-def _open(path: Path, mode: str) -> IO[str]:
-    if path.suffix == ".gz":
+def _open(path: Path, mode: str, gz: bool | None = None) -> IO[str]:
+    if gz is None:
+        gz = path.suffix == ".gz"
+    if gz:
         return gzip.open(path, mode + "t", encoding="utf-8")  # type: ignore[return-value]
     return open(path, mode, encoding="utf-8")
 
@@ -104,7 +106,7 @@ class TraceWriter:
     def __init__(self, path: str | os.PathLike, header: TraceHeader) -> None:
         self.path = Path(path)
         self._tmp = self.path.with_name(self.path.name + ".partial")
-        self._file = _open(self._tmp, "w")
+        self._file = _open(self._tmp, "w", gz=self.path.suffix == ".gz")
         self._file.write(json.dumps({"format": FORMAT_NAME, "version": FORMAT_VERSION, **vars(header)}) + "\n")
 
     def write(self, token: TokenRouting) -> None:

@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from hybrimoe.errors import TraceError
-from hybrimoe.trace.format import FORMAT_NAME, LayerRouting, RoutingTrace, TokenRouting, TraceHeader
+from hybrimoe.trace.format import (
+    FORMAT_NAME,
+    LayerRouting,
+    RoutingTrace,
+    TokenRouting,
+    TraceHeader,
+)
 
 log = logging.getLogger(__name__)
 
@@ -220,22 +226,3 @@ def load_any_trace(path: str | os.PathLike) -> RoutingTrace:
     if kind == "mixtral-jsonl":
         return import_mixtral_jsonl(path)
     return import_qwen_json(path)
-
-
-def save_trace(trace: RoutingTrace, path: str | os.PathLike) -> None:
-    """`trace.save(path)`, compressing when the name ends in `.gz`.
-
-    (TraceWriter decides on compression from its temporary '.partial' name, so it writes plain text
-    under a '.gz' name; this writes plain text to a temporary file and gzips it instead.)
-    """
-    path = Path(path)
-    if path.suffix != ".gz":
-        trace.save(path)
-        return
-    plain = path.with_name(path.name[: -len(".gz")] + ".plain")
-    trace.save(plain)
-    try:
-        with open(plain, "rb") as src, gzip.open(path, "wb", compresslevel=9) as dst:
-            dst.write(src.read())
-    finally:
-        plain.unlink(missing_ok=True)
