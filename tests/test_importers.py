@@ -158,7 +158,7 @@ def test_save_trace_round_trip(tmp_path: Path) -> None:
     src = tmp_path / "q.json"
     src.write_text(json.dumps(_qwen_obj()))
     trace = load_any_trace(src)
-    save_trace(trace, tmp_path / "t.jsonl.gz")
+    trace.save(tmp_path / "t.jsonl.gz")
     again = RoutingTrace.load(tmp_path / "t.jsonl.gz")
     assert again.tokens[0].layers[0].experts == [1, 2] and again.header == trace.header
 
