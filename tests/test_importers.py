@@ -13,7 +13,7 @@ from hybrimoe.data import packaged_traces
 from hybrimoe.errors import TraceError
 from hybrimoe.trace import RoutingTrace
 from hybrimoe.trace.importers import (detect_format, import_mixtral_jsonl, import_qwen_json, load_any_trace,
-                                      save_trace, shape_name_from_model_id)
+                                      shape_name_from_model_id)
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
 if not SHARED.is_dir():
