@@ -17,14 +17,16 @@ def tokenizer():
     return make_tokenizer()
 
 
-def test_fake_model_trace_has_every_fed_token_with_its_routing(tokenizer, tmp_path) -> None:
+@pytest.mark.parametrize("name", ["trace.jsonl", "trace.jsonl.gz"])
+def test_fake_model_trace_has_every_fed_token_with_its_routing(tokenizer, tmp_path, name) -> None:
     model = FakeModel(FakeConfig(vocab_size=len(tokenizer)))
     engine = Engine(model, tokenizer, "fake")
-    path = tmp_path / "trace.jsonl"
+    path = tmp_path / name
     prompts = [engine.encode("hello world"), engine.encode("the lazy dog")]
     with RoutingRecorder(path, header_for(model.config, "fake")) as recorder:
         engine.recorder = recorder
         results = [engine.generate(p, SamplingParams(max_new_tokens=5)) for p in prompts]
+    assert list(tmp_path.iterdir()) == [path] and (path.read_bytes()[:2] == b"\x1f\x8b") == name.endswith(".gz")
     trace = RoutingTrace.load(path)
     assert trace.header.moe_layers == [1, 2] and trace.header.num_experts == 4 and trace.header.top_k == 2
     seqs = trace.sequences()
