@@ -12,10 +12,10 @@ from transformers.cache_utils import DynamicCache
 from transformers.models.deepseek_v2 import modeling_deepseek_v2 as hf_v2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 
-from hybrimoe.models.routing import route
 from hybrimoe.config import ModelConfig
 from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.mla import MLAttention
+from hybrimoe.models.routing import route
 from hybrimoe.models.yarn import RopeSpec
 
 YARN = {
@@ -56,11 +56,20 @@ def _hf_config(family: str, q_lora_rank: int | None, rope: dict | None, interlea
 
 def _ours_config(hf: Any) -> ModelConfig:
     d = hf.to_dict()
-    d.update(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2, moe_intermediate_size=8, intermediate_size=16)
+    d.update(
+        n_routed_experts=8,
+        n_group=2,
+        topk_group=1,
+        num_experts_per_tok=2,
+        moe_intermediate_size=8,
+        intermediate_size=16,
+    )
     return ModelConfig.from_dict(d)
 
 
-def _hf_attention_run(family: str, hf_cfg: Any, attn: torch.nn.Module, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+def _hf_attention_run(
+    family: str, hf_cfg: Any, attn: torch.nn.Module, xs: list[torch.Tensor]
+) -> list[torch.Tensor]:
     """Run transformers' attention chunk by chunk (first chunk = prefill) through its DynamicCache."""
     mod = hf_v2 if family == "v2" else hf_v3
     rotary = (mod.DeepseekV2RotaryEmbedding if family == "v2" else mod.DeepseekV3RotaryEmbedding)(hf_cfg)
@@ -134,21 +143,52 @@ def test_yarn_frequencies_and_scales_match_transformers() -> None:
     # YaRN stretches the low frequencies by `factor` and keeps the highest one
     plain = RopeSpec.from_hf(8, 10000.0, None, 2560).inv_freq()
     assert spec.inv_freq()[0] == plain[0] and spec.inv_freq()[-1] == pytest.approx(plain[-1] / 40.0)
-    assert spec.softmax_scale(24) == pytest.approx(24**-0.5 * (0.1 * 0.707 * torch.log(torch.tensor(40.0)).item() + 1) ** 2)
+    assert spec.softmax_scale(24) == pytest.approx(
+        24**-0.5 * (0.1 * 0.707 * torch.log(torch.tensor(40.0)).item() + 1) ** 2
+    )
 
 
 ROUTER_CASES = {
-    "greedy": dict(family="v2", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False),
+    "greedy": dict(
+        family="v2",
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
+    ),
     # transformers' V2 router never renormalises, whatever norm_topk_prob says
     "greedy_norm_flag_ignored": dict(
-        family="v2", topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=True
+        family="v2",
+        topk_method="greedy",
+        n_group=1,
+        topk_group=1,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=True,
     ),
     "group_limited_greedy": dict(
-        family="v2", topk_method="group_limited_greedy", n_group=4, topk_group=2, routed_scaling_factor=16.0, norm_topk_prob=False
+        family="v2",
+        topk_method="group_limited_greedy",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=16.0,
+        norm_topk_prob=False,
     ),
-    "noaux_tc": dict(family="v3", topk_method="noaux_tc", n_group=4, topk_group=2, routed_scaling_factor=2.5, norm_topk_prob=True),
+    "noaux_tc": dict(
+        family="v3",
+        topk_method="noaux_tc",
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+    ),
     "noaux_tc_unnormalised": dict(
-        family="v3", topk_method="noaux_tc", n_group=8, topk_group=3, routed_scaling_factor=1.0, norm_topk_prob=False
+        family="v3",
+        topk_method="noaux_tc",
+        n_group=8,
+        topk_group=3,
+        routed_scaling_factor=1.0,
+        norm_topk_prob=False,
     ),
 }
 
@@ -159,7 +199,13 @@ def test_routing_matches_transformers(case: str) -> None:
     family = params.pop("family")
     torch.manual_seed(1)
     n_experts, top_k, hidden, tokens = 32, 6, 24, 64
-    common = dict(hidden_size=hidden, num_attention_heads=4, n_routed_experts=n_experts, num_experts_per_tok=top_k, **params)
+    common = dict(
+        hidden_size=hidden,
+        num_attention_heads=4,
+        n_routed_experts=n_experts,
+        num_experts_per_tok=top_k,
+        **params,
+    )
     if family == "v2":
         hf_cfg = DeepseekV2Config(**common)
         gate = hf_v2.DeepseekV2TopkRouter(hf_cfg)
@@ -191,3 +237,42 @@ def test_routing_matches_transformers(case: str) -> None:
     if params["n_group"] > 1:  # every chosen expert lies in at most topk_group groups
         groups = ids // (n_experts // params["n_group"])
         assert all(len(set(row.tolist())) <= params["topk_group"] for row in groups)
+
+
+@pytest.mark.parametrize(
+    "family,overrides",
+    [("deepseek-v2", {}), ("deepseek-v2-lite", {"norm_topk_prob": True}), ("deepseek-v3", {})],
+)
+def test_routing_records_equal_transformers_gate_decisions(
+    tiny_checkpoint, family: str, overrides: dict
+) -> None:
+    """In the whole model, each MoE layer's RoutingRecord holds transformers' gate decisions."""
+    from transformers import AutoModelForCausalLM
+
+    from hybrimoe.loader import load_model
+
+    path = tiny_checkpoint(family, overrides=overrides) if overrides else tiny_checkpoint(family)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, progress=False)
+    hf_gates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for i, layer in enumerate(ref.model.layers):
+        if hasattr(layer.mlp, "gate"):
+            layer.mlp.gate.register_forward_hook(
+                lambda m, args, out, i=i: hf_gates.__setitem__(i, (out[2], out[1]))
+            )
+    records = {}
+    model.routing_observer = lambda layer, rec: records.__setitem__(layer, rec)
+    ids = torch.randint(3, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref(ids[None])
+    model(ids, 0, model.new_kv_cache(16))
+    assert set(records) == set(hf_gates) == set(model.config.moe_layers) and records
+    for layer, rec in records.items():
+        want_ids, want_w = hf_gates[layer]
+        torch.testing.assert_close(rec.expert_ids, want_ids, atol=0, rtol=0)
+        torch.testing.assert_close(rec.weights, want_w, atol=1e-5, rtol=1e-5)
+        if family == "deepseek-v3":  # sigmoid scores, unbiased
+            assert (rec.scores > 0).all() and (rec.scores < 1).all()
+            assert not torch.allclose(rec.scores.sum(-1), torch.ones(16))
+        else:
+            torch.testing.assert_close(rec.scores.sum(-1), torch.ones(16))

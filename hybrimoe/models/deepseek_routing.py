@@ -83,7 +83,9 @@ def route_deepseek(
         n_group, topk_group = _groups(config, num_experts)
         scores = logits.sigmoid()  # [T, E]
         choice = scores if e_score_correction_bias is None else scores + e_score_correction_bias.to(scores)
-        group_scores = choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)  # [T, G]
+        group_scores = (
+            choice.view(-1, n_group, num_experts // n_group).topk(2, dim=-1)[0].sum(dim=-1)
+        )  # [T, G]
         choice = choice.masked_fill(~_group_mask(choice, group_scores, topk_group), float("-inf"))
         expert_ids = torch.topk(choice, k=k, dim=-1, sorted=False)[1]  # [T, K]
         weights = scores.gather(1, expert_ids)

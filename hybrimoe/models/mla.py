@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 LATENT_NORM_EPS = 1e-6
 
 
-def mla_rope_spec(config: "ModelConfig") -> RopeSpec:
+def mla_rope_spec(config: ModelConfig) -> RopeSpec:
     """RopeSpec of a DeepSeek config: rotary slice qk_rope_head_dim; V2 always rotates interleaved pairs."""
     return RopeSpec.from_hf(
         dim=config.qk_rope_head_dim,
@@ -48,7 +48,7 @@ def mla_rope_spec(config: "ModelConfig") -> RopeSpec:
 class MLAttention(nn.Module):
     """DeepSeek MLA for one layer; forward(x [T, H], positions [T], kv_layer) -> [T, H]."""
 
-    def __init__(self, config: "ModelConfig", layer_idx: int) -> None:
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
         hidden, bias = config.hidden_size, config.qkv_bias  # DeepSeek's attention_bias: q_a, kv_a and o
@@ -129,7 +129,9 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_lora_rank)  # [N, D+V, L]
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [N, D, L], [N, V, L]
         q_latent = torch.matmul(q_nope, w_uk)  # [N, T, L]
-        scores = torch.matmul(q_latent, latent.t()) + torch.matmul(q_rope, k_rope.transpose(1, 2))  # [N, T, S]
+        scores = torch.matmul(q_latent, latent.t()) + torch.matmul(
+            q_rope, k_rope.transpose(1, 2)
+        )  # [N, T, S]
         scores = scores * self.scale
         if t > 1:  # query i sits at cache row s - t + i and sees rows 0..s - t + i
             rows = torch.arange(s, device=latent.device)

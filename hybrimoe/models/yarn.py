@@ -25,8 +25,9 @@ The rotated output is laid out as [first of each pair | second of each pair] in 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -71,7 +72,7 @@ class RopeSpec:
         scaling: Mapping[str, Any] | None,
         max_position_embeddings: int,
         interleaved: bool = True,
-    ) -> "RopeSpec":
+    ) -> RopeSpec:
         """Build from a HF rope dict (None or type "default" = plain RoPE). Unknown types -> ConfigError."""
         if not scaling:
             return cls(dim=dim, theta=float(theta), interleaved=interleaved)
@@ -162,7 +163,7 @@ class DeepseekRotary(nn.Module):
         return freqs.cos() * scale, freqs.sin() * scale
 
 
-def yarn_frequencies(config: "ModelConfig", dim: int) -> tuple[torch.Tensor, float]:
+def yarn_frequencies(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
     """(inv_freq [dim/2] fp32, cos/sin multiplier) of the config's YaRN scaling over `dim` rotated dims."""
     spec = RopeSpec.from_hf(dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
     return spec.inv_freq(), spec.cos_sin_scale
