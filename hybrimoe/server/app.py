@@ -9,6 +9,7 @@ GET /metrics (Prometheus text).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from contextlib import asynccontextmanager
@@ -19,8 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
 from hybrimoe.server.errors import APIError, install_error_handlers
-from hybrimoe.server.jobs import (chat_build, check_common, completion_build, parse_body, start_job,
-                                  ClientGone)
+from hybrimoe.server.jobs import ClientGone, chat_build, check_common, completion_build, parse_body, start_job
 from hybrimoe.server.metrics import CONTENT_TYPE, ServerMetrics
 from hybrimoe.server.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from hybrimoe.server.responses import CLIENT_CLOSED_REQUEST, chat_response, completion_response
@@ -58,7 +58,7 @@ def create_app(engine: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_
         try:
             yield
         finally:
-            state.worker.close()
+            await asyncio.to_thread(state.worker.close)
 
     app = FastAPI(title="hybrimoe", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.server = state

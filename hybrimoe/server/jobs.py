@@ -49,6 +49,10 @@ def check_common(req: SamplingFields, model_name: str, max_tokens: int | None) -
     if req.n != 1:
         raise APIError(400, f"n={req.n} is not supported: this server returns exactly one choice (n=1)",
                        param="n", code="unsupported_value")
+    if req.logprobs:
+        raise APIError(400, "logprobs are not supported", param="logprobs", code="unsupported_value")
+    if req.tools:
+        raise APIError(400, "tools (function calling) are not supported", param="tools", code="unsupported_value")
     if max_tokens is not None and max_tokens <= 0:
         raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
                        code="invalid_value")
@@ -98,7 +102,7 @@ def _build(encode: Callable[[Any], list[int]], req: SamplingFields, max_tokens: 
                                 f"{max_tokens} for the completion); lower max_tokens to at most {room}",
                            param="max_tokens", code="context_length_exceeded")
         params = SamplingParams(max_new_tokens=max_tokens or room, temperature=req.temperature,
-                                top_p=req.top_p, seed=req.seed, stop_strings=req.stop_strings)
+                                top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop_strings=req.stop_strings)
         try:
             params.validate()
         except HybrimoeError as exc:

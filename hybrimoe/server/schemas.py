@@ -58,6 +58,9 @@ class SamplingFields(Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM's extension (0 = off)
+    logprobs: bool | int | None = None  # refused when asked for: not implemented
+    tools: list | None = None  # refused: no tool calling
 
     @field_validator("stop")
     @classmethod
