@@ -1,0 +1,183 @@
+"""GPU expert cache: a fixed pool of device slots holding routed experts, plus transient staging buffers.
+
+    pool     [S, 3*I*H]  on the compute device; slot s holds one expert laid out like the host store
+                         ([gate | up | down]), so filling it is ONE copy of the expert's host buffer.
+    staging  [B, 3*I*H]  (B = 2, allocated on first use) for an expert the plan sends to the GPU but the
+                         cache may not keep (zero capacity, every slot pinned, or a static policy that
+                         refuses it); it is copied, used once and dropped. Reuse of a staging buffer
+                         waits for the main stream to finish with its previous occupant (an event).
+
+Which expert sits in which slot is this file's business; which experts are resident, the capacity
+(global or per layer), victims, and the hit/miss/bytes counters are `hybrimoe.policy.CacheState`'s,
+driven by a `CachePolicy` (mrs, lru, lfu, static). This class adds per-layer counters and asserts
+that slots and accounting agree (never more experts than slots, one slot per resident expert).
+On the CPU fallback the pool is a host tensor and copies are host copies: the same code path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+import torch
+
+from hybrimoe.moe.devices import Devices
+from hybrimoe.moe.store import ExpertStore, ExpertWeights, split_expert
+from hybrimoe.policy.cache_state import CacheState
+from hybrimoe.policy.plan import ExpertKey
+
+log = logging.getLogger(__name__)
+
+STAGING_BUFFERS = 2
+
+
+@dataclass
+class LayerCounters:
+    hits: int = 0  # activated experts found resident when the layer was planned
+    misses: int = 0  # activated experts not resident
+    inserts: int = 0  # experts copied into a cache slot
+    staged: int = 0  # experts copied into a transient staging buffer (not kept)
+    bytes_copied: int = 0  # host->device bytes for this layer (slots + staging)
+
+
+class GpuExpertCache:
+    """Slots for `state.capacity` experts (or the sum of per-layer capacities) on `devices.compute`."""
+
+    def __init__(self, store: ExpertStore, devices: Devices, state: CacheState) -> None:
+        self.store = store
+        self.devices = devices
+        self.state = state
+        slots = sum(state.layer_capacity.values()) if state.layer_capacity is not None else state.capacity
+        total = len(store.layers) * store.config.num_experts
+        self.num_slots = min(slots, total)  # more slots than experts would never be used
+        self.pool = torch.empty(self.num_slots, store.expert_numel, dtype=store.dtype,
+                                device=devices.compute)  # [S, 3*I*H]
+        self._slot_of: dict[ExpertKey, int] = {}
+        self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
+        self._staging: list[torch.Tensor] = []
+        self._staging_release: list[Any] = []  # main-stream event after the last use, per buffer
+        self._next_staging = 0
+        self.layers: dict[int, LayerCounters] = {layer: LayerCounters() for layer in store.layers}
+        self.freeze_admitted = False  # static policy: every admitted expert joins the never-evicted hot set
+        log.info("expert cache: %d slots x %.1f MB on %s (%s)", self.num_slots, store.expert_nbytes / 1e6,
+                 devices.compute, "per layer" if state.layer_capacity is not None else "global")
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.store.expert_nbytes
+
+    def cached_experts(self, layer: int) -> set[int]:
+        return self.state.cached_experts(layer)
+
+    def __contains__(self, key: ExpertKey) -> bool:
+        return key in self._slot_of
+
+    def weights(self, key: ExpertKey) -> ExpertWeights:
+        """gate/up/down views into the slot of a resident expert (on the compute device)."""
+        return split_expert(self.pool[self._slot_of[key]], self.store.intermediate, self.store.hidden)
+
+    # -- one layer -----------------------------------------------------------------------------
+    def begin_layer(self, layer: int, experts: Iterable[int]) -> set[int]:
+        """Counts the layer's activations (hit/miss), pins them against eviction; returns the cached ones."""
+        counters = self.layers[layer]
+        cached = set()
+        for e in experts:
+            if self.state.access((layer, e)):
+                counters.hits += 1
+                cached.add(e)
+            else:
+                counters.misses += 1
+        self.state.pin((layer, e) for e in cached)
+        return cached
+
+    def end_layer(self) -> None:
+        self.state.unpin_all()
+
+    def admit(self, layer: int, expert: int, protect: Iterable[ExpertKey] = (),
+              by_value: bool = False) -> torch.Tensor | None:
+        """Give (layer, expert) a slot (evicting the policy's victim if needed) and return the slot
+        tensor [3*I*H] to copy into; None when the cache does not take it (use `staging_buffer`).
+        `by_value`: admit only if the policy values the newcomer above its victim."""
+        key = (layer, expert)
+        if key in self._slot_of:
+            return None  # already resident (e.g. prefetched twice): nothing to copy
+        protect = set(protect)
+        victim = self.state.victim_for(key, protect)
+        if not self.state.insert(key, protect, by_value=by_value):
+            return None
+        if victim is not None:
+            assert victim not in self.state, f"CacheState evicted another expert than {victim}"
+            self._free.append(self._slot_of.pop(victim))
+        else:
+            assert len(self._slot_of) == len(self.state) - 1, "accounting and slots disagree"
+        assert self._free, f"no free slot for {key}: {len(self._slot_of)} of {self.num_slots} used"
+        slot = self._free.pop()
+        self._slot_of[key] = slot
+        if self.freeze_admitted:
+            self.state.policy.hot.add(key)  # type: ignore[attr-defined]
+        counters = self.layers[layer]
+        counters.inserts += 1
+        counters.bytes_copied += self.store.expert_nbytes
+        self.check()
+        return self.pool[slot]
+
+    def staging_buffer(self, layer: int) -> torch.Tensor:
+        """A transient buffer [3*I*H] for an expert the cache does not keep. The copy stream waits
+        (on CUDA) until the main stream is done with the buffer's previous occupant; call
+        `release_staging(buffer)` after issuing the compute that reads it."""
+        if len(self._staging) < STAGING_BUFFERS:
+            self._staging.append(torch.empty(self.store.expert_numel, dtype=self.store.dtype,
+                                             device=self.devices.compute))
+            self._staging_release.append(None)
+        index = self._next_staging % len(self._staging)
+        self._next_staging += 1
+        self.devices.copy_waits(self._staging_release[index])
+        counters = self.layers[layer]
+        counters.staged += 1
+        counters.bytes_copied += self.store.expert_nbytes
+        return self._staging[index]
+
+    def release_staging(self, buffer: torch.Tensor) -> None:
+        for i, b in enumerate(self._staging):
+            if b is buffer:
+                self._staging_release[i] = self.devices.record_main()
+                return
+        raise AssertionError("not a staging buffer")
+
+    def preload(self, keys: Iterable[ExpertKey]) -> list[tuple[ExpertKey, torch.Tensor]]:
+        """Fill free slots before the run (e.g. a static hot set); returns (key, slot) to copy into."""
+        before = self.state.resident()
+        self.state.preload(keys)
+        out = []
+        for key in sorted(self.state.resident() - before):
+            slot = self._free.pop()
+            self._slot_of[key] = slot
+            out.append((key, self.pool[slot]))
+        self.check()
+        return out
+
+    # -- invariants and counters ----------------------------------------------------------------
+    def check(self) -> None:
+        """Slots and accounting agree; never more experts than slots or than the budget."""
+        assert len(self._slot_of) == len(self.state) <= self.num_slots, (len(self._slot_of), len(self.state))
+        assert len(self._free) + len(self._slot_of) == self.num_slots
+        assert set(self._slot_of) == self.state.resident()
+        if self.state.layer_capacity is not None:
+            for layer in self.layers:
+                assert len(self.state.cached_experts(layer)) <= self.state.limit(layer)
+        else:
+            assert len(self.state) <= self.state.capacity
+
+    def counters(self) -> dict[str, Any]:
+        """Totals and per-layer counters: hits, misses, hit_rate, inserts, staged, bytes_copied."""
+        total = LayerCounters()
+        for c in self.layers.values():
+            for name in vars(total):
+                setattr(total, name, getattr(total, name) + getattr(c, name))
+        seen = total.hits + total.misses
+        return {"slots": self.num_slots, "resident": len(self._slot_of), "capacity_bytes": self.capacity_bytes,
+                **vars(total), "hit_rate": total.hits / seen if seen else 0.0,
+                "evictions": self.state.evictions,
+                "per_layer": {layer: dict(vars(c)) for layer, c in self.layers.items()}}

@@ -1,0 +1,138 @@
+"""Putting the hybrid runtime into a model: `install_runtime(model, options) -> HybridRuntime`.
+
+Steps (each a function here, so the Engine can call the pre-load check on its own):
+  check_budget_before_load(config, dtype, options)   BudgetError before any weight is read
+  load_dummy_model(options, dtype)                   --dummy-weights: random weights for a config.json
+  install_runtime(model, options)                    pin store, slots, cache content, worker, costs,
+                                                     executors (and --replay-trace routing)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, plan_budget
+from hybrimoe.moe.cache import GpuExpertCache
+from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
+from hybrimoe.moe.devices import Devices
+from hybrimoe.moe.replay import TraceRouting, install_replay
+from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
+from hybrimoe.moe.store import ExpertStore
+from hybrimoe.policy.cache_policy import StaticPolicy, hot_set, make_policy
+from hybrimoe.policy.cache_state import CacheState
+from hybrimoe.policy.plan import ExpertCosts
+from hybrimoe.policy.presets import Preset, get_preset
+from hybrimoe.runtime_options import RuntimeOptions, dummy_config_path
+
+log = logging.getLogger(__name__)
+
+
+def _preset_ratio(preset: Preset) -> float | None:
+    return 1.0 if preset.initial == "all" else None
+
+
+def check_budget_before_load(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions) -> CacheBudget:
+    """The budget for `options` from the config alone; BudgetError (with the numbers) if it cannot work."""
+    preset = get_preset(options.policy)
+    device = options.resolved_device()
+    resident = preset.initial == "all"
+    opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
+    return plan_budget(config, dtype, opts, _preset_ratio(preset), device_free_bytes(device))
+
+
+def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16") -> Any:
+    """--dummy-weights: a MoETransformer with random weights for the config (checked against the budget first)."""
+    from hybrimoe.loader import build_dummy_model, parse_dtype
+
+    assert options.dummy_weights is not None
+    config = _config_from_file(dummy_config_path(options.dummy_weights))
+    check_budget_before_load(config, parse_dtype(dtype), options)
+    return build_dummy_model(config, dtype, seed=options.seed)
+
+
+def _config_from_file(path: str) -> ModelConfig:
+    import json
+
+    with open(path, encoding="utf-8") as f:
+        return ModelConfig.from_dict(json.load(f))
+
+
+def pin_store(store: ExpertStore) -> None:
+    """Re-allocates every layer's expert tensor [E, 3*I*H] in page-locked host memory (in place for views
+    taken later: callers must take `buffer()` views after this). No-op for an already pinned store."""
+    for layer in store.layers:
+        tensor = store.layer_tensor(layer)
+        if not tensor.is_pinned():
+            store._layers[layer] = tensor.pin_memory()  # noqa: SLF001 (ExpertStore has no public re-pin)
+
+
+def _initial_keys(preset: Preset, config: ModelConfig, budget: CacheBudget,
+                  frequency: dict[tuple[int, int], float] | None) -> list[tuple[int, int]]:
+    """Experts to place in the cache before the run, per preset.initial (all | layers | hot)."""
+    every = [(layer, e) for layer in config.moe_layers for e in range(config.num_experts)]
+    if preset.initial in ("all", "layers"):
+        return every  # CacheState.preload stops at the capacity: whole layers in order for "layers"
+    if frequency:
+        return hot_set(frequency, budget.slots, budget.layer_capacity)
+    return []  # no warm-up trace: a static cache fills on first use, then freezes
+
+
+def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | None = None,
+                    frequency: dict[tuple[int, int], float] | None = None) -> HybridRuntime:
+    """Swap the hybrid executor into every MoE block of `model`; returns the runtime (stats(), close()).
+
+    costs: the scheduler's ExpertCosts (default: --cost-profile, else a quick calibration here);
+    frequency: {(layer, expert): activations} for the initial hot set (default: the replay trace's).
+    """
+    preset = get_preset(options.policy)
+    config, store = model.config, model.expert_store
+    device = torch.device(options.resolved_device(str(model.device)))
+    if model.device != device:
+        model.to(device)  # dense weights; the expert store is not a module buffer and stays on the host
+    devices = Devices.create(device)
+    if devices.is_cuda and options.pin_memory is not False:
+        pin_store(store)
+    routing = None
+    if options.replay_trace is not None:
+        routing = TraceRouting.load(options.replay_trace, config.moe_layers, config.num_experts)
+        frequency = routing.frequency() if frequency is None else frequency
+    dense = dense_bytes(config, store.dtype)
+    free = device_free_bytes(device)
+    resident = preset.initial == "all"
+    opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
+    budget = plan_budget(config, store.dtype, opts, _preset_ratio(preset),
+                         None if free is None else free + dense, dense)  # dense already on the device
+    policy_options: dict[str, Any] = {}
+    keys = _initial_keys(preset, config, budget, frequency)
+    if preset.cache == "static":
+        policy_options = {"hot": (), "frequency": frequency or {}}
+    policy = make_policy(preset.cache, top_k=config.top_k, **policy_options)
+    state = CacheState(budget.slots, policy, expert_bytes=store.expert_nbytes, layer_capacity=budget.layer_capacity)
+    cache = GpuExpertCache(store, devices, state)
+    for key, slot in cache.preload(keys):
+        slot.copy_(store.buffer(*key))
+    if isinstance(policy, StaticPolicy):
+        policy.hot = state.resident()
+        cache.freeze_admitted = True  # first-use fill of free slots, then the static set never changes
+    devices.synchronize()
+    worker = CpuWorker(options.cpu_threads or default_cpu_threads())
+    if costs is None:
+        costs = profile_costs(options.cost_profile, store) if options.cost_profile \
+            else calibrate_costs(store, devices, worker)
+    fixed_costs = costs
+    runtime = HybridRuntime(model, preset, devices, cache, worker, lambda layer: fixed_costs)
+    model.routing_observer = runtime.observe
+    model.set_executor(runtime.executor)
+    if routing is not None:
+        install_replay(model, routing, runtime)
+        runtime.replay = routing
+    if preset.prefetch != "none":
+        log.info("preset %s asks for %s prefetching; the runtime does not prefetch yet (copies on demand only)",
+                 preset.name, preset.prefetch)
+    log.info("hybrid runtime: policy %s on %s, %s, cpu worker %d threads", preset.name, device,
+             budget.describe(), worker.thread_count)
+    return runtime

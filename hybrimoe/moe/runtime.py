@@ -1,0 +1,172 @@
+"""HybridRuntime: the mechanism that executes the policy's decisions for every MoE layer of a model.
+
+    install_runtime(model, options) -> HybridRuntime
+      budget (slots) -> pinned expert store -> GpuExpertCache (CacheState + CachePolicy of the preset)
+      -> initial cache content (preset.initial) -> CPU worker thread -> costs (calibrated or given)
+      -> HybridExecutor in every MoEBlock; the routing observer feeds router scores to the cache policy
+
+Per layer the executor asks `plan_layer` for the preset's Plan (prefill scheduler when T > 1, decode
+scheduler when T = 1) given the counts and the cache's contents; `after_layer` then issues optional
+copies in the link's idle time (fill_misses, prefetch). `stats()` returns cache counters, measured
+busy seconds of cpu / gpu / copy, and the cost model's predicted seconds of the plans executed.
+
+CPU worker threads: `torch.set_num_threads` is process-global in name, but with the OpenMP backend
+(the backend of the official CPU and CUDA wheels) it sets the *calling thread's* OpenMP team size and
+a global default that threads read once, at their first parallel region. So the worker calls it
+once at start (its own team = cpu_threads) and the installing thread then calls it again with its
+own previous count, which restores the default for every other thread. Checked by a test. With a
+non-OpenMP backend (native thread pool) the setting is truly global: a warning is logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import torch
+
+from hybrimoe.moe.cache import GpuExpertCache
+from hybrimoe.moe.devices import Devices
+from hybrimoe.moe.hybrid_executor import HybridExecutor
+from hybrimoe.policy.plan import ExpertCosts, Plan
+from hybrimoe.policy.presets import Preset
+from hybrimoe.policy.schedule import get_scheduler
+
+log = logging.getLogger(__name__)
+
+
+class CpuWorker:
+    """One long-lived host thread for CPU experts, with its own torch (OpenMP) thread count."""
+
+    def __init__(self, threads: int) -> None:
+        self.threads = threads
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybrimoe-cpu")
+        caller_threads = torch.get_num_threads()
+        self._pool.submit(self._init_thread, threads).result()
+        torch.set_num_threads(caller_threads)  # restore the default for every other thread (see module doc)
+        if "ATen parallel backend: OpenMP" not in torch.__config__.parallel_info():
+            log.warning("torch's parallel backend is not OpenMP: --cpu-threads %d applies to every thread", threads)
+        self.thread_count = self._pool.submit(torch.get_num_threads).result()
+
+    @staticmethod
+    def _init_thread(threads: int) -> None:
+        torch.get_num_threads()  # torch initialises a thread's count lazily from the global default: do it now,
+        torch.set_num_threads(threads)  # so that this thread-local setting is not overwritten later
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        return self._pool.submit(fn, *args)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def default_cpu_threads() -> int:
+    return max(1, (os.cpu_count() or 2) - 1)
+
+
+class HybridRuntime:
+    """Owns devices, cache, CPU worker, schedulers and counters; see the module docstring."""
+
+    def __init__(self, model: Any, preset: Preset, devices: Devices, cache: GpuExpertCache, worker: CpuWorker,
+                 costs: Callable[[int], ExpertCosts], prefetcher: Any = None) -> None:
+        self.model = model
+        self.config = model.config
+        self.store = model.expert_store
+        self.preset = preset
+        self.devices = devices
+        self.cache = cache
+        self.worker = worker
+        self.costs = costs  # layer -> ExpertCosts (seconds)
+        self.prefetcher = prefetcher
+        self.schedulers = {"prefill": get_scheduler(preset.prefill), "decode": get_scheduler(preset.decode)}
+        self.executor = HybridExecutor(self)
+        self._scores: dict[int, torch.Tensor | None] = {}  # layer -> router scores [T, E] of the pending call
+        self._lock = threading.Lock()
+        self.predicted = {"prefill": 0.0, "decode": 0.0}  # sum of plan makespans (s), cost model
+        self.layer_calls = {"prefill": 0, "decode": 0}
+        self.replay: Any = None  # TraceRouting when --replay-trace is on
+        self.plan_log: list[Plan] | None = None  # set to [] to keep every plan (benchmarks, plots)
+        self.extra_copies = {"fill_misses": 0, "prefetch": 0}
+        self._previous_observer = model.routing_observer
+        self._previous_executors = {i: b.executor for i, b in model.moe_blocks.items()}
+
+    # -- routing observation -------------------------------------------------------------------------
+    def observe(self, layer: int, record: Any) -> None:
+        """The model's routing observer: keeps the router scores for the cache policy, then chains."""
+        self._scores[layer] = record.scores
+        if self._previous_observer is not None:
+            self._previous_observer(layer, record)
+
+    def set_scores(self, layer: int, scores: torch.Tensor | None) -> None:
+        """Scores [T, E] (or None = unknown) the cache policy sees for the layer's next call (replay)."""
+        self._scores[layer] = scores
+
+    def observe_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
+        """Feeds the cache policy once per token: scores (when known), selected experts, weights."""
+        scores = self._scores.pop(layer, None)
+        score_rows = scores.to("cpu", torch.float32).tolist() if scores is not None else None
+        policy = self.cache.state.policy
+        for t, (selected, w) in enumerate(zip(ids.tolist(), weights.tolist())):
+            policy.observe(layer, score_rows[t] if score_rows is not None else None, selected, w)
+
+    # -- planning ---------------------------------------------------------------------------------
+    def plan_layer(self, layer: int, counts: dict[int, int], cached: set[int], prefill: bool) -> Plan:
+        phase = "prefill" if prefill else "decode"
+        plan = self.schedulers[phase].plan(layer, counts, cached, self.costs(layer))
+        self.predicted[phase] += plan.makespan
+        self.layer_calls[phase] += 1
+        if self.plan_log is not None:
+            self.plan_log.append(plan)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("%s", plan.describe())
+        return plan
+
+    def after_layer(self, layer: int, x: torch.Tensor, plan: Plan, protect: set[tuple[int, int]]) -> None:
+        """Optional copies after the layer's own work is issued: CPU-computed misses the policy values
+        above their victim (preset.fill_misses), then prefetches. They only use slots (never staging)."""
+        keys: list[tuple[int, int]] = []
+        if self.preset.fill_misses:
+            state = self.cache.state
+            keys += [(layer, e) for e in plan.cpu_order
+                     if (layer, e) not in state and state.can_insert((layer, e), protect, by_value=True)]
+            self.extra_copies["fill_misses"] += len(keys)
+        if self.prefetcher is not None:
+            fetched = self.prefetcher(self, layer, x, plan, protect)
+            self.extra_copies["prefetch"] += len(fetched)
+            keys += fetched
+        if not keys:
+            return
+        dev = self.devices
+        with dev.copy_context():
+            dev.copy_timer.start()
+            for key in keys:
+                slot = self.cache.admit(key[0], key[1], protect, by_value=True)
+                if slot is not None:
+                    slot.copy_(self.store.buffer(*key), non_blocking=True)
+            dev.copy_timer.stop()
+
+    # -- results ----------------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        """Cache counters, busy seconds {cpu, gpu, copy} (measured), predicted seconds (cost model)."""
+        return {"policy": self.preset.name, "device": str(self.devices.compute), "cpu_threads": self.worker.threads,
+                "cache": self.cache.counters(), "busy_seconds": self.devices.busy_seconds(),
+                "predicted_seconds": dict(self.predicted), "layer_calls": dict(self.layer_calls),
+                "extra_copies": dict(self.extra_copies)}
+
+    def reset_stats(self) -> None:
+        """Zero timers and predicted sums (cache counters are cumulative: see cache.counters())."""
+        self.devices.synchronize()
+        self.devices.reset_timers()
+        self.predicted = {"prefill": 0.0, "decode": 0.0}
+        self.layer_calls = {"prefill": 0, "decode": 0}
+
+    def close(self) -> None:
+        """Puts the previous executors and observer back and stops the worker."""
+        for i, block in self.model.moe_blocks.items():
+            block.executor = self._previous_executors[i]
+        self.model.routing_observer = self._previous_observer
+        self.worker.close()
+
