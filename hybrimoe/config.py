@@ -166,7 +166,8 @@ def _num_experts(d: dict[str, Any]) -> int:
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):
         if d.get(key) is not None:
             return _int(d, key)
-    raise ConfigError("config.json lacks the number of experts (num_local_experts / num_experts / n_routed_experts)")
+    raise ConfigError("config.json lacks the number of experts "
+                      "(num_local_experts / num_experts / n_routed_experts)")
 
 
 def _rope(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
@@ -198,7 +199,8 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
         max_position_embeddings=_int(d, "max_position_embeddings", 4096), eos_token_ids=_eos(d),
         bos_token_id=d.get("bos_token_id"), rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        extra={"architectures": tuple(d.get("architectures") or ()), "dtype": d.get("torch_dtype") or d.get("dtype")},
+        extra={"architectures": tuple(d.get("architectures") or ()),
+               "dtype": d.get("torch_dtype") or d.get("dtype")},
     )
     default_head_dim = hidden // heads
     theta, scaling = _rope(d, 1e6 if model_type == "mixtral" else 10000.0)
@@ -255,11 +257,13 @@ def _deepseek(model_type: str, d: dict[str, Any], layers: int) -> dict[str, Any]
         num_kv_heads=_int(d, "num_attention_heads"),  # MLA: every head has its own k/v
         head_dim=rope_dim, intermediate_size=_int(d, "intermediate_size"), num_experts=num_experts,
         top_k=_int(d, "num_experts_per_tok"), moe_intermediate_size=moe_inter, moe_layers=moe,
-        attention="mla", qkv_bias=bool(d.get("attention_bias", False)), o_bias=bool(d.get("attention_bias", False)),
+        attention="mla", qkv_bias=bool(d.get("attention_bias", False)),
+        o_bias=bool(d.get("attention_bias", False)),
         rope_interleave=bool(d.get("rope_interleave", True)),
         kv_lora_rank=_int(d, "kv_lora_rank"),
         q_lora_rank=None if d.get("q_lora_rank") is None else _int(d, "q_lora_rank"),
-        qk_nope_head_dim=_int(d, "qk_nope_head_dim"), qk_rope_head_dim=rope_dim, v_head_dim=_int(d, "v_head_dim"),
+        qk_nope_head_dim=_int(d, "qk_nope_head_dim"), qk_rope_head_dim=rope_dim,
+        v_head_dim=_int(d, "v_head_dim"),
         topk_method=topk_method, scoring_func=_get(d, "scoring_func", "sigmoid" if v3 else "softmax"),
         norm_topk_prob=bool(d.get("norm_topk_prob", v3)),
         routed_scaling_factor=float(_get(d, "routed_scaling_factor", 2.5 if v3 else 1.0)),

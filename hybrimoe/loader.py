@@ -27,6 +27,7 @@ from tqdm import tqdm
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError, ConfigError
 from hybrimoe.models.transformer import MoETransformer
+from hybrimoe.moe.store import ExpertStore
 
 log = logging.getLogger(__name__)
 
@@ -60,18 +61,24 @@ def _fast_init(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved[2])
 
 
-def build_empty_model(config: ModelConfig, dtype: str | torch.dtype = "fp32") -> MoETransformer:
-    """A model with uninitialised weights (to be filled by the loader or `build_dummy_model`)."""
+def build_empty_model(config: ModelConfig, dtype: str | torch.dtype = "fp32",
+                      pin_memory: bool = False) -> MoETransformer:
+    """A model with uninitialised weights (to be filled by the loader or `build_dummy_model`).
+
+    `pin_memory` page-locks the expert store (needs CUDA) so host-to-GPU expert copies can be async.
+    Not thread-safe: construction briefly patches nn.Linear/nn.Embedding init and the default dtype.
+    """
     torch_dtype = parse_dtype(dtype)
+    store = ExpertStore(config, torch_dtype, pin_memory=pin_memory)
     with _fast_init(torch_dtype):
-        model = MoETransformer(config, torch_dtype)
+        model = MoETransformer(config, torch_dtype, store=store)
     return model.eval()
 
 
 def build_dummy_model(config: ModelConfig, dtype: str | torch.dtype = "fp32", seed: int = 0,
-                      std: float = 0.02) -> MoETransformer:
+                      std: float = 0.02, pin_memory: bool = False) -> MoETransformer:
     """Random N(0, std) weights (norms 1, correction bias 0) for checkpoint-less benchmarks."""
-    model = build_empty_model(config, dtype)
+    model = build_empty_model(config, dtype, pin_memory)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -146,7 +153,8 @@ class _Loader:
         if param is None:
             raise CheckpointError(f"unexpected {where}: the {self.config.model_type} model has no such weight")
         if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"misshaped {where}: shape {tuple(tensor.shape)}, expected {tuple(param.shape)}")
+            raise CheckpointError(f"misshaped {where}: shape {tuple(tensor.shape)}, "
+                                  f"expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
         self.pending_dense.discard(name)
@@ -154,7 +162,8 @@ class _Loader:
     def _check_layer(self, layer: int, expert: int, where: str) -> None:
         if layer not in self.store.layers or not 0 <= expert < self.config.num_experts:
             raise CheckpointError(f"unexpected {where}: no routed expert {expert} in layer {layer} "
-                                  f"(MoE layers {list(self.config.moe_layers)}, {self.config.num_experts} experts)")
+                                  f"(MoE layers {list(self.config.moe_layers)}, "
+                                  f"{self.config.num_experts} experts)")
 
     def _take_expert(self, layer: int, expert: int, part: str, tensor: torch.Tensor, where: str) -> None:
         self._check_layer(layer, expert, where)
@@ -202,10 +211,12 @@ def _open(path: str):
 
 
 def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
-               device: str | torch.device = "cpu", progress: bool = True) -> MoETransformer:
+               device: str | torch.device = "cpu", progress: bool = True,
+               pin_memory: bool = False) -> MoETransformer:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors) into a `MoETransformer`.
 
-    Routed experts stay in host memory (`model.expert_store`); dense weights go to `device`.
+    Routed experts stay in host memory (`model.expert_store`, page-locked if `pin_memory`);
+    dense weights go to `device`.
     """
     model_dir = os.fspath(model_dir)
     if not os.path.isdir(model_dir):
@@ -214,7 +225,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
         raise CheckpointError(f"no config.json in {model_dir}")
     config = ModelConfig.from_pretrained(model_dir)
     files = checkpoint_files(model_dir)
-    model = build_empty_model(config, dtype)
+    model = build_empty_model(config, dtype, pin_memory)
     loader = _Loader(model)
     handles = [(path, _open(path)) for path in files]
     total = sum(len(h.keys()) for _, h in handles)

@@ -124,7 +124,8 @@ def make_tiny(family: str, out_dir: str | os.PathLike, layers: int = 3, experts:
     if not 0 < top_k <= experts:
         raise ConfigError(f"top-k {top_k} must be in 1..{experts}")
     if layers < 2:
-        raise ConfigError(f"need at least 2 layers (DeepSeek and Qwen2 tiny models have a dense layer), got {layers}")
+        raise ConfigError(f"need at least 2 layers (DeepSeek and Qwen2 tiny models have a dense layer), "
+                          f"got {layers}")
     out_dir = os.fspath(out_dir)
     tokenizer = train_tokenizer(vocab_size)
     vocab = len(tokenizer)

@@ -76,7 +76,8 @@ def test_half_precision_loads(tiny_checkpoint, family: str, dtype: str, torch_dt
     layer = half.config.moe_layers[0]
     assert half.moe_blocks[layer].gate.weight.dtype == torch.float32       # router stays fp32
     full = load_model(path, progress=False)
-    assert torch.equal(half.expert_store.layer_tensor(layer), full.expert_store.layer_tensor(layer).to(torch_dtype))
+    rows = full.expert_store.layer_tensor(layer).to(torch_dtype)
+    assert torch.equal(half.expert_store.layer_tensor(layer), rows)
     want, got = logits(full), logits(half)
     assert got.dtype == torch.float32 and torch.isfinite(got).all()
     # half-precision rounding only (a near-tie between two experts could flip a route; these seeds have none)
@@ -104,7 +105,8 @@ def test_missing_dense_tensor(mixtral, tmp_path) -> None:
 
 
 def test_missing_expert_tensor(mixtral, tmp_path) -> None:
-    path = rewrite(mixtral, tmp_path / "m", lambda t: t.pop("model.layers.0.block_sparse_moe.experts.3.w3.weight"))
+    name = "model.layers.0.block_sparse_moe.experts.3.w3.weight"
+    path = rewrite(mixtral, tmp_path / "m", lambda t: t.pop(name))
     with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.0\.mlp\.experts\.3\.up_proj"):
         load_model(path, progress=False)
 
@@ -176,7 +178,8 @@ def test_corrupt_safetensors(mixtral, tmp_path, damage: str) -> None:
 def test_deepseek_v3_next_token_prediction_layers_are_ignored(tiny_checkpoint, tmp_path) -> None:
     src = tiny_checkpoint("deepseek-v3")
     n = ModelConfig.from_pretrained(src).num_layers
-    path = rewrite(src, tmp_path / "m", lambda t: t.update({f"model.layers.{n}.eh_proj.weight": torch.ones(2, 2)}))
+    extra = {f"model.layers.{n}.eh_proj.weight": torch.ones(2, 2)}    # an MTP layer's tensor
+    path = rewrite(src, tmp_path / "m", lambda t: t.update(extra))
     assert torch.equal(logits(load_model(path, progress=False)), logits(load_model(src, progress=False)))
 
 

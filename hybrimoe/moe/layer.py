@@ -34,7 +34,8 @@ RoutingObserver = Callable[[int, RoutingRecord], None]
 class Executor(Protocol):
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
-        """x [T, H], expert_ids [T, K], weights [T, K] -> sum_k weights[t, k] * f_{expert_ids[t, k]}(x[t]), [T, H]."""
+        """x [T, H], expert_ids [T, K], weights [T, K] -> [T, H]:
+        out[t] = sum_k weights[t, k] * f_{expert_ids[t, k]}(x[t])."""
         ...
 
 
@@ -67,6 +68,10 @@ class ReferenceExecutor:
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
             weights: torch.Tensor) -> torch.Tensor:
+        home = self.store.layer_tensor(layer).device
+        if x.device != home:   # dense layers elsewhere (e.g. GPU): compute the experts where they live
+            out = self.run(layer, x.to(home), expert_ids.to(home), weights.to(home))
+            return out.to(x.device)
         k = expert_ids.shape[1]
         out = torch.zeros_like(x)                                         # [T, H]
         flat_w = weights.reshape(-1)                                      # [T*K]
@@ -91,7 +96,8 @@ class Router(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size, dtype=torch.float32))
         if config.topk_method == "noaux_tc":
-            self.register_buffer("e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+            bias = torch.zeros(config.num_experts, dtype=torch.float32)   # [E], added before top-k only
+            self.register_buffer("e_score_correction_bias", bias)
         else:
             self.e_score_correction_bias = None
 
