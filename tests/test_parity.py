@@ -136,3 +136,15 @@ def test_qwen2_renormalised_topk_matches_transformers(tiny_checkpoint) -> None:
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     assert torch.allclose(model(ids, 0, model.new_kv_cache(PROMPT_LEN)), want, atol=ATOL, rtol=0)
+
+
+def test_tied_embeddings_match_transformers(tiny_checkpoint) -> None:
+    path = tiny_checkpoint("olmoe", overrides={"tie_word_embeddings": True})
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, progress=False)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    ids = prompt_ids(model.config.vocab_size)
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    assert torch.allclose(model(ids, 0, model.new_kv_cache(PROMPT_LEN)), want, atol=ATOL, rtol=0)
