@@ -19,11 +19,13 @@ BODY_LIMIT = 64 * 1024
 CHAT_PROMPT = "What is the capital of France?"
 TEXT_PROMPT = "The quick brown fox"
 N = 12  # max_tokens of the comparisons
+CONTEXT = 4096
 
 
 @pytest.fixture(scope="module")
 def model_dir(tiny_checkpoint) -> Path:
-    return tiny_checkpoint(FAMILY)
+    # A long context, so that a request cut short by its client is far from done on any CPU.
+    return tiny_checkpoint(FAMILY, overrides={"max_position_embeddings": CONTEXT})
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +173,7 @@ def test_concurrent_streaming_clients_get_their_own_output(client: openai.OpenAI
 
 def test_disconnect_mid_stream_frees_the_engine(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
     before = metric_samples(server)
-    long = 480  # far more tokens than are produced before the server notices the client left
+    long = CONTEXT - 100  # seconds of work: far more than is done before the server notices
     stream = client.completions.create(model=model, prompt=TEXT_PROMPT, max_tokens=long, temperature=0, stream=True)
     chunks = iter(stream)
     next(chunks), next(chunks)
@@ -218,3 +220,23 @@ def test_metrics_count_requests_tokens_and_engine_stats(server: ServerProcess, c
     engine = {k[0]: v for k, v in after.items() if not k[0].startswith("hybrimoe_server_")}
     assert engine, "no engine stats exported"
     assert any(v > before.get((name, frozenset()), 0.0) for name, v in engine.items())
+
+
+def test_request_abandoned_while_queued_never_runs(server: ServerProcess, client: openai.OpenAI, model: str) -> None:
+    before = metric_samples(server)
+    running = client.completions.create(model=model, prompt=TEXT_PROMPT, max_tokens=CONTEXT - 100,
+                                        temperature=0, stream=True)
+    chunks = iter(running)
+    next(chunks)  # the engine is busy with this one now
+    with pytest.raises(httpx.ReadTimeout):  # queued behind it, then given up
+        httpx.post(server.api_url + "/completions", timeout=httpx.Timeout(30, read=0.3),
+                   json={"model": model, "prompt": "queued", "max_tokens": 5, "temperature": 0})
+    running.close()
+    after_both = client.completions.create(model=model, prompt=TEXT_PROMPT, max_tokens=3, temperature=0)
+    assert after_both.usage.completion_tokens == 3
+    after = metric_samples(server)
+    assert value(after, "hybrimoe_server_cancelled_requests_total") - \
+        value(before, "hybrimoe_server_cancelled_requests_total") == 2
+    # Only the stream and the last request reached the engine.
+    assert value(after, "hybrimoe_server_queue_wait_seconds_count") - \
+        value(before, "hybrimoe_server_queue_wait_seconds_count") == 2
