@@ -51,7 +51,8 @@ def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16")
     assert options.dummy_weights is not None
     config = _config_from_file(dummy_config_path(options.dummy_weights))
     check_budget_before_load(config, parse_dtype(dtype), options)
-    return build_dummy_model(config, dtype, seed=options.seed)
+    pin = options.pin_memory if options.pin_memory is not None else options.resolved_device().startswith("cuda")
+    return build_dummy_model(config, dtype, seed=options.seed, pin_memory=pin)
 
 
 def _config_from_file(path: str) -> ModelConfig:

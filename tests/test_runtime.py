@@ -1,0 +1,240 @@
+"""Hybrid runtime mechanics on the CPU fallback: weight indexing of CPU experts, cache budget and
+counters, budget errors, the CPU worker's thread count, static caches, trace replay, options and flags."""
+
+from __future__ import annotations
+
+import argparse
+import threading
+from functools import lru_cache
+
+import pytest
+import torch
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.errors import BudgetError, ConfigError
+from hybrimoe.loader import build_dummy_model
+from hybrimoe.moe.budget import dense_bytes, plan_budget
+from hybrimoe.moe.install import check_budget_before_load, install_runtime
+from hybrimoe.moe.layer import ReferenceExecutor
+from hybrimoe.moe.replay import ReplayExecutor, TraceRouting
+from hybrimoe.moe.runtime import CpuWorker
+from hybrimoe.cli.runtime_args import add_runtime_arguments, runtime_options_from_args
+from hybrimoe.policy.plan import LinearCosts
+from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
+from hybrimoe.tiny import tiny_config
+from hybrimoe.trace.format import LayerRouting, RoutingTrace, TokenRouting, TraceHeader
+
+COSTS = LinearCosts(cpu_per_token=2e-5, gpu_fixed=3e-5, copy_seconds=6e-5, cpu_fixed=2e-5)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@lru_cache(maxsize=None)
+def tiny(family: str = "qwen3-moe", top_k: int = 4, experts: int = 8):
+    config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=experts, top_k=top_k,
+                                               hidden=64).to_dict())
+    return build_dummy_model(config, "fp32", seed=2, std=0.1)
+
+
+def test_cpu_experts_get_the_weight_of_their_own_topk_position() -> None:
+    """Experts appear at different top-k positions with distinct weights; fiddler's prefill with an empty
+    cache and these costs (CPU cheaper than copy + GPU for <= 3 tokens) runs every expert on the CPU worker. A CPU path that used the position within its own
+    sub-list as the position in the token's top-k list (PAPER.md's suspected bug) fails this test."""
+    model = tiny()
+    layer = model.config.moe_layers[0]
+    x = torch.randn(3, model.config.hidden_size)  # [T=3, H]
+    ids = torch.tensor([[5, 1, 6, 2], [2, 7, 5, 0], [3, 5, 1, 4]])  # [T, K]: expert 5 at positions 0, 2, 1
+    w = torch.tensor([[0.4, 0.3, 0.2, 0.1], [0.05, 0.5, 0.25, 0.2], [0.7, 0.1, 0.15, 0.05]])
+    expected = ReferenceExecutor(model.expert_store).run(layer, x, ids, w)
+    wrong = ReferenceExecutor(model.expert_store).run(layer, x, ids, w.flip(1))
+    assert not torch.allclose(expected, wrong, atol=1e-4)  # the check below can tell the weights apart
+    for policy, ratio in (("fiddler", 0.0), ("hybrimoe", 0.25), ("gpu-lru", 0.5)):
+        runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=ratio, cpu_threads=1), costs=COSTS)
+        try:
+            got = runtime.executor.run(layer, x, ids, w)
+            stats = runtime.stats()
+        finally:
+            runtime.close()
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        if policy == "fiddler":
+            assert stats["busy_seconds"]["cpu"] > 0 and stats["busy_seconds"]["gpu"] == 0.0
+
+
+def _run_steps(model, steps: int = 6) -> None:
+    kv = model.new_kv_cache(32)
+    model(torch.tensor([3, 9, 27, 81, 11, 33]), 0, kv)
+    for pos in range(6, 6 + steps):
+        model(torch.tensor([pos * 7 % 200]), pos, kv)
+
+
+@pytest.mark.parametrize("policy,per_layer", [("gpu-lru", False), ("gpu-lru", True), ("hybrimoe", False),
+                                              ("hybrimoe", True), ("llamacpp", False)])
+def test_cache_within_budget_and_hits_plus_misses_equal_activations(policy: str, per_layer: bool) -> None:
+    model = tiny()
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=0.25, per_layer_cache=per_layer,
+                                                    cpu_threads=1), costs=COSTS)
+    seen = {"activations": 0, "max_resident": 0}
+    observer = model.routing_observer
+
+    def count(layer, record):  # distinct experts per layer per forward pass = activations
+        observer(layer, record)
+        seen["activations"] += int(record.expert_ids.unique().numel())
+
+    model.routing_observer = count
+    cache = runtime.cache
+    admit = cache.admit
+
+    def checked_admit(*args, **kwargs):
+        slot = admit(*args, **kwargs)
+        seen["max_resident"] = max(seen["max_resident"], len(cache.state))
+        for layer in model.config.moe_layers:
+            assert len(cache.cached_experts(layer)) <= cache.state.limit(layer)
+        return slot
+
+    cache.admit = checked_admit
+    try:
+        _run_steps(model)
+        stats = runtime.stats()["cache"]
+    finally:
+        model.routing_observer = observer
+        runtime.close()
+    slots = round(0.25 * len(model.config.moe_layers) * model.config.num_experts)
+    assert stats["slots"] == slots and seen["max_resident"] <= slots and stats["resident"] <= slots
+    assert stats["hits"] + stats["misses"] == seen["activations"] > 0
+    assert sum(c["hits"] + c["misses"] for c in stats["per_layer"].values()) == seen["activations"]
+    assert stats["bytes_copied"] == (stats["inserts"] + stats["staged"]) * model.expert_store.expert_nbytes
+    if policy == "gpu-lru":
+        assert stats["inserts"] > 0 and stats["evictions"] > 0
+
+
+def test_static_cache_fills_on_first_use_then_never_changes() -> None:
+    model = tiny()
+    runtime = install_runtime(model, RuntimeOptions(policy="ktransformers", cache_ratio=0.5, cpu_threads=1),
+                              costs=COSTS)
+    try:
+        kv = model.new_kv_cache(32)
+        model(torch.arange(10, 30), 0, kv)  # prefill: gpu-only copies fill the free slots, then freeze
+        frozen = runtime.cache.state.resident()
+        assert len(frozen) == runtime.cache.num_slots
+        for pos in range(20, 26):
+            model(torch.tensor([pos]), pos, kv)
+        assert runtime.cache.state.resident() == frozen and runtime.cache.state.evictions == 0
+    finally:
+        runtime.close()
+
+
+def test_budget_errors_name_the_numbers_before_loading() -> None:
+    config = tiny().config
+    dense = dense_bytes(config, torch.float32)
+    assert dense > 0
+    with pytest.raises(BudgetError, match=r"dense part"):
+        check_budget_before_load(config, torch.float32, RuntimeOptions(policy="hybrimoe", gpu_memory_bytes=dense // 2))
+    expert = config.expert_bytes(4)
+    with pytest.raises(BudgetError, match=str(expert)):
+        plan_budget(config, torch.float32, RuntimeOptions(expert_cache_bytes=expert - 1))
+    with pytest.raises(BudgetError, match="free memory"):
+        plan_budget(config, torch.float32, RuntimeOptions(cache_ratio=1.0), device_free_bytes=dense + expert)
+    budget = plan_budget(config, torch.float32, RuntimeOptions(gpu_memory_bytes=dense + 3 * expert + 5))
+    assert budget.slots == 3
+    budget = plan_budget(config, torch.float32, RuntimeOptions(expert_cache_bytes=5 * expert, per_layer_cache=True))
+    assert budget.slots == 5 and budget.layer_capacity == {0: 2, 1: 2, 2: 1}  # 3 MoE layers
+
+
+def test_cpu_worker_has_its_own_thread_count() -> None:
+    main_before = torch.get_num_threads()
+    worker = CpuWorker(threads=3)
+    try:
+        assert worker.submit(torch.get_num_threads).result() == 3
+        assert torch.get_num_threads() == main_before
+        other = []
+        t = threading.Thread(target=lambda: other.append(torch.get_num_threads()))
+        t.start()
+        t.join()
+        assert other == [main_before]  # new threads keep the process default
+    finally:
+        worker.close()
+
+
+def _trace(num_experts: int = 8, k: int = 2) -> RoutingTrace:
+    header = TraceHeader(model="t", num_layers=2, num_experts=num_experts, top_k=k, moe_layers=[0, 1])
+    tokens = [TokenRouting(seq=0, pos=p, phase="decode",
+                           layers={l: LayerRouting([(p + l) % num_experts, (p + l + 3) % num_experts], [0.7, 0.3])
+                                   for l in (0, 1)}) for p in range(5)]
+    return RoutingTrace(header, tokens)
+
+
+def test_replay_routes_by_the_trace_cycling_and_mapping_layers() -> None:
+    routing = TraceRouting(_trace(), moe_layers=(1, 2, 3), num_experts=8)
+    assert routing.layer_map == {1: 0, 2: 1, 3: 0}
+    seen = []
+
+    class Spy:
+        def run(self, layer, x, ids, w):
+            seen.append((layer, ids.tolist(), w.tolist()))
+            return torch.zeros_like(x)
+
+    replay = ReplayExecutor(Spy(), routing)
+    replay.run(1, torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+    replay.run(2, torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))
+    replay.run(1, torch.zeros(3, 4), torch.zeros(3, 2, dtype=torch.long), torch.zeros(3, 2))  # wraps at 5
+    assert seen[0][1] == [[0, 3], [1, 4], [2, 5]] and seen[0][2][0] == pytest.approx([0.7, 0.3])
+    assert seen[1][1] == [[1, 4], [2, 5], [3, 6]]
+    assert seen[2][1] == [[3, 6], [4, 7], [0, 3]]
+    assert routing.frequency()[(1, 3)] == 2.0 and routing.frequency()[(1, 0)] == 1.0
+
+
+def test_replay_rejects_experts_the_model_lacks() -> None:
+    from hybrimoe.errors import TraceError
+    with pytest.raises(TraceError, match="expert"):
+        TraceRouting(_trace(num_experts=8), moe_layers=(1,), num_experts=4)
+
+
+def test_runtime_with_replayed_trace_matches_reference_with_same_routing(tmp_path) -> None:
+    model = tiny("mixtral", top_k=2)
+    path = tmp_path / "t.jsonl"
+    _trace().save(path)
+    routing = TraceRouting.load(path, model.config.moe_layers, model.config.num_experts)
+    for block in model.moe_blocks.values():
+        block.executor = ReplayExecutor(block.executor, routing)
+    kv = model.new_kv_cache(16)
+    expected = model(torch.tensor([1, 2, 3, 4]), 0, kv)
+    model.set_executor(ReferenceExecutor(model.expert_store))
+    runtime = install_runtime(model, RuntimeOptions(policy="hybrimoe", cache_ratio=0.25, cpu_threads=1,
+                                                    replay_trace=str(path)), costs=COSTS)
+    try:
+        got = model(torch.tensor([1, 2, 3, 4]), 0, model.new_kv_cache(16))
+        assert runtime.replay is not None and runtime.stats()["cache"]["misses"] > 0
+    finally:
+        runtime.close()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_options_and_flags() -> None:
+    assert parse_bytes("12GB") == 12 * 10**9 and parse_bytes("2GiB") == 2 * 1024**3 and parse_bytes(4096) == 4096
+    for bad in ("12 parsecs", "-1", "GB"):
+        with pytest.raises(ConfigError):
+            parse_bytes(bad)
+    with pytest.raises(ConfigError, match="known"):
+        RuntimeOptions.from_kwargs(policy="nope")
+    with pytest.raises(ConfigError, match="at most one"):
+        RuntimeOptions(cache_ratio=0.5, expert_cache_bytes=10)
+    with pytest.raises(ConfigError, match="between 0 and 1"):
+        RuntimeOptions(cache_ratio=1.5)
+    with pytest.raises(ConfigError, match="unknown runtime option"):
+        RuntimeOptions.from_kwargs(cache_size=3)
+    parser = argparse.ArgumentParser()
+    add_runtime_arguments(parser)
+    args = parser.parse_args(["--policy", "gpu-lru", "--expert-cache", "1.5GiB", "--per-layer-cache",
+                              "--cpu-threads", "3", "--dummy-weights", "deepseek-v2-lite"])
+    options = runtime_options_from_args(args)
+    assert (options.policy, options.expert_cache_bytes, options.per_layer_cache, options.cpu_threads) == \
+        ("gpu-lru", int(1.5 * 1024**3), True, 3)
+    assert options.dummy_weights == "deepseek-v2-lite"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--expert-cache", "1GB", "--cache-ratio", "0.5"])
