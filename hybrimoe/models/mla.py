@@ -129,10 +129,8 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(n, self.nope_dim + self.v_dim, self.kv_lora_rank)  # [N, D+V, L]
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim :]  # [N, D, L], [N, V, L]
         q_latent = torch.matmul(q_nope, w_uk)  # [N, T, L]
-        scores = torch.matmul(q_latent, latent.t()) + torch.matmul(
-            q_rope, k_rope.transpose(1, 2)
-        )  # [N, T, S]
-        scores = scores * self.scale
+        scores = torch.matmul(q_latent, latent.t())  # [N, T, S]
+        scores = (scores + torch.matmul(q_rope, k_rope.transpose(1, 2))) * self.scale
         if t > 1:  # query i sits at cache row s - t + i and sees rows 0..s - t + i
             rows = torch.arange(s, device=latent.device)
             scores = scores.masked_fill(rows[None, :] > rows[s - t :, None], float("-inf"))
