@@ -1,5 +1,5 @@
-"""DeepSeek parts against transformers: MLA + YaRN attention (prefill, then decode through the KV cache)
-and the three router variants, on random weights in float32."""
+"""DeepSeek attention against transformers: MLA + YaRN (prefill, then decode through the KV cache) on
+random weights in float32, both attention forms. The routers are in test_deepseek_routing.py."""
 
 from __future__ import annotations
 
