@@ -11,6 +11,7 @@ import math
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from hybrimoe.engine.types import GenerationResult
 
@@ -105,7 +106,7 @@ class ServerMetrics:
         with self._lock:
             self.cancelled_requests += 1
 
-    def render(self, engine_stats: dict[str, float], model_name: str) -> str:
+    def render(self, engine_stats: dict[str, Any], model_name: str) -> str:
         """The whole exposition, server metrics first, then the engine's stats."""
         with self._lock:
             lines = [
@@ -147,20 +148,36 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
-def render_engine_stats(stats: dict[str, float]) -> list[str]:
-    """One gauge `hybrimoe_<key>` per numeric stat (bools and non-numbers are skipped)."""
+def render_engine_stats(stats: dict[str, Any]) -> list[str]:
+    """One gauge `hybrimoe_<key>` per numeric stat; nested dicts are flattened with `_`
+    ({"busy_seconds": {"gpu": 1.5}} -> hybrimoe_busy_seconds_gpu) and string values become labels of
+    one `hybrimoe_engine_info` gauge. Other values (bools, lists, None) are skipped."""
+    numbers: dict[str, float] = {}
+    labels: dict[str, str] = {}
+    for key, value in _flatten(stats):
+        name = re.sub(r"[^a-zA-Z0-9_]", "_", key).strip("_")
+        if isinstance(value, str):
+            labels[name if name[:1].isalpha() else "k_" + name] = value
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers.setdefault("hybrimoe_" + name, value)
     lines: list[str] = []
-    seen: set[str] = set()
-    for key in sorted(stats):
-        value = stats[key]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        name = "hybrimoe_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key)).strip("_")
-        if name in seen or name.startswith("hybrimoe_server_"):
-            continue
-        seen.add(name)
-        lines += _scalar(name, "gauge", f"Engine stat {key!s}.", value)
+    if labels:
+        text = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
+        lines += ["# HELP hybrimoe_engine_info Engine settings.", "# TYPE hybrimoe_engine_info gauge",
+                  f"hybrimoe_engine_info{{{text}}} 1"]
+    for name, value in sorted(numbers.items()):
+        if not name.startswith(("hybrimoe_server_", "hybrimoe_engine_info")):
+            lines += _scalar(name, "gauge", "Engine stat.", value)
     return lines
+
+
+def _flatten(stats: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in stats.items():
+        name = f"{prefix}_{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            yield from _flatten(value, name)
+        else:
+            yield name, value
 
 
 def _scalar(name: str, kind: str, help_text: str, value: float) -> list[str]:

@@ -1,0 +1,53 @@
+"""The Prometheus exposition of the server: valid text for any engine stats, histograms cumulative."""
+
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from hybrimoe.engine.types import GenerationResult
+from hybrimoe.server.metrics import ServerMetrics
+
+
+def samples(text: str) -> dict[tuple[str, frozenset], float]:
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def test_nested_and_odd_engine_stats_become_valid_gauges() -> None:
+    stats = {"requests": 2, "decode_seconds": 0.5, "policy": "hybrimoe", "device": "cuda:0",
+             "cache": {"hits": 30, "misses": 10, "hit_rate": 0.75}, "busy_seconds": {"cpu": 1.25, "gpu": 2.0},
+             "bytes copied": 4096, "flag": True, "trace": None, "per_layer": [1, 2], "2nd": "x"}
+    parsed = samples(ServerMetrics().render(stats, 'model "q"'))
+    assert parsed[("hybrimoe_cache_hit_rate", frozenset())] == 0.75
+    assert parsed[("hybrimoe_cache_hits", frozenset())] == 30
+    assert parsed[("hybrimoe_busy_seconds_gpu", frozenset())] == 2.0
+    assert parsed[("hybrimoe_bytes_copied", frozenset())] == 4096
+    assert parsed[("hybrimoe_requests", frozenset())] == 2
+    info = frozenset({"policy": "hybrimoe", "device": "cuda:0", "k_2nd": "x"}.items())
+    assert parsed[("hybrimoe_engine_info", info)] == 1
+    assert parsed[("hybrimoe_server_info", frozenset({"model": 'model "q"'}.items()))] == 1
+    assert not any(name in ("hybrimoe_flag", "hybrimoe_trace", "hybrimoe_per_layer") for name, _ in parsed)
+
+
+def test_token_counters_histograms_and_decode_rate() -> None:
+    metrics = ServerMetrics()
+    for ttft, tokens in ((0.003, 5), (0.2, 9), (70.0, 1)):
+        metrics.started(0.0)
+        metrics.first_token(ttft)
+        metrics.ended(4, tokens, GenerationResult(text="", token_ids=[], prompt_tokens=4, completion_tokens=tokens,
+                                                  finish_reason="length", prefill_seconds=0.1,
+                                                  decode_seconds=0.1 * (tokens - 1),
+                                                  decode_tokens_per_second=10.0 if tokens > 1 else 0.0))
+    metrics.started(0.0)
+    metrics.ended(7, 3, None)  # cancelled after 3 tokens
+    metrics.request_done("/v1/completions", 200, 0.5)
+    parsed = samples(metrics.render({}, "m"))
+    assert parsed[("hybrimoe_server_generation_tokens_total", frozenset())] == 5 + 9 + 1 + 3
+    assert parsed[("hybrimoe_server_prompt_tokens_total", frozenset())] == 4 * 3 + 7
+    assert parsed[("hybrimoe_server_running_requests", frozenset())] == 0
+    assert abs(parsed[("hybrimoe_server_decode_tokens_per_second", frozenset())] - 10.0) < 1e-9
+    bucket = {dict(labels)["le"]: v for (name, labels), v in parsed.items()
+              if name == "hybrimoe_server_time_to_first_token_seconds_bucket"}
+    assert (bucket["0.005"], bucket["0.25"], bucket["60.0"], bucket["+Inf"]) == (1, 2, 2, 3)
+    assert parsed[("hybrimoe_server_requests_total",
+                   frozenset({"endpoint": "/v1/completions", "status": "200"}.items()))] == 1
