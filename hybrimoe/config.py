@@ -41,7 +41,8 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     # --- rotary position embedding
     rope_theta: float = 10000.0
-    rope_scaling: dict[str, Any] | None = None   # None = plain RoPE; else {"rope_type": "yarn", ...}
+    # None = plain RoPE; else {"rope_type": "yarn", "factor": ..., ...} (left out of the hash: a dict)
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False)
     rope_interleave: bool = False                # DeepSeek: rotary pairs are (even, odd) lanes
     # --- attention
     attention: str = "mha"              # "mha" (MHA/GQA) or "mla" (DeepSeek multi-head latent attention)

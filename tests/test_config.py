@@ -125,6 +125,7 @@ def test_rope_parameters_and_rope_scaling_agree() -> None:
     v5 = {k: v for k, v in DEEPSEEK_V3.items() if k not in ("rope_scaling", "rope_theta")}
     v5["rope_parameters"] = {**DEEPSEEK_V3["rope_scaling"], "rope_type": "yarn", "rope_theta": 10000.0}
     assert ModelConfig.from_dict(v5) == hub
+    assert hash(ModelConfig.from_dict(v5)) == hash(hub)          # usable as a dict key
     plain = {**QWEN3_30B, "rope_parameters": {"rope_type": "default", "rope_theta": 5e5}}
     assert ModelConfig.from_dict(plain).rope_theta == 5e5 and ModelConfig.from_dict(plain).rope_scaling is None
 

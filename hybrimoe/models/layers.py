@@ -82,21 +82,22 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
                      sliding_window: int | None = None) -> torch.Tensor:
     """Attention of T new queries over S = cached + new keys (the last T keys are the new tokens).
 
-    q [Hq, T, Dk], k [Hkv, S, Dk], v [Hkv, S, Dv] with Hq a multiple of Hkv (GQA) -> [T, Hq * Dv].
-    Query i (absolute position S - T + i) sees key j iff j <= S - T + i (and S - T + i - j < window).
+    q [Hq, T, Dk], k [Hkv, S, Dk], v [Hkv, S, Dv] with Hq = G * Hkv (GQA: query head h reads kv head
+    h // G) -> [T, Hq * Dv]. Query i (absolute position S - T + i) sees key j iff j <= S - T + i
+    (and S - T + i - j < window). The G query heads of a kv head are stacked as rows, so the cache is
+    read in place instead of being repeated G times.
     """
-    hq, t, _ = q.shape
+    hq, t, dk = q.shape
     hkv, s, _ = k.shape
-    if hq != hkv:
-        k = k.repeat_interleave(hq // hkv, dim=0)
-        v = v.repeat_interleave(hq // hkv, dim=0)
+    g = hq // hkv
     q_pos = torch.arange(s - t, s, device=q.device)[:, None]                   # [T, 1]
     k_pos = torch.arange(s, device=q.device)[None, :]                          # [1, S]
     allowed = k_pos <= q_pos                                                   # [T, S]
     if sliding_window:
         allowed = allowed & (q_pos - k_pos < sliding_window)
-    scores = torch.matmul(q, k.transpose(1, 2)) * scale                        # [Hq, T, S]
-    scores = scores.masked_fill(~allowed, float("-inf"))
+    qg = q.reshape(hkv, g * t, dk)                                             # rows: (group j, token i)
+    scores = torch.matmul(qg, k.transpose(1, 2)) * scale                       # [Hkv, G*T, S]
+    scores = scores.masked_fill(~allowed.repeat(g, 1), float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    out = torch.matmul(probs, v)                                               # [Hq, T, Dv]
-    return out.transpose(0, 1).reshape(t, -1)
+    out = torch.matmul(probs, v)                                               # [Hkv, G*T, Dv]
+    return out.view(hq, t, -1).transpose(0, 1).reshape(t, -1)
