@@ -64,6 +64,7 @@ CASES = [
     ("n-2", "/chat/completions", chat(n=2), 400, "n"),
     ("temperature-out-of-range", "/completions", completion(temperature=5), 400, "temperature"),
     ("top-p-zero", "/completions", completion(top_p=0), 400, "top_p"),
+    ("seed-out-of-range", "/completions", completion(seed=2**70), 400, "seed"),
     ("empty-stop", "/completions", completion(stop=[""]), 400, "stop"),
     ("logprobs", "/chat/completions", chat(logprobs=True), 400, "logprobs"),
     ("tools", "/chat/completions", chat(tools=[{"type": "function", "function": {"name": "f"}}]), 400, "tools"),

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from fastapi import Request
+from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
 from hybrimoe.engine.types import SamplingParams, StreamChunk
@@ -86,8 +87,8 @@ def _build(encode: Callable[[Any], list[int]], req: SamplingFields, max_tokens: 
     def build(engine: Any) -> tuple[list[int], SamplingParams]:
         try:
             ids = encode(engine)
-        except HybrimoeError as exc:
-            raise APIError(400, str(exc), param=prompt_param) from None
+        except (HybrimoeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
+            raise APIError(400, f"cannot build the prompt: {exc}", param=prompt_param) from None
         context = int(engine.max_context)
         if not ids:
             raise APIError(400, "the prompt is empty", param=prompt_param, code="invalid_value")
