@@ -190,3 +190,16 @@ def test_dummy_model_is_seeded_and_finite(tiny_checkpoint) -> None:
     assert torch.isfinite(out).all() and out.std() > 0
     assert torch.equal(out, logits(b))
     assert not torch.equal(out, logits(build_dummy_model(config, "fp32", seed=4)))
+
+
+def test_make_tiny_cli_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
+    from hybrimoe.cli import main
+
+    out = tmp_path / "tiny"
+    assert main(["make-tiny", "--family", "olmoe", "--out", str(out), "--layout", "fused", "--experts", "4",
+                 "--top-k", "1", "--layers", "2", "--hidden", "32", "--seed", "7"]) == 0
+    model = load_model(out, progress=False)
+    assert (model.config.num_experts, model.config.top_k, model.config.num_layers) == (4, 1, 2)
+    assert torch.isfinite(logits(model)).all()
+    assert main(["make-tiny", "--family", "olmoe", "--out", str(tmp_path / "x"), "--hidden", "40"]) == 2
+    assert "multiple of 16" in capsys.readouterr().err
