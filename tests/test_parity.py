@@ -148,3 +148,21 @@ def test_tied_embeddings_match_transformers(tiny_checkpoint) -> None:
     with torch.no_grad():
         want = ref(ids[None]).logits[0]
     assert torch.allclose(model(ids, 0, model.new_kv_cache(PROMPT_LEN)), want, atol=ATOL, rtol=0)
+
+
+def test_deepseek_v3_tiny_routing_depends_on_the_correction_bias(tiny_checkpoint) -> None:
+    """The tiny V3 checkpoint exercises the bias: zeroing it changes which experts some tokens use."""
+    model = load_model(tiny_checkpoint("deepseek-v3"), progress=False)
+    ids = prompt_ids(model.config.vocab_size)
+
+    def chosen() -> list[torch.Tensor]:
+        records: list[RoutingRecord] = []
+        model.routing_observer = lambda layer, rec: records.append(rec)
+        model(ids, 0, model.new_kv_cache(PROMPT_LEN))
+        return [r.expert_ids.sort(-1).values for r in records]
+
+    with_bias = chosen()
+    for block in model.moe_blocks.values():
+        block.gate.e_score_correction_bias.zero_()
+    without = chosen()
+    assert any(not torch.equal(a, b) for a, b in zip(with_bias, without))
