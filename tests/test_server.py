@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
 from server_utils import ServerProcess, run_generate, start_server
 
 FAMILY = "qwen3-moe"
@@ -121,7 +120,7 @@ def test_completion_matches_generate_streaming_and_not(client: openai.OpenAI, mo
 def test_seeded_sampling_matches_generate(client: openai.OpenAI, model: str, model_dir: Path) -> None:
     flags = ("--temperature", "0.9", "--top-p", "0.8", "--seed", "1234", "--max-new-tokens", str(N))
     expected = run_generate(model_dir, TEXT_PROMPT, *flags)
-    kw = dict(max_tokens=N, temperature=0.9, top_p=0.8, seed=1234)
+    kw = {"max_tokens": N, "temperature": 0.9, "top_p": 0.8, "seed": 1234}
     assert client.completions.create(model=model, prompt=TEXT_PROMPT, **kw).choices[0].text == expected["text"]
     assert stream_completion(client, model, TEXT_PROMPT, **kw)[0] == expected["text"]
     other = client.completions.create(model=model, prompt=TEXT_PROMPT, **{**kw, "seed": 99}).choices[0].text

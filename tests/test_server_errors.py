@@ -4,13 +4,12 @@ server keeps serving: after each one a valid request still succeeds."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
-
 from server_utils import ServerProcess, start_server
 
 BODY_LIMIT = 16 * 1024

@@ -14,8 +14,12 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from hybrimoe.cli.generate import add_model_arguments, add_sampling_arguments, engine_from_args, \
-    sampling_params_from_args
+from hybrimoe.cli.generate import (
+    add_model_arguments,
+    add_sampling_arguments,
+    engine_from_args,
+    sampling_params_from_args,
+)
 from hybrimoe.engine.types import SamplingParams
 from hybrimoe.errors import HybrimoeError
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 from hybrimoe.engine.types import GenerationResult
 

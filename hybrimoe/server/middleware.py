@@ -1,15 +1,19 @@
-"""Pure ASGI middleware (no buffering of responses, so streams flow): body size limit, request metrics.
+"""Pure ASGI middleware (responses are not buffered, so streams flow).
 
-`BodyLimitMiddleware` refuses request bodies over a size limit with 413. A declared `Content-Length` over the limit is refused before the body is read; a body without one
-(chunked) is counted as it streams. Requests within the limit get their body buffered and replayed
-to the app, which then reads it as usual.
+`BodyLimitMiddleware` refuses request bodies over a size limit with 413. A declared `Content-Length`
+over the limit is refused before the body is read; a body without one (chunked) is counted as it
+streams. Requests within the limit get their body buffered and replayed to the app, which then
+reads it as usual.
+
+`RequestMetricsMiddleware` counts requests by endpoint and status and times them.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from hybrimoe.server.errors import APIError
 

@@ -12,7 +12,7 @@ import json
 import logging
 import time
 import uuid
-from typing import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
 
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
@@ -20,8 +20,17 @@ from pydantic import BaseModel
 from hybrimoe.engine.types import GenerationResult
 from hybrimoe.server.errors import APIError
 from hybrimoe.server.jobs import ClientGone, RunningJob
-from hybrimoe.server.schemas import (ChatChoice, ChatChunkChoice, ChatCompletion, ChatCompletionChunk, ChatDelta,
-                                     ChatMessageOut, Completion, CompletionChoice, Usage)
+from hybrimoe.server.schemas import (
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatDelta,
+    ChatMessageOut,
+    Completion,
+    CompletionChoice,
+    Usage,
+)
 
 log = logging.getLogger(__name__)
 

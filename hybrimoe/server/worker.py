@@ -14,8 +14,9 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
 from hybrimoe.server.metrics import ServerMetrics
