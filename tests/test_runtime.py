@@ -14,6 +14,7 @@ from hybrimoe.config import ModelConfig
 from hybrimoe.errors import BudgetError, ConfigError
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.moe.budget import dense_bytes, plan_budget
+from hybrimoe.moe.devices import Devices, HostTimer
 from hybrimoe.moe.install import check_budget_before_load, install_runtime
 from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.moe.replay import ReplayExecutor, TraceRouting
@@ -238,3 +239,49 @@ def test_options_and_flags() -> None:
     assert options.dummy_weights == "deepseek-v2-lite"
     with pytest.raises(SystemExit):
         parser.parse_args(["--expert-cache", "1GB", "--cache-ratio", "0.5"])
+
+
+class EventDevices(Devices):
+    """CPU fallback whose copies return event tokens, so the stream discipline of the CUDA path can be
+    checked here: the main stream must wait for an expert's copy before reading its slot."""
+
+    def __init__(self) -> None:
+        super().__init__(torch.device("cpu"), None, HostTimer(), HostTimer())
+        self.waited: set[int] = set()
+
+    def record_copy(self):
+        return object()
+
+    def main_waits(self, event) -> None:
+        if event is not None:
+            self.waited.add(id(event))
+
+
+@pytest.mark.parametrize("policy", ["gpu-lru", "hybrimoe", "hybrimoe-cache-only"])
+def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
+    model = tiny()
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=0.25, cpu_threads=1), costs=COSTS)
+    devices = EventDevices()
+    runtime.devices = runtime.cache.devices = devices
+    cache = runtime.cache
+    last_copy: dict = {}
+    reads = {"checked": 0}
+    copy_into_slot, weights = cache.copy_into_slot, cache.weights
+
+    def recording_copy(key, slot):
+        event = copy_into_slot(key, slot)
+        last_copy[key] = event
+        return event
+
+    def checked_weights(key):
+        if key in last_copy:
+            assert id(last_copy[key]) in devices.waited, f"slot of {key} read before its copy event was waited for"
+            reads["checked"] += 1
+        return weights(key)
+
+    cache.copy_into_slot, cache.weights = recording_copy, checked_weights
+    try:
+        _run_steps(model, steps=8)
+    finally:
+        runtime.close()
+    assert reads["checked"] > 0 and last_copy

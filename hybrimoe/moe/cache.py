@@ -59,6 +59,7 @@ class GpuExpertCache:
         self._staging_release: list[Any] = []  # main-stream event after the last use, per buffer
         self._next_staging = 0
         self.layers: dict[int, LayerCounters] = {layer: LayerCounters() for layer in store.layers}
+        self._pending: dict[ExpertKey, Any] = {}  # copy-done event of a slot not yet waited for by the main stream
         self.freeze_admitted = False  # static policy: every admitted expert joins the never-evicted hot set
         log.info("expert cache: %d slots x %.1f MB on %s (%s)", self.num_slots, store.expert_nbytes / 1e6,
                  devices.compute, "per layer" if state.layer_capacity is not None else "global")
@@ -110,6 +111,7 @@ class GpuExpertCache:
         if victim is not None:
             assert victim not in self.state, f"CacheState evicted another expert than {victim}"
             self._free.append(self._slot_of.pop(victim))
+            self._pending.pop(victim, None)
         else:
             assert len(self._slot_of) == len(self.state) - 1, "accounting and slots disagree"
         assert self._free, f"no free slot for {key}: {len(self._slot_of)} of {self.num_slots} used"
@@ -122,6 +124,20 @@ class GpuExpertCache:
         counters.bytes_copied += self.store.expert_nbytes
         self.check()
         return self.pool[slot]
+
+    def copy_into_slot(self, key: ExpertKey, slot: torch.Tensor) -> Any:
+        """Issue the host->slot copy of `key` (call inside `devices.copy_context()`); returns the copy-done
+        event, which the main stream must wait for before reading the slot (see `take_pending`)."""
+        slot.copy_(self.store.buffer(*key), non_blocking=True)
+        event = self.devices.record_copy()
+        if event is not None:
+            self._pending[key] = event
+        return event
+
+    def take_pending(self, key: ExpertKey) -> Any:
+        """The copy event of `key` not yet waited for (None if none): a slot filled in an earlier layer
+        (fill_misses, prefetch) may still be in flight when the expert is next used from the cache."""
+        return self._pending.pop(key, None)
 
     def staging_buffer(self, layer: int) -> torch.Tensor:
         """A transient buffer [3*I*H] for an expert the cache does not keep. The copy stream waits

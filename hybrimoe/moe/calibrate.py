@@ -26,20 +26,23 @@ log = logging.getLogger(__name__)
 
 
 def _timed(fn: Callable[[], Any], devices: Devices | None, repeats: int) -> float:
-    """Mean seconds of fn() over `repeats` runs after one warm-up (synchronising CUDA around it)."""
+    """Fastest seconds of fn() over `repeats` runs after one warm-up (synchronising CUDA around each):
+    the minimum is the least disturbed by other processes."""
     fn()
-    if devices is not None:
-        devices.synchronize()
-    start = time.perf_counter()
+    best = float("inf")
     for _ in range(repeats):
+        if devices is not None:
+            devices.synchronize()
+        start = time.perf_counter()
         fn()
-    if devices is not None:
-        devices.synchronize()
-    return (time.perf_counter() - start) / repeats
+        if devices is not None:
+            devices.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def calibrate_costs(store: ExpertStore, devices: Devices, worker: Any, tokens: int = 32,
-                    repeats: int = 3) -> LinearCosts:
+                    repeats: int = 5) -> LinearCosts:
     layer = store.layers[0]
     host = store.weights(layer, 0)
     device_buffer = store.buffer(layer, 0).to(devices.compute)

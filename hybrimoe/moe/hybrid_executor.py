@@ -67,7 +67,6 @@ class HybridExecutor:
         rt, dev, cache, store = self.rt, self.rt.devices, self.rt.cache, self.rt.store
         protect = {(layer, e) for e in groups}
         dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
-        ready: dict[int, Any] = {}  # copied expert -> copy-done event (None off CUDA)
         staged: set[int] = set()  # copied experts the cache does not keep
         with dev.copy_context():
             dev.copy_timer.start()
@@ -76,8 +75,7 @@ class HybridExecutor:
                 if slot is None:
                     staged.add(e)
                     continue
-                slot.copy_(store.buffer(layer, e), non_blocking=True)
-                ready[e] = dev.record_copy()
+                cache.copy_into_slot((layer, e), slot)  # the cache keeps its event for the GPU compute
             dev.copy_timer.stop()
 
         future = None
@@ -88,15 +86,14 @@ class HybridExecutor:
 
         out = torch.zeros_like(x)  # [T, H]
         if plan.gpu_order:
-            self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, ready, staged)
+            self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
         rt.after_layer(layer, x, plan, protect)  # fill_misses and prefetch copies, in link idle time
         if future is not None:
             out += future.result().to(out.device)
         return out
 
     def _gpu_part(self, layer: int, x: torch.Tensor, out: torch.Tensor, groups: dict[int, torch.Tensor],
-                  w_host: torch.Tensor, k: int, order: tuple[int, ...], ready: dict[int, Any],
-                  staged: set[int]) -> None:
+                  w_host: torch.Tensor, k: int, order: tuple[int, ...], staged: set[int]) -> None:
         """Main stream: experts in `order` from cache slots (or staging buffers), accumulated into out."""
         dev, cache, store = self.rt.devices, self.rt.cache, self.rt.store
         flat = torch.cat([groups[e] for e in order])  # [N] flat indices of all GPU assignments
@@ -123,9 +120,10 @@ class HybridExecutor:
                 _accumulate(out, x, tokens, w, weights.gate, weights.up, weights.down)
                 cache.release_staging(buffer)
                 continue
-            if ready.get(e) is not None:
+            event = cache.take_pending((layer, e))  # this layer's copy, or an earlier fill/prefetch copy
+            if event is not None:
                 timer.stop()
-                dev.main_waits(ready[e])
+                dev.main_waits(event)
                 timer.start()
             weights = cache.weights((layer, e))
             _accumulate(out, x, tokens, w, weights.gate, weights.up, weights.down)

@@ -145,7 +145,7 @@ class HybridRuntime:
             for key in keys:
                 slot = self.cache.admit(key[0], key[1], protect, by_value=True)
                 if slot is not None:
-                    slot.copy_(self.store.buffer(*key), non_blocking=True)
+                    self.cache.copy_into_slot(key, slot)  # its event is waited for at the expert's next use
             dev.copy_timer.stop()
 
     # -- results ----------------------------------------------------------------------------------
