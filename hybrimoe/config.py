@@ -127,6 +127,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Checks relations between fields; raises ConfigError naming the first violated one."""
+        for name in ("num_layers", "hidden_size", "vocab_size", "num_attention_heads", "num_experts",
+                     "moe_intermediate_size", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.num_attention_heads % max(self.num_kv_heads, 1):
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_kv_heads}")
@@ -154,7 +158,10 @@ def _get(d: dict[str, Any], key: str, default: Any = None) -> Any:
 
 
 def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
-    value = d.get(key, default)
+    """d[key] as an int; `default` when absent or null; ConfigError when neither."""
+    value = d.get(key)
+    if value is None:
+        value = default
     if value is None:
         raise ConfigError(f"config.json lacks {key!r}")
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:

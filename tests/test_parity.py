@@ -166,3 +166,15 @@ def test_deepseek_v3_tiny_routing_depends_on_the_correction_bias(tiny_checkpoint
         block.gate.e_score_correction_bias.zero_()
     without = chosen()
     assert any(not torch.equal(a, b) for a, b in zip(with_bias, without))
+
+
+def test_qwen3_with_yarn_rope_scaling_matches_transformers(tiny_checkpoint) -> None:
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 128}
+    path = tiny_checkpoint("qwen3-moe", overrides={"rope_parameters": yarn})
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = load_model(path, progress=False)
+    assert model.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    ids = prompt_ids(model.config.vocab_size)
+    with torch.no_grad():
+        want = ref(ids[None]).logits[0]
+    assert torch.allclose(model(ids, 0, model.new_kv_cache(PROMPT_LEN)), want, atol=ATOL, rtol=0)
