@@ -103,6 +103,11 @@ def test_chat_matches_generate_streaming_and_not(client: openai.OpenAI, model: s
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected["completion_tokens"]
     assert all(c.usage is None for c in chunks[:-1])
 
+    parts = [{"type": "text", "text": CHAT_PROMPT[:10]}, {"type": "text", "text": CHAT_PROMPT[10:]}]
+    from_parts = client.chat.completions.create(model=model, messages=[{"role": "user", "content": parts}],
+                                                max_tokens=N, temperature=0)
+    assert from_parts.choices[0].message.content == expected["text"]
+
 
 def test_completion_matches_generate_streaming_and_not(client: openai.OpenAI, model: str, model_dir: Path) -> None:
     expected = run_generate(model_dir, TEXT_PROMPT, "--temperature", "0", "--max-new-tokens", str(N))

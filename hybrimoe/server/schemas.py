@@ -34,6 +34,14 @@ class ChatMessage(Request):
             raise ValueError(f"unsupported role {role!r}; accepted: {', '.join(CHAT_ROLES)}")
         return role
 
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, content: object) -> object:
+        for part in content if isinstance(content, list) else []:
+            if isinstance(part, dict) and part.get("type") != "text":
+                raise ValueError(f"content parts of type {part.get('type')!r} are not supported; only 'text'")
+        return content
+
     def as_template_message(self) -> dict[str, str]:
         """{"role", "content"} for the chat template ("developer" is OpenAI's new name for system)."""
         content = self.content if isinstance(self.content, str) else \
