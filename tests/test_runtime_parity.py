@@ -117,3 +117,10 @@ def test_the_matrix_exercises_cpu_gpu_copies_and_staging() -> None:
     assert hybrid["cache"]["inserts"] > 0
     staged = check_parity("deepseek-v2", "gpu-lru", 0.0, False)
     assert staged["cache"]["staged"] > 0 and staged["busy_seconds"]["cpu"] == 0.0
+
+
+def test_prefetch_and_fill_copies_keep_parity_and_happen() -> None:
+    prefetch = check_parity("deepseek-v2", "hybrimoe-prefetch-only", 0.25, False)
+    assert prefetch["extra_copies"]["prefetch"] > 0 and "gates" in prefetch["prefetch"]
+    fill = check_parity("deepseek-v2", "hybrimoe-cache-only", 0.5, True)
+    assert fill["extra_copies"]["fill_misses"] > 0

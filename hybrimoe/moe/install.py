@@ -19,6 +19,7 @@ from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, pla
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
 from hybrimoe.moe.devices import Devices
+from hybrimoe.moe.lookahead import Lookahead
 from hybrimoe.moe.replay import TraceRouting, install_replay
 from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
 from hybrimoe.moe.store import ExpertStore
@@ -132,8 +133,7 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
         install_replay(model, routing, runtime)
         runtime.replay = routing
     if preset.prefetch != "none":
-        log.info("preset %s asks for %s prefetching; the runtime does not prefetch yet (copies on demand only)",
-                 preset.name, preset.prefetch)
+        runtime.prefetcher = Lookahead(model, preset.prefetch)
     log.info("hybrid runtime: policy %s on %s, %s, cpu worker %d threads", preset.name, device,
              budget.describe(), worker.thread_count)
     return runtime

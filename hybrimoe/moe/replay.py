@@ -77,6 +77,11 @@ class TraceRouting:
         scores = self.scores[layer]
         return self.ids[layer][index], self.weights[layer][index], None if scores is None else scores[index]
 
+    def peek(self, layer: int, tokens: int) -> torch.Tensor:
+        """Expert ids [T, K] the next call of `layer` will get (the cursor does not move)."""
+        index = (torch.arange(tokens) + self._cursor[layer]) % self.num_tokens
+        return self.ids[layer][index]
+
     def rewind(self) -> None:
         self._cursor = {layer: 0 for layer in self._cursor}
 

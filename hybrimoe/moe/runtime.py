@@ -126,26 +126,27 @@ class HybridRuntime:
 
     def after_layer(self, layer: int, x: torch.Tensor, plan: Plan, protect: set[tuple[int, int]]) -> None:
         """Optional copies after the layer's own work is issued: CPU-computed misses the policy values
-        above their victim (preset.fill_misses), then prefetches. They only use slots (never staging)."""
-        keys: list[tuple[int, int]] = []
-        if self.preset.fill_misses:
-            state = self.cache.state
-            keys += [(layer, e) for e in plan.cpu_order
-                     if (layer, e) not in state and state.can_insert((layer, e), protect, by_value=True)]
-            self.extra_copies["fill_misses"] += len(keys)
-        if self.prefetcher is not None:
-            fetched = self.prefetcher(self, layer, x, plan, protect)
-            self.extra_copies["prefetch"] += len(fetched)
-            keys += fetched
-        if not keys:
+        above their victim (preset.fill_misses), then prefetches. They only use slots (never staging);
+        their events are waited for at the experts' next use."""
+        state, dev = self.cache.state, self.devices
+        fill = [(layer, e) for e in plan.cpu_order if (layer, e) not in state] if self.preset.fill_misses else []
+        fetch, keep = self.prefetcher(self, layer, x, plan, protect) if self.prefetcher is not None else ([], set())
+        if not fill and not fetch:
             return
-        dev = self.devices
         with dev.copy_context():
             dev.copy_timer.start()
-            for key in keys:
+            for key in fill:
                 slot = self.cache.admit(key[0], key[1], protect, by_value=True)
                 if slot is not None:
-                    self.cache.copy_into_slot(key, slot)  # its event is waited for at the expert's next use
+                    self.cache.copy_into_slot(key, slot)
+                    self.extra_copies["fill_misses"] += 1
+            taken: set[tuple[int, int]] = set()
+            for key in fetch:
+                slot = self.cache.admit(key[0], key[1], protect | keep | taken)
+                if slot is not None:
+                    self.cache.copy_into_slot(key, slot)
+                    self.extra_copies["prefetch"] += 1
+                    taken.add(key)
             dev.copy_timer.stop()
 
     # -- results ----------------------------------------------------------------------------------
@@ -154,7 +155,8 @@ class HybridRuntime:
         return {"policy": self.preset.name, "device": str(self.devices.compute), "cpu_threads": self.worker.threads,
                 "cache": self.cache.counters(), "busy_seconds": self.devices.busy_seconds(),
                 "predicted_seconds": dict(self.predicted), "layer_calls": dict(self.layer_calls),
-                "extra_copies": dict(self.extra_copies)}
+                "extra_copies": dict(self.extra_copies),
+                "prefetch": self.prefetcher.describe(self) if self.prefetcher is not None else "none"}
 
     def reset_stats(self) -> None:
         """Zero timers and predicted sums (cache counters are cumulative: see cache.counters())."""
