@@ -285,3 +285,42 @@ def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
     finally:
         runtime.close()
     assert reads["checked"] > 0 and last_copy
+
+
+def test_load_with_runtime_checks_the_budget_before_reading_weights(tiny_checkpoint, monkeypatch) -> None:
+    import hybrimoe.loader as loader
+    from hybrimoe.moe.install import load_with_runtime
+
+    path = tiny_checkpoint("qwen2-moe")
+    reference = loader.load_model(path, dtype="fp32", progress=False)
+    ids = torch.tensor([4, 8, 15, 16, 23, 42])
+    expected = reference(ids, 0, reference.new_kv_cache(8))
+    model, runtime = load_with_runtime(str(path), "fp32", RuntimeOptions(policy="hybrimoe", cache_ratio=0.5,
+                                                                          cpu_threads=1), progress=False)
+    try:
+        got = model(ids, 0, model.new_kv_cache(8))
+    finally:
+        runtime.close()
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("weights were read before the budget check")
+
+    monkeypatch.setattr(loader, "load_model", no_loading)
+    with pytest.raises(BudgetError, match="dense part"):
+        load_with_runtime(str(path), "fp32", RuntimeOptions(gpu_memory_bytes=1000), progress=False)
+
+
+def test_dummy_weights_from_a_config_json(tmp_path) -> None:
+    from hybrimoe.moe.install import load_with_runtime
+
+    config = tmp_path / "config.json"
+    config.write_text(tiny_config("olmoe", 128, [0], layers=2, experts=4, top_k=2, hidden=32).to_json_string())
+    model, runtime = load_with_runtime(None, "fp32", RuntimeOptions(policy="gpu-lru", cache_ratio=0.25,
+                                                                    dummy_weights=str(config), cpu_threads=1))
+    try:
+        logits = model(torch.tensor([1, 2, 3]), 0, model.new_kv_cache(4))
+        assert logits.shape == (3, 128) and torch.isfinite(logits).all()
+        assert runtime.stats()["cache"]["slots"] == 2
+    finally:
+        runtime.close()

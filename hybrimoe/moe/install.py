@@ -5,6 +5,7 @@ Steps (each a function here, so the Engine can call the pre-load check on its ow
   load_dummy_model(options, dtype)                   --dummy-weights: random weights for a config.json
   install_runtime(model, options)                    pin store, slots, cache content, worker, costs,
                                                      executors (and --replay-trace routing)
+  load_with_runtime(model_dir, dtype, options)       all of the above in order (what the Engine calls)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 
 from hybrimoe.config import ModelConfig
+from hybrimoe.errors import ConfigError
 from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, plan_budget
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
@@ -54,6 +56,25 @@ def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16")
     check_budget_before_load(config, parse_dtype(dtype), options)
     pin = options.pin_memory if options.pin_memory is not None else options.resolved_device().startswith("cuda")
     return build_dummy_model(config, dtype, seed=options.seed, pin_memory=pin)
+
+
+def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions,
+                      progress: bool = True) -> tuple[Any, HybridRuntime]:
+    """Budget check (before any weight is read) -> checkpoint (or --dummy-weights) with the expert store
+    pinned on CUDA -> dense part on the device -> runtime installed. Returns (model, runtime)."""
+    from hybrimoe.loader import load_model, parse_dtype
+
+    device = options.resolved_device()
+    options = options.with_changes(device=device)
+    if options.dummy_weights is not None:
+        model = load_dummy_model(options, dtype).to(device)
+    else:
+        if model_dir is None:
+            raise ConfigError("give a model directory or --dummy-weights CONFIG_JSON")
+        check_budget_before_load(ModelConfig.from_pretrained(model_dir), parse_dtype(dtype), options)
+        pin = options.pin_memory if options.pin_memory is not None else device.startswith("cuda")
+        model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin)
+    return model, install_runtime(model, options)
 
 
 def _config_from_file(path: str) -> ModelConfig:
