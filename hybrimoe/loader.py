@@ -107,6 +107,8 @@ def checkpoint_files(model_dir: str) -> list[str]:
             if not os.path.isfile(os.path.join(model_dir, name)):
                 raise CheckpointError(f"{INDEX_FILE} names shard {name!r}, which is missing from {model_dir}")
         return [os.path.join(model_dir, name) for name in files]
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):   # ignore e.g. consolidated.safetensors
+        return [os.path.join(model_dir, "model.safetensors")]
     files = sorted(n for n in os.listdir(model_dir) if n.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"no *.safetensors file in {model_dir}")

@@ -165,6 +165,12 @@ def test_index_naming_a_missing_shard(tiny_checkpoint, tmp_path) -> None:
         load_model(tmp_path / "m")
 
 
+def test_model_safetensors_wins_over_stray_files(mixtral, tmp_path) -> None:
+    shutil.copytree(mixtral, tmp_path / "m")
+    save_file({"output.weight": torch.ones(2)}, tmp_path / "m" / "consolidated.safetensors")
+    assert torch.equal(logits(load_model(tmp_path / "m", progress=False)), logits(load_model(mixtral, progress=False)))
+
+
 @pytest.mark.parametrize("damage", ["truncated", "garbage"])
 def test_corrupt_safetensors(mixtral, tmp_path, damage: str) -> None:
     shutil.copytree(mixtral, tmp_path / "m")
