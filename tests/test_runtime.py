@@ -324,3 +324,28 @@ def test_dummy_weights_from_a_config_json(tmp_path) -> None:
         assert runtime.stats()["cache"]["slots"] == 2
     finally:
         runtime.close()
+
+
+def test_mrs_fed_top_p_pairs_equals_mrs_fed_full_scores() -> None:
+    """The runtime hands MRS the p best (expert, score) pairs per token (torch.topk) instead of all E
+    scores; the priorities must be exactly those of the full-score update."""
+    from hybrimoe.policy.cache_policy import MRSPolicy
+
+    model = tiny()
+    runtime = install_runtime(model, RuntimeOptions(policy="hybrimoe", cache_ratio=0.25, cpu_threads=1), costs=COSTS)
+    full = MRSPolicy(top_k=model.config.top_k)
+    gen = torch.Generator().manual_seed(3)
+    try:
+        for _ in range(20):
+            scores = torch.softmax(torch.randn(3, model.config.num_experts, generator=gen), dim=-1)  # [T, E]
+            ids = torch.topk(scores, model.config.top_k, dim=-1).indices
+            runtime.set_scores(1, scores)
+            runtime.observe_routing(1, ids, torch.ones_like(scores[:, :model.config.top_k]))
+            for row, selected in zip(scores.tolist(), ids.tolist()):
+                full.observe(1, row, selected)
+        policy = runtime.cache.state.policy
+        assert [policy.priority(1, e) for e in range(8)] == pytest.approx([full.priority(1, e) for e in range(8)],
+                                                                          rel=1e-12, abs=0)
+        assert max(full.priority(1, e) for e in range(8)) > 0
+    finally:
+        runtime.close()

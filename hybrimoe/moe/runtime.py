@@ -107,8 +107,15 @@ class HybridRuntime:
     def observe_routing(self, layer: int, ids: torch.Tensor, weights: torch.Tensor) -> None:
         """Feeds the cache policy once per token: scores (when known), selected experts, weights."""
         scores = self._scores.pop(layer, None)
-        score_rows = scores.to("cpu", torch.float32).tolist() if scores is not None else None
         policy = self.cache.state.policy
+        if scores is not None and getattr(policy, "name", "") == "mrs":
+            # MRS keeps only TopP(s), p = policy.p: hand it the p best (expert, score) pairs per token,
+            # found by torch.topk, instead of E scores it would sort in Python (same update, O(p) per token).
+            top_scores, top_ids = torch.topk(scores.to(torch.float32), min(policy.p, scores.shape[-1]), dim=-1)
+            for selected, s in zip(top_ids.tolist(), top_scores.tolist()):
+                policy.observe(layer, None, selected, s)
+            return
+        score_rows = scores.to("cpu", torch.float32).tolist() if scores is not None else None
         for t, (selected, w) in enumerate(zip(ids.tolist(), weights.tolist())):
             policy.observe(layer, score_rows[t] if score_rows is not None else None, selected, w)
 
