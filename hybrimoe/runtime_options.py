@@ -76,6 +76,7 @@ class RuntimeOptions:
     replay_trace: str | None = None  # routing trace the routers follow instead of their gates
     cost_profile: str | None = None  # CostModel profile name or path for the scheduler; None = default
     seed: int = 0  # seed of dummy weights
+    prefetch_depth: int = 3  # MoE layers ahead the prefetcher predicts (presets with prefetch only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -91,6 +92,8 @@ class RuntimeOptions:
             raise ConfigError(f"cache_ratio must be a fraction between 0 and 1, got {self.cache_ratio!r}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise ConfigError(f"cpu_threads must be an integer >= 1, got {self.cpu_threads!r}")
+        if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
+            raise ConfigError(f"prefetch_depth must be an integer >= 1 layer, got {self.prefetch_depth!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.replay_trace is not None and not os.path.isfile(self.replay_trace):

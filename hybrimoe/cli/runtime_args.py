@@ -11,7 +11,7 @@ import argparse
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 
 RUNTIME_DESTS = ("policy", "expert_cache", "cache_ratio", "gpu_memory", "per_layer_cache", "cpu_threads",
-                 "no_pin_memory", "dummy_weights", "replay_trace", "cost_profile", "dummy_seed")
+                 "no_pin_memory", "dummy_weights", "replay_trace", "cost_profile", "dummy_seed", "prefetch_depth")
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,6 +38,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="routers follow this recorded routing trace (cycling) instead of their gates")
     group.add_argument("--cost-profile", metavar="NAME_OR_PATH",
                        help="cost-model profile the scheduler plans with (default: the built-in one)")
+    group.add_argument("--prefetch-depth", type=int, default=3, metavar="N",
+                       help="MoE layers ahead that prefetching presets predict (default 3, as the paper)")
     group.add_argument("--dummy-seed", type=int, default=0, help="seed of --dummy-weights (default 0)")
 
 
@@ -56,4 +58,5 @@ def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         replay_trace=args.replay_trace,
         cost_profile=args.cost_profile,
         seed=args.dummy_seed,
+        prefetch_depth=args.prefetch_depth,
     ).validated()

@@ -47,6 +47,7 @@ class HybridExecutor:
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], expert_ids [T, K], weights [T, K] -> [T, H] on x's device."""
         rt = self.rt
+        rt.layer_started(layer)
         k = expert_ids.shape[1]
         ids_host = expert_ids.to("cpu")  # [T, K]; synchronises: the plan needs the counts
         w_host = weights.to("cpu", torch.float32).reshape(-1)  # [T*K]
@@ -61,6 +62,7 @@ class HybridExecutor:
             return self._execute(layer, x, groups, w_host, k, plan)
         finally:
             rt.cache.end_layer()
+            rt.layer_finished(layer)
 
     def _execute(self, layer: int, x: torch.Tensor, groups: dict[int, torch.Tensor], w_host: torch.Tensor,
                  k: int, plan: Any) -> torch.Tensor:

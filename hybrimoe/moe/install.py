@@ -154,7 +154,7 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
         install_replay(model, routing, runtime)
         runtime.replay = routing
     if preset.prefetch != "none":
-        runtime.prefetcher = Lookahead(model, preset.prefetch)
+        runtime.prefetcher = Lookahead(model, preset.prefetch, options.prefetch_depth)
     log.info("hybrid runtime: policy %s on %s, %s, cpu worker %d threads", preset.name, device,
              budget.describe(), worker.thread_count)
     return runtime

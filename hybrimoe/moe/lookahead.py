@@ -7,9 +7,10 @@ Prediction, for the MoE layers after the current one (up to `depth`):
          their choice on their own input; counts per expert over the T tokens
   trace  (--replay-trace) the trace's routing of the same tokens at those layers: exact, an oracle;
          reported as such in `stats()["prefetch_prediction"]`
-The link idle time offered to the prefetcher is the layer's plan: makespan - copy finish (seconds the
-copy link would idle while this layer computes); the on-demand copies were issued before, so a
-prefetch never delays them.
+The link idle time offered to the prefetcher: (this layer's plan makespan - its copy finish) + the
+measured time of the dense part before the next MoE layer (attention etc.; an EMA kept by the runtime).
+When that window cannot hold one copy, nothing is predicted (no gate work, no planning: decode steps
+stay cheap). On-demand copies were issued before, so a prefetch never delays them.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ class Lookahead:
     """Callable for `HybridRuntime.prefetcher`: (runtime, layer, x, plan, protect) -> keys to copy now."""
 
     def __init__(self, model: Any, prefetcher_name: str, depth: int = 3) -> None:
+        assert depth >= 1, depth
         self.model = model
         self.prefetcher = get_prefetcher(prefetcher_name)
         self.depth = depth
@@ -52,10 +54,13 @@ class Lookahead:
     def __call__(self, runtime: Any, layer: int, x: torch.Tensor, plan: Plan,
                  protect: set[ExpertKey]) -> tuple[list[ExpertKey], set[ExpertKey]]:
         """(keys to copy now in order, keys their admission must not evict: the predicted cached ones)."""
-        predicted = self.predict(runtime, layer, x)
-        if not predicted:
+        future = self.future.get(layer, [])
+        if not future:
             return [], set()
-        idle = max(0.0, plan.makespan - plan.copy_finish)  # seconds the link would idle in this layer
+        idle = max(0.0, plan.makespan - plan.copy_finish) + runtime.dense_gap.get(future[0], 0.0)  # seconds
+        if idle < runtime.costs(future[0]).copy():
+            return [], set()
+        predicted = self.predict(runtime, layer, x)
         scheduler = runtime.schedulers["prefill" if x.shape[0] > 1 else "decode"]
         state = runtime.cache.state
         keys = self.prefetcher.step(layer, predicted, state, idle, runtime.costs, scheduler, set(protect))

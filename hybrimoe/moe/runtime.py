@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
-import threading
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
@@ -84,7 +84,8 @@ class HybridRuntime:
         self.schedulers = {"prefill": get_scheduler(preset.prefill), "decode": get_scheduler(preset.decode)}
         self.executor = HybridExecutor(self)
         self._scores: dict[int, torch.Tensor | None] = {}  # layer -> router scores [T, E] of the pending call
-        self._lock = threading.Lock()
+        self.dense_gap: dict[int, float] = {}  # layer -> seconds from the previous MoE layer's end to this one's
+        self._last_end: tuple[int, float] | None = None  # start (EMA, measured): the link is free meanwhile
         self.predicted = {"prefill": 0.0, "decode": 0.0}  # sum of plan makespans (s), cost model
         self.layer_calls = {"prefill": 0, "decode": 0}
         self.replay: Any = None  # TraceRouting when --replay-trace is on
@@ -118,6 +119,18 @@ class HybridRuntime:
         score_rows = scores.to("cpu", torch.float32).tolist() if scores is not None else None
         for t, (selected, w) in enumerate(zip(ids.tolist(), weights.tolist())):
             policy.observe(layer, score_rows[t] if score_rows is not None else None, selected, w)
+
+    # -- timing of the dense part between MoE layers ------------------------------------------------
+    def layer_started(self, layer: int) -> None:
+        now = time.perf_counter()
+        if self._last_end is not None and self._last_end[0] < layer:  # same forward pass
+            gap = now - self._last_end[1]
+            old = self.dense_gap.get(layer)
+            self.dense_gap[layer] = gap if old is None else 0.8 * old + 0.2 * gap
+        self._last_end = None
+
+    def layer_finished(self, layer: int) -> None:
+        self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
     def plan_layer(self, layer: int, counts: dict[int, int], cached: set[int], prefill: bool) -> Plan:
