@@ -349,3 +349,28 @@ def test_mrs_fed_top_p_pairs_equals_mrs_fed_full_scores() -> None:
         assert max(full.priority(1, e) for e in range(8)) > 0
     finally:
         runtime.close()
+
+
+def test_policies_benchmark_smoke_on_cpu(tmp_path, monkeypatch, capsys) -> None:
+    """benchmarks/bench_policies_gpu.py runs on the CPU fallback with a shrunken DeepSeek-V2-Lite shape."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_policies_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_policies_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setenv("OUT", str(tmp_path))
+    shrink = ["hidden_size=64", "moe_intermediate_size=32", "intermediate_size=128", "vocab_size=256",
+              "kv_lora_rank=16", "qk_nope_head_dim=16", "qk_rope_head_dim=8", "v_head_dim=16",
+              "num_attention_heads=4", "num_key_value_heads=4"]
+    assert bench.main(["--device", "cpu", "--dtype", "fp32", "--layers", "3", "--override", *shrink,
+                       "--prompt-tokens", "8", "--decode-tokens", "2", "--policies", "hybrimoe,resident",
+                       "--cpu-threads", "1"]) == 0
+    rows = json.loads((tmp_path / "bench_policies_gpu.json").read_text())
+    assert [(r["policy"], r["phase"]) for r in rows] == [("hybrimoe", "prefill"), ("hybrimoe", "decode"),
+                                                          ("resident", "prefill"), ("resident", "decode")]
+    assert all(r["measured_s"] > 0 and r["predicted_moe_s"] > 0 and r["trace_top_k"] == 4 for r in rows)
+    assert rows[2]["hit_rate"] == 1.0 and rows[0]["hit_rate"] < 1.0
+    assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == 4
