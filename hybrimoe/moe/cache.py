@@ -174,6 +174,16 @@ class GpuExpertCache:
         self.check()
         return out
 
+    def release(self) -> None:
+        """Free the device memory of slots and staging buffers now (the cache is unusable afterwards)."""
+        self.devices.synchronize()
+        self.pool = self.pool.new_empty(0, self.store.expert_numel)
+        self._staging, self._staging_release, self._pending = [], [], {}
+        self._slot_of, self._free, self.num_slots = {}, [], 0
+        self.state.capacity, self.state.layer_capacity = 0, None
+        for key in self.state.resident():
+            self.state._remove(key)  # noqa: SLF001 (empty the accounting with the slots)
+
     # -- invariants and counters ----------------------------------------------------------------
     def check(self) -> None:
         """Slots and accounting agree; never more experts than slots or than the budget."""

@@ -84,6 +84,7 @@ class HybridRuntime:
         self.schedulers = {"prefill": get_scheduler(preset.prefill), "decode": get_scheduler(preset.decode)}
         self.executor = HybridExecutor(self)
         self._scores: dict[int, torch.Tensor | None] = {}  # layer -> router scores [T, E] of the pending call
+        self._final_stats: dict[str, Any] | None = None  # stats at close()
         self.dense_gap: dict[int, float] = {}  # layer -> seconds from the previous MoE layer's end to this one's
         self._last_end: tuple[int, float] | None = None  # start (EMA, measured): the link is free meanwhile
         self.predicted = {"prefill": 0.0, "decode": 0.0}  # sum of plan makespans (s), cost model
@@ -172,6 +173,8 @@ class HybridRuntime:
     # -- results ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         """Cache counters, busy seconds {cpu, gpu, copy} (measured), predicted seconds (cost model)."""
+        if self._final_stats is not None:
+            return self._final_stats
         return {"policy": self.preset.name, "device": str(self.devices.compute), "cpu_threads": self.worker.threads,
                 "cache": self.cache.counters(), "busy_seconds": self.devices.busy_seconds(),
                 "predicted_seconds": dict(self.predicted), "layer_calls": dict(self.layer_calls),
@@ -186,9 +189,13 @@ class HybridRuntime:
         self.layer_calls = {"prefill": 0, "decode": 0}
 
     def close(self) -> None:
-        """Puts the previous executors and observer back and stops the worker."""
+        """Puts the previous executors and observer back, stops the worker and frees the cache's device
+        memory (stats() stays readable; the runtime cannot run layers afterwards)."""
         for i, block in self.model.moe_blocks.items():
             block.executor = self._previous_executors[i]
         self.model.routing_observer = self._previous_observer
         self.worker.close()
+        self._final_stats = self.stats()
+        self.cache.release()
+        self.prefetcher = None
 
