@@ -96,6 +96,7 @@ def test_cache_within_budget_and_hits_plus_misses_equal_activations(policy: str,
         seen["max_resident"] = max(seen["max_resident"], len(cache.state))
         for layer in model.config.moe_layers:
             assert len(cache.cached_experts(layer)) <= cache.state.limit(layer)
+        cache.check(full=True)
         return slot
 
     cache.admit = checked_admit

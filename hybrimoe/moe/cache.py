@@ -122,7 +122,7 @@ class GpuExpertCache:
         counters = self.layers[layer]
         counters.inserts += 1
         counters.bytes_copied += self.store.expert_nbytes
-        self.check()
+        self.check(layer=layer if self.state.layer_capacity is not None else None)
         return self.pool[slot]
 
     def copy_into_slot(self, key: ExpertKey, slot: torch.Tensor) -> Any:
@@ -171,7 +171,7 @@ class GpuExpertCache:
             slot = self._free.pop()
             self._slot_of[key] = slot
             out.append((key, self.pool[slot]))
-        self.check()
+        self.check(full=True)
         return out
 
     def release(self) -> None:
@@ -185,16 +185,18 @@ class GpuExpertCache:
             self.state._remove(key)  # noqa: SLF001 (empty the accounting with the slots)
 
     # -- invariants and counters ----------------------------------------------------------------
-    def check(self) -> None:
-        """Slots and accounting agree; never more experts than slots or than the budget."""
+    def check(self, full: bool = False, layer: int | None = None) -> None:
+        """Slots and accounting agree; never more experts than slots or than the budget.
+        O(1) by default (every admission runs it); `full` also compares the key sets and every layer."""
         assert len(self._slot_of) == len(self.state) <= self.num_slots, (len(self._slot_of), len(self.state))
         assert len(self._free) + len(self._slot_of) == self.num_slots
-        assert set(self._slot_of) == self.state.resident()
-        if self.state.layer_capacity is not None:
-            for layer in self.layers:
-                assert len(self.state.cached_experts(layer)) <= self.state.limit(layer)
-        else:
+        if self.state.layer_capacity is None:
             assert len(self.state) <= self.state.capacity
+        for checked in (self.layers if full else () if layer is None else (layer,)):
+            assert len(self.state.cached_experts(checked)) <= self.state.limit(checked)
+        if full:
+            assert set(self._slot_of) == self.state.resident()
+            assert len(set(self._slot_of.values())) == len(self._slot_of), "two experts share a slot"
 
     def counters(self) -> dict[str, Any]:
         """Totals and per-layer counters: hits, misses, hit_rate, inserts, staged, bytes_copied."""
