@@ -19,7 +19,7 @@ from hybrimoe.moe.install import check_budget_before_load, install_runtime
 from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.moe.replay import ReplayExecutor, TraceRouting
 from hybrimoe.moe.runtime import CpuWorker
-from hybrimoe.cli.runtime_args import add_runtime_arguments, runtime_options_from_args
+from hybrimoe.cli.runtime_args import add_runtime_arguments, runtime_kwargs_from_args, runtime_options_from_args
 from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 from hybrimoe.tiny import tiny_config
@@ -231,13 +231,18 @@ def test_options_and_flags() -> None:
     with pytest.raises(ConfigError, match="unknown runtime option"):
         RuntimeOptions.from_kwargs(cache_size=3)
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu")  # the command's own (engine) flag
     add_runtime_arguments(parser)
+    assert runtime_options_from_args(parser.parse_args([])) is None and runtime_kwargs_from_args(parser.parse_args([])) == {}
     args = parser.parse_args(["--policy", "gpu-lru", "--expert-cache", "1.5GiB", "--per-layer-cache",
                               "--cpu-threads", "3", "--dummy-weights", "deepseek-v2-lite"])
     options = runtime_options_from_args(args)
     assert (options.policy, options.expert_cache_bytes, options.per_layer_cache, options.cpu_threads) == \
         ("gpu-lru", int(1.5 * 1024**3), True, 3)
-    assert options.dummy_weights == "deepseek-v2-lite"
+    assert options.dummy_weights == "deepseek-v2-lite" and options.device == "cpu"
+    kwargs = runtime_kwargs_from_args(args)
+    assert "device" not in kwargs and RuntimeOptions.from_kwargs(device="cpu", **kwargs) == options
+    assert runtime_options_from_args(parser.parse_args(["--cache-ratio", "0.5"])).policy == "hybrimoe"
     with pytest.raises(SystemExit):
         parser.parse_args(["--expert-cache", "1GB", "--cache-ratio", "0.5"])
 

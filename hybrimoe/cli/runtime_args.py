@@ -1,29 +1,35 @@
 """Hybrid-runtime flags shared by `generate`, `chat`, `serve` and `bench`.
 
-    add_runtime_arguments(parser)            adds --policy, --expert-cache, --cache-ratio, ...
-    runtime_options_from_args(args)          -> hybrimoe.runtime_options.RuntimeOptions (validated)
+    add_runtime_arguments(parser)        adds --policy, --expert-cache, --cache-ratio, --gpu-memory, ...
+    runtime_options_from_args(args)      -> RuntimeOptions (validated), or None when no runtime flag was
+                                         given (the engine then runs the plain reference executor)
+    runtime_kwargs_from_args(args)       -> the same as keyword options for Engine.from_pretrained(**kw)
+Any runtime flag without --policy selects the `hybrimoe` preset. The device comes from the command's
+own --device (the engine's), not from a flag here.
 """
 
 from __future__ import annotations
 
 import argparse
+from dataclasses import fields
+from typing import Any
 
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 
-RUNTIME_DESTS = ("policy", "expert_cache", "cache_ratio", "gpu_memory", "per_layer_cache", "cpu_threads",
-                 "no_pin_memory", "dummy_weights", "replay_trace", "cost_profile", "dummy_seed", "prefetch_depth")
+DEFAULT_POLICY = "hybrimoe"
+DEFAULT_PREFETCH_DEPTH = 3
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("hybrid runtime (expert placement)")
-    group.add_argument("--policy", default="hybrimoe",
+    group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
+    group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "
-                            "(default hybrimoe)")
+                            f"(default {DEFAULT_POLICY} when any runtime flag is given)")
     size = group.add_mutually_exclusive_group()
     size.add_argument("--expert-cache", metavar="BYTES",
                       help="device memory for cached routed experts, e.g. 12GB, 8GiB (default: the preset's ratio)")
     size.add_argument("--cache-ratio", type=float, metavar="FRACTION",
-                      help="cache this fraction of all routed experts (0..1)")
+                      help="cache this fraction of all routed experts (0..1; default 0.25)")
     group.add_argument("--gpu-memory", metavar="BYTES",
                        help="total device budget (dense part + expert cache); checked before loading weights")
     group.add_argument("--per-layer-cache", action="store_true",
@@ -33,20 +39,29 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-pin-memory", action="store_true",
                        help="keep the expert store in pageable host memory (default: pinned when on CUDA)")
     group.add_argument("--dummy-weights", metavar="CONFIG_JSON",
-                       help="benchmark mode: random weights for this Hugging Face config.json, no checkpoint")
+                       help="benchmark mode: random weights for this Hugging Face config.json (or a shape name "
+                            "such as deepseek-v2-lite), no checkpoint")
     group.add_argument("--replay-trace", metavar="TRACE",
                        help="routers follow this recorded routing trace (cycling) instead of their gates")
     group.add_argument("--cost-profile", metavar="NAME_OR_PATH",
-                       help="cost-model profile the scheduler plans with (default: the built-in one)")
-    group.add_argument("--prefetch-depth", type=int, default=3, metavar="N",
-                       help="MoE layers ahead that prefetching presets predict (default 3, as the paper)")
-    group.add_argument("--dummy-seed", type=int, default=0, help="seed of --dummy-weights (default 0)")
+                       help="cost-model profile the scheduler plans with (default: a calibration at start)")
+    group.add_argument("--prefetch-depth", type=int, default=None, metavar="N",
+                       help=f"MoE layers ahead that prefetching presets predict (default {DEFAULT_PREFETCH_DEPTH})")
+    group.add_argument("--dummy-seed", type=int, default=None, help="seed of --dummy-weights (default 0)")
 
 
-def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions:
-    """Validated RuntimeOptions from parsed flags; bad values raise hybrimoe.errors.ConfigError."""
+def _requested(args: argparse.Namespace) -> bool:
+    flags = ("policy", "expert_cache", "cache_ratio", "gpu_memory", "cpu_threads", "dummy_weights",
+             "replay_trace", "cost_profile", "prefetch_depth", "dummy_seed")
+    return any(getattr(args, f, None) is not None for f in flags) or bool(args.per_layer_cache or args.no_pin_memory)
+
+
+def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions | None:
+    """Validated RuntimeOptions from parsed flags (None if no runtime flag); bad values -> ConfigError."""
+    if not _requested(args):
+        return None
     return RuntimeOptions(
-        policy=args.policy,
+        policy=args.policy or DEFAULT_POLICY,
         expert_cache_bytes=None if args.expert_cache is None else parse_bytes(args.expert_cache, "--expert-cache"),
         cache_ratio=args.cache_ratio,
         gpu_memory_bytes=None if args.gpu_memory is None else parse_bytes(args.gpu_memory, "--gpu-memory"),
@@ -57,6 +72,15 @@ def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions:
         dummy_weights=args.dummy_weights,
         replay_trace=args.replay_trace,
         cost_profile=args.cost_profile,
-        seed=args.dummy_seed,
-        prefetch_depth=args.prefetch_depth,
+        seed=0 if args.dummy_seed is None else args.dummy_seed,
+        prefetch_depth=DEFAULT_PREFETCH_DEPTH if args.prefetch_depth is None else args.prefetch_depth,
     ).validated()
+
+
+def runtime_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Keyword options for `Engine.from_pretrained(model_dir, dtype, **kwargs)`: every RuntimeOptions
+    field except `device` (the engine passes its own); {} when the runtime was not requested."""
+    options = runtime_options_from_args(args)
+    if options is None:
+        return {}
+    return {f.name: getattr(options, f.name) for f in fields(options) if f.name != "device"}
