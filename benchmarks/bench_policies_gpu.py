@@ -30,6 +30,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Self
 
 import torch
 
@@ -116,7 +117,7 @@ class Meter:
     def __init__(self, runtime, device: torch.device) -> None:
         self.runtime, self.device = runtime, device
 
-    def __enter__(self) -> "Meter":
+    def __enter__(self) -> Self:
         sync(self.device)
         self.runtime.reset_stats()
         self.before = {k: v for k, v in self.runtime.cache.counters().items() if k != "per_layer"}

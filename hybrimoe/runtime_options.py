@@ -28,7 +28,7 @@ _UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3, "tib": 1024**4}
 
 
-def parse_bytes(value: str | int | float, what: str = "size") -> int:
+def parse_bytes(value: str | float, what: str = "size") -> int:
     """'12GB' -> 12_000_000_000, '1.5GiB' -> 1610612736, 4096 -> 4096. Bad input -> ConfigError."""
     if isinstance(value, bool):
         raise ConfigError(f"{what} must be a size in bytes such as 12GB or 512MiB, got {value!r}")
@@ -102,7 +102,7 @@ class RuntimeOptions:
             dummy_config_path(self.dummy_weights)  # raises ConfigError when neither a file nor a shape
 
     @classmethod
-    def from_kwargs(cls, **options: Any) -> "RuntimeOptions":
+    def from_kwargs(cls, **options: Any) -> RuntimeOptions:
         """Keyword options (sizes may be strings like '12GB'); unknown names -> ConfigError."""
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(options) - known)
@@ -113,7 +113,7 @@ class RuntimeOptions:
                 options[name] = parse_bytes(options[name], name)
         return cls(**options).validated()
 
-    def validated(self) -> "RuntimeOptions":
+    def validated(self) -> RuntimeOptions:
         """Checks that need other modules: the policy name and the device's presence."""
         names = known_policies()
         if self.policy not in names:
@@ -133,5 +133,5 @@ class RuntimeOptions:
         import torch
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def with_changes(self, **changes: Any) -> "RuntimeOptions":
+    def with_changes(self, **changes: Any) -> RuntimeOptions:
         return replace(self, **changes)

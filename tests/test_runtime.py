@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import threading
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
 
+from hybrimoe.cli.runtime_args import (
+    add_runtime_arguments,
+    runtime_kwargs_from_args,
+    runtime_options_from_args,
+)
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import BudgetError, ConfigError
 from hybrimoe.loader import build_dummy_model
@@ -19,7 +24,6 @@ from hybrimoe.moe.install import check_budget_before_load, install_runtime
 from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.moe.replay import ReplayExecutor, TraceRouting
 from hybrimoe.moe.runtime import CpuWorker
-from hybrimoe.cli.runtime_args import add_runtime_arguments, runtime_kwargs_from_args, runtime_options_from_args
 from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 from hybrimoe.tiny import tiny_config
@@ -36,7 +40,7 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
-@lru_cache(maxsize=None)
+@cache
 def tiny(family: str = "qwen3-moe", top_k: int = 4, experts: int = 8):
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=experts, top_k=top_k,
                                                hidden=64).to_dict())
@@ -294,7 +298,7 @@ def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
 
 
 def test_load_with_runtime_checks_the_budget_before_reading_weights(tiny_checkpoint, monkeypatch) -> None:
-    import hybrimoe.loader as loader
+    from hybrimoe import loader
     from hybrimoe.moe.install import load_with_runtime
 
     path = tiny_checkpoint("qwen2-moe")

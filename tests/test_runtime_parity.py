@@ -11,7 +11,7 @@ models so that at least three experts per token are summed (CPU and GPU partial 
 from __future__ import annotations
 
 import itertools
-from functools import lru_cache
+from functools import cache
 
 import pytest
 import torch
@@ -43,7 +43,7 @@ def one_torch_thread():
     torch.set_num_threads(saved)
 
 
-@lru_cache(maxsize=None)
+@cache
 def model_for(family: str):
     top_k = 3 if family.startswith("deepseek") else 2
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=top_k, hidden=64).to_dict())
@@ -65,7 +65,7 @@ def greedy(model) -> tuple[list[int], list[torch.Tensor]]:
     return tokens, steps
 
 
-@lru_cache(maxsize=None)
+@cache
 def reference(family: str) -> tuple[list[int], list[torch.Tensor]]:
     return greedy(model_for(family))
 

@@ -17,8 +17,9 @@ On the CPU fallback the pool is a host tensor and copies are host copies: the sa
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
@@ -182,7 +183,7 @@ class GpuExpertCache:
         self._slot_of, self._free, self.num_slots = {}, [], 0
         self.state.capacity, self.state.layer_capacity = 0, None
         for key in self.state.resident():
-            self.state._remove(key)  # noqa: SLF001 (empty the accounting with the slots)
+            self.state._remove(key)
 
     # -- invariants and counters ----------------------------------------------------------------
     def check(self, full: bool = False, layer: int | None = None) -> None:

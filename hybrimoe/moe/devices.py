@@ -14,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -115,7 +116,7 @@ class Devices:
     cpu_timer: HostTimer = field(default_factory=HostTimer)  # busy time of the CPU expert worker
 
     @classmethod
-    def create(cls, device: str | torch.device) -> "Devices":
+    def create(cls, device: str | torch.device) -> Devices:
         compute = torch.device(device)
         if compute.type == "cuda":
             if compute.index is None:

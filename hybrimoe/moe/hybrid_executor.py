@@ -41,7 +41,7 @@ def _accumulate(out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, w: tor
 class HybridExecutor:
     """`Executor` (see hybrimoe.moe.layer) that places experts on GPU, copy link and CPU by plan."""
 
-    def __init__(self, runtime: "HybridRuntime") -> None:
+    def __init__(self, runtime: HybridRuntime) -> None:
         self.rt = runtime
 
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -66,7 +66,7 @@ class HybridExecutor:
 
     def _execute(self, layer: int, x: torch.Tensor, groups: dict[int, torch.Tensor], w_host: torch.Tensor,
                  k: int, plan: Any) -> torch.Tensor:
-        rt, dev, cache, store = self.rt, self.rt.devices, self.rt.cache, self.rt.store
+        rt, dev, cache = self.rt, self.rt.devices, self.rt.cache
         protect = {(layer, e) for e in groups}
         dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
         staged: set[int] = set()  # copied experts the cache does not keep

@@ -90,7 +90,7 @@ def pin_store(store: ExpertStore) -> None:
     for layer in store.layers:
         tensor = store.layer_tensor(layer)
         if not tensor.is_pinned():
-            store._layers[layer] = tensor.pin_memory()  # noqa: SLF001 (ExpertStore has no public re-pin)
+            store._layers[layer] = tensor.pin_memory()
 
 
 def _initial_keys(preset: Preset, config: ModelConfig, budget: CacheBudget,

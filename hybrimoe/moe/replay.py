@@ -64,7 +64,7 @@ class TraceRouting:
                         trace.header.num_experts, k, len(self.layer_map), num_experts)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, moe_layers: tuple[int, ...] | list[int], num_experts: int) -> "TraceRouting":
+    def load(cls, path: str | os.PathLike, moe_layers: tuple[int, ...] | list[int], num_experts: int) -> TraceRouting:
         from hybrimoe.trace.importers import load_any_trace
 
         return cls(load_any_trace(path), moe_layers, num_experts, name=os.path.basename(os.fspath(path)))
@@ -96,7 +96,7 @@ class TraceRouting:
 
 
 class _NoRoute:
-    experts: list[int] = []
+    experts: tuple[int, ...] = ()
 
 
 _EMPTY = _NoRoute()
