@@ -13,7 +13,9 @@ Per policy: a fresh runtime (same model, same routing: the trace cursor rewinds)
 (one short prefill + decode), then each prompt length is prefilled once and `--decode-tokens` tokens are
 decoded greedily. One JSON row per (policy, measurement) on stdout; all rows to $OUT/bench_policies_gpu.json
 (or --out). Rows carry the measured seconds next to the cost model's predicted seconds for the same plans
-(`predicted_moe_s`: the sum of the executed plans' makespans: routed-expert work only, dense parts excluded),
+(`predicted_moe_s`: the sum of the executed plans' makespans under the costs the schedulers used, calibrated
+at start or --cost-profile: routed-expert work only; with --predict-profile also `profile_*_s`: the same plans
+re-timed by that CostModel profile, plus its dense-part and lm_head times, i.e. the simulator's view),
 measured busy seconds of cpu worker / gpu compute / copy link, and cache hit rates.
 Routing: the eval traces of `--trace-model` (default Qwen1.5-MoE-A2.7B: 24 layers x 60 experts, top-4) mapped
 onto the model's MoE layers cyclically; static hot sets come from that model's dev traces (no tuning on
@@ -60,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-layer-cache", action="store_true")
     p.add_argument("--cpu-threads", type=int)
     p.add_argument("--cost-profile", help="CostModel profile for the schedulers (default: calibrate here)")
+    p.add_argument("--predict-profile", help="also re-time the executed plans with this CostModel profile "
+                   "(name or path, e.g. one `hybrimoe calibrate` wrote on this machine) plus its dense-part times")
     p.add_argument("--trace-model", default="qwen1.5-moe-a2.7b", help="packaged traces of this model")
     p.add_argument("--trace", help="replay this trace file instead of the packaged eval traces")
     p.add_argument("--prompt-tokens", default="32,128,512")
@@ -69,14 +73,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def load_config(args: argparse.Namespace) -> ModelConfig:
+def load_config(args: argparse.Namespace) -> tuple[ModelConfig, dict]:
+    """(ModelConfig, the config.json dict after --override/--layers)."""
     d = json.loads(Path(dummy_config_path(args.model)).read_text())
     for item in args.override:
         key, _, value = item.partition("=")
         d[key] = json.loads(value)
     if args.layers is not None:
         d["num_hidden_layers"] = args.layers
-    return ModelConfig.from_dict(d)
+    return ModelConfig.from_dict(d), d
+
+
+class ProfilePrediction:
+    """Seconds a CostModel profile predicts for the executed plans (re-timed with the profile's expert
+    costs at the run's dtype) plus the dense parts (attention, shared experts, lm_head) of the forwards."""
+
+    def __init__(self, profile: str, hf_config: dict, store, dtype_bits: float) -> None:
+        from dataclasses import replace
+
+        from hybrimoe.moe.calibrate import profile_costs
+        from hybrimoe.policy.cost import CostModel
+        from hybrimoe.policy.shape import ModelShape
+
+        self.name = profile
+        self.model = replace(CostModel.load(profile), dense_bits=dtype_bits)
+        self.shape = ModelShape.from_hf_config(hf_config, "bench")
+        self.experts = profile_costs(profile, store)
+
+    def figures(self, plans: list, forwards: list[tuple[int, int]]) -> dict:
+        """plans: the executed Plans; forwards: (new tokens, cached tokens) of each forward pass."""
+        from hybrimoe.policy.plan import build_plan
+
+        moe = sum(build_plan(p.layer, dict(p.counts), p.gpu_order, p.copies, p.cpu_order, self.experts).makespan
+                  for p in plans)
+        dense = sum(self.model.gpu_dense_time(self.shape, layer, tokens, context)
+                    for tokens, context in forwards for layer in range(self.shape.num_layers))
+        dense += sum(self.model.lm_head_time(self.shape, tokens) for tokens, _ in forwards)
+        return {"profile": self.name, "profile_moe_s": moe, "profile_dense_s": dense, "profile_total_s": moe + dense}
 
 
 def concat(traces: list[RoutingTrace]) -> RoutingTrace:
@@ -114,12 +147,14 @@ def prompt(model, tokens: int, device: torch.device, gen: torch.Generator) -> to
 class Meter:
     """Measures one phase: wall seconds, and the runtime's counters accumulated during it only."""
 
-    def __init__(self, runtime, device: torch.device) -> None:
-        self.runtime, self.device = runtime, device
+    def __init__(self, runtime, device: torch.device, profile: ProfilePrediction | None = None,
+                 forwards: list[tuple[int, int]] = ()) -> None:
+        self.runtime, self.device, self.profile, self.forwards = runtime, device, profile, list(forwards)
 
     def __enter__(self) -> Self:
         sync(self.device)
         self.runtime.reset_stats()
+        self.runtime.plan_log = []
         self.before = {k: v for k, v in self.runtime.cache.counters().items() if k != "per_layer"}
         self.start = time.perf_counter()
         return self
@@ -136,10 +171,13 @@ class Meter:
                         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
                         "bytes_copied": cache["bytes_copied"] - self.before["bytes_copied"],
                         "cache_slots": cache["slots"], "device": stats["device"]}
+        if self.profile is not None:
+            self.figures.update(self.profile.figures(self.runtime.plan_log, self.forwards))
+        self.runtime.plan_log = None
 
 
 def run_policy(model, policy: str, args: argparse.Namespace, routing: TraceRouting,
-               frequency: dict | None, note: dict) -> list[dict]:
+               frequency: dict | None, note: dict, profile: ProfilePrediction | None = None) -> list[dict]:
     device = torch.device(args.device)
     options = RuntimeOptions(policy=policy, cache_ratio=args.cache_ratio, per_layer_cache=args.per_layer_cache,
                              cpu_threads=args.cpu_threads, device=args.device, cost_profile=args.cost_profile)
@@ -155,14 +193,15 @@ def run_policy(model, policy: str, args: argparse.Namespace, routing: TraceRouti
         for tokens in [int(t) for t in args.prompt_tokens.split(",") if t]:
             routing.rewind()
             ids, kv = prompt(model, tokens, device, gen), model.new_kv_cache(tokens + 1)
-            with Meter(runtime, device) as m:
+            with Meter(runtime, device, profile, [(tokens, 0)]) as m:
                 model(ids, 0, kv)
             rows.append({"policy": policy, "phase": "prefill", "tokens": tokens, **m.figures, **note})
         routing.rewind()
         first = 16
         kv = model.new_kv_cache(first + args.decode_tokens + 1)
         token = model(prompt(model, first, device, gen), 0, kv)[-1].argmax().view(1)
-        with Meter(runtime, device) as m:
+        steps = [(1, pos) for pos in range(first, first + args.decode_tokens)]
+        with Meter(runtime, device, profile, steps) as m:
             for pos in range(first, first + args.decode_tokens):
                 token = model(token, pos, kv)[-1].argmax().view(1)
         rows.append({"policy": policy, "phase": "decode", "tokens": args.decode_tokens, **m.figures,
@@ -182,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         raise SystemExit(f"unknown policies {unknown}; known: {', '.join(PRESETS)}")
     torch.manual_seed(args.seed)
-    config = load_config(args)
+    config, hf_config = load_config(args)
     pin = args.device.startswith("cuda")
     log.info("building random %s weights (%s): %d MoE layers x %d experts", args.model, args.dtype,
              len(config.moe_layers), config.num_experts)
@@ -193,9 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     note = {"model": args.model, "dtype": args.dtype, "cache_ratio": args.cache_ratio, "trace": trace_name,
             "trace_top_k": routing.k, "model_top_k": config.top_k, "gpu_name":
             torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "none (CPU fallback)"}
+    profile = None
+    if args.predict_profile:
+        profile = ProfilePrediction(args.predict_profile, hf_config, model.expert_store,
+                                    8.0 * model.expert_store.dtype.itemsize)
     rows = []
     for policy in args.policies.split(","):
-        for r in run_policy(model, policy, args, routing, frequency, note):
+        for r in run_policy(model, policy, args, routing, frequency, note, profile):
             print(json.dumps(r), flush=True)
             rows.append(r)
     out = args.out or (os.path.join(os.environ["OUT"], "bench_policies_gpu.json") if os.environ.get("OUT") else None)

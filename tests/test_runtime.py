@@ -377,10 +377,24 @@ def test_policies_benchmark_smoke_on_cpu(tmp_path, monkeypatch, capsys) -> None:
               "num_attention_heads=4", "num_key_value_heads=4"]
     assert bench.main(["--device", "cpu", "--dtype", "fp32", "--layers", "3", "--override", *shrink,
                        "--prompt-tokens", "8", "--decode-tokens", "2", "--policies", "hybrimoe,resident",
-                       "--cpu-threads", "1"]) == 0
+                       "--cpu-threads", "1", "--predict-profile", "paper-a6000"]) == 0
     rows = json.loads((tmp_path / "bench_policies_gpu.json").read_text())
     assert [(r["policy"], r["phase"]) for r in rows] == [("hybrimoe", "prefill"), ("hybrimoe", "decode"),
                                                           ("resident", "prefill"), ("resident", "decode")]
     assert all(r["measured_s"] > 0 and r["predicted_moe_s"] > 0 and r["trace_top_k"] == 4 for r in rows)
     assert rows[2]["hit_rate"] == 1.0 and rows[0]["hit_rate"] < 1.0
+    assert all(r["profile"] == "paper-a6000" and r["profile_total_s"] > r["profile_moe_s"] > 0 for r in rows)
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == 4
+
+
+def test_calibration_measures_positive_costs_that_grow_with_tokens() -> None:
+    from hybrimoe.moe.calibrate import calibrate_costs
+
+    model = tiny()
+    worker = CpuWorker(threads=1)
+    try:
+        costs = calibrate_costs(model.expert_store, Devices.create("cpu"), worker, tokens=16, repeats=3)
+    finally:
+        worker.close()
+    assert costs.copy() > 0 and costs.gpu(1) > 0 and costs.cpu(1, False) > 0
+    assert costs.cpu(64, False) > costs.cpu(1, False) and costs.cpu(1, True) >= costs.cpu(1, False)
