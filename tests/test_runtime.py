@@ -115,6 +115,9 @@ def test_cache_within_budget_and_hits_plus_misses_equal_activations(policy: str,
     assert stats["hits"] + stats["misses"] == seen["activations"] > 0
     assert sum(c["hits"] + c["misses"] for c in stats["per_layer"].values()) == seen["activations"]
     assert stats["bytes_copied"] == (stats["inserts"] + stats["staged"]) * model.expert_store.expert_nbytes
+    metrics = runtime.metrics()  # stats survive close(); flat floats for Engine.stats()
+    assert metrics["runtime_cache_hits"] + metrics["runtime_cache_misses"] == seen["activations"]
+    assert all(isinstance(v, float) for v in metrics.values()) and "runtime_busy_copy_seconds" in metrics
     if policy == "gpu-lru":
         assert stats["inserts"] > 0 and stats["evictions"] > 0
 

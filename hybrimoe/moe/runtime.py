@@ -182,6 +182,17 @@ class HybridRuntime:
                 "extra_copies": dict(self.extra_copies),
                 "prefetch": self.prefetcher.describe(self) if self.prefetcher is not None else "none"}
 
+    def metrics(self) -> dict[str, float]:
+        """Flat numeric counters for Engine.stats() / the server's /metrics (names prefixed `runtime_`)."""
+        stats = self.stats()
+        cache = stats["cache"]
+        out = {f"runtime_cache_{k}": float(cache[k]) for k in
+               ("slots", "resident", "hits", "misses", "hit_rate", "inserts", "staged", "evictions", "bytes_copied")}
+        out.update({f"runtime_busy_{k}_seconds": float(v) for k, v in stats["busy_seconds"].items()})
+        out.update({f"runtime_predicted_{k}_seconds": float(v) for k, v in stats["predicted_seconds"].items()})
+        out.update({f"runtime_{k}_copies": float(v) for k, v in stats["extra_copies"].items()})
+        return out
+
     def reset_stats(self) -> None:
         """Zero timers and predicted sums (cache counters are cumulative: see cache.counters())."""
         self.devices.synchronize()
