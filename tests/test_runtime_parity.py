@@ -50,16 +50,15 @@ def model_for(family: str):
     return build_dummy_model(config, "fp32", seed=1, std=0.1)
 
 
-def greedy(model) -> tuple[list[int], list[torch.Tensor]]:
+def greedy(model, device: str = "cpu") -> tuple[list[int], list[torch.Tensor]]:
     """Prefill PROMPT, then NEW_TOKENS greedy decode steps; returns (tokens, logits of every step)."""
     kv = model.new_kv_cache(len(PROMPT) + NEW_TOKENS + 1)
-    logits = model(torch.tensor(PROMPT), 0, kv)[-1]
-    tokens, steps = [], [logits]
-    pos = len(PROMPT)
+    logits = model(torch.tensor(PROMPT, device=device), 0, kv)[-1]
+    tokens, steps, pos = [], [logits], len(PROMPT)
     for _ in range(NEW_TOKENS):
         token = int(torch.argmax(logits))
         tokens.append(token)
-        logits = model(torch.tensor([token]), pos, kv)[-1]
+        logits = model(torch.tensor([token], device=device), pos, kv)[-1]
         steps.append(logits)
         pos += 1
     return tokens, steps
@@ -124,3 +123,28 @@ def test_prefetch_and_fill_copies_keep_parity_and_happen() -> None:
     assert prefetch["extra_copies"]["prefetch"] > 0 and "gates" in prefetch["prefetch"]
     fill = check_parity("deepseek-v2", "hybrimoe-cache-only", 0.5, True)
     assert fill["extra_copies"]["fill_misses"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs the copy stream, events, "
+                    "pinned store and CUDA timers for real)")
+@pytest.mark.parametrize("policy,ratio", [("hybrimoe", 0.25), ("gpu-lru", 0.0), ("gpu-lru", 0.5),
+                                          ("ktransformers", 0.25), ("hybrimoe-cache-only", 0.5), ("resident", 1.0)])
+def test_cuda_matches_the_cpu_reference(policy: str, ratio: float) -> None:
+    import copy
+
+    from hybrimoe.moe.install import pin_store
+
+    ref_tokens, ref_logits = reference("deepseek-v2")
+    model = copy.deepcopy(model_for("deepseek-v2")).to("cuda")
+    pin_store(model.expert_store)
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=ratio, cpu_threads=2), costs=COSTS)
+    try:
+        tokens, logits = greedy(model, "cuda")
+        stats = runtime.stats()
+    finally:
+        runtime.close()
+    assert tokens == ref_tokens
+    for a, b in zip(logits, ref_logits):
+        assert (a.cpu() - b).abs().max().item() <= 1e-4
+    assert stats["device"].startswith("cuda") and stats["busy_seconds"]["gpu"] > 0
+
