@@ -87,7 +87,7 @@ class HybridRuntime:
         self._scores: dict[int, torch.Tensor | None] = {}  # layer -> router scores [T, E] of the pending call
         self._final_stats: dict[str, Any] | None = None  # stats at close()
         self.dense_gap: dict[int, float] = {}  # layer -> seconds from the previous MoE layer's end to this one's
-        self._last_end: tuple[int, float] | None = None  # start (EMA, measured): the link is free meanwhile
+        self._last_end: tuple[int, float] | None = None  # (layer, perf_counter) when the last MoE layer ended
         self.predicted = {"prefill": 0.0, "decode": 0.0}  # sum of plan makespans (s), cost model
         self.layer_calls = {"prefill": 0, "decode": 0}
         self.replay: Any = None  # TraceRouting when --replay-trace is on
