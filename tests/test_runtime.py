@@ -400,3 +400,15 @@ def test_calibration_measures_positive_costs() -> None:
     finally:
         worker.close()
     assert costs.copy_seconds > 0 and costs.gpu(1) > 0 and costs.cpu(1, False) > 1e-9
+
+
+def test_a_second_runtime_needs_the_first_closed() -> None:
+    model = tiny()
+    runtime = install_runtime(model, RuntimeOptions(policy="gpu-lru", cache_ratio=0.25, cpu_threads=1), costs=COSTS)
+    try:
+        with pytest.raises(ConfigError, match="close"):
+            install_runtime(model, RuntimeOptions(policy="hybrimoe", cpu_threads=1), costs=COSTS)
+    finally:
+        runtime.close()
+    assert all(isinstance(b.executor, ReferenceExecutor) for b in model.moe_blocks.values())
+    assert model.routing_observer is None and runtime.cache.num_slots == 0  # slots freed at close

@@ -21,6 +21,7 @@ from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, pla
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
 from hybrimoe.moe.devices import Devices
+from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.moe.lookahead import Lookahead
 from hybrimoe.moe.replay import TraceRouting, install_replay
 from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
@@ -113,6 +114,9 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     """
     preset = get_preset(options.policy)
     config, store = model.config, model.expert_store
+    if any(not isinstance(b.executor, ReferenceExecutor) for b in model.moe_blocks.values()):
+        raise ConfigError("the model's MoE blocks already run another executor (a hybrid runtime or a replay); "
+                          "close() that runtime before installing another")
     device = torch.device(options.resolved_device(str(model.device)))
     if model.device != device:
         model.to(device)  # dense weights; the expert store is not a module buffer and stays on the host
