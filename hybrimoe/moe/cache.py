@@ -62,6 +62,7 @@ class GpuExpertCache:
         self.layers: dict[int, LayerCounters] = {layer: LayerCounters() for layer in store.layers}
         self._pending: dict[ExpertKey, Any] = {}  # copy-done event of a slot not yet waited for by the main stream
         self.freeze_admitted = False  # static policy: every admitted expert joins the never-evicted hot set
+        # (first-use fill of free slots when no warm-up trace gave a hot set; then the set never changes)
         log.info("expert cache: %d slots x %.1f MB on %s (%s)", self.num_slots, store.expert_nbytes / 1e6,
                  devices.compute, "per layer" if state.layer_capacity is not None else "global")
 
@@ -118,8 +119,9 @@ class GpuExpertCache:
         assert self._free, f"no free slot for {key}: {len(self._slot_of)} of {self.num_slots} used"
         slot = self._free.pop()
         self._slot_of[key] = slot
-        if self.freeze_admitted:
-            self.state.policy.hot.add(key)  # type: ignore[attr-defined]
+        if self.freeze_admitted:  # a new StaticPolicy with the key in its never-evicted set (public API only)
+            policy: Any = self.state.policy
+            self.state.policy = type(policy)(hot=set(policy.hot) | {key}, frequency=policy.frequency)
         counters = self.layers[layer]
         counters.inserts += 1
         counters.bytes_copied += self.store.expert_nbytes

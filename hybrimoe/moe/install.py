@@ -142,8 +142,8 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     cache = GpuExpertCache(store, devices, state)
     for key, slot in cache.preload(keys):
         slot.copy_(store.buffer(*key))
-    if isinstance(policy, StaticPolicy):
-        policy.hot = state.resident()
+    if isinstance(policy, StaticPolicy):  # the preloaded experts are the static set
+        state.policy = StaticPolicy(hot=state.resident(), frequency=frequency or {})
         cache.freeze_admitted = True  # first-use fill of free slots, then the static set never changes
     devices.synchronize()
     worker = CpuWorker(options.cpu_threads or default_cpu_threads())
