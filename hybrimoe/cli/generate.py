@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from hybrimoe.engine import Engine, RoutingRecorder, SamplingParams, header_for
+from hybrimoe.cli.runtime_args import add_runtime_arguments, runtime_kwargs_from_args
 from hybrimoe.engine.options import DTYPES
 
 
@@ -18,6 +19,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="torch device of the dense weights (default cpu)")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",
                         help="context length in tokens (default: the model's maximum)")
+    add_runtime_arguments(parser)
 
 
 def runtime_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -25,6 +27,7 @@ def runtime_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = {"device": args.device}
     if args.max_context is not None:
         options["max_context"] = args.max_context
+    options.update(runtime_kwargs_from_args(args))
     return options
 
 
@@ -83,11 +86,14 @@ def run(args: argparse.Namespace) -> int:
 def _generate(engine: Engine, prompt_ids: list[int], params: SamplingParams, as_json: bool) -> int:
     if as_json:
         result = engine.generate(prompt_ids, params)
-        print(json.dumps({"model": engine.model_name, "text": result.text, "token_ids": result.token_ids,
-                          "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                          "finish_reason": result.finish_reason, "prefill_seconds": result.prefill_seconds,
-                          "decode_seconds": result.decode_seconds,
-                          "decode_tokens_per_second": result.decode_tokens_per_second}))
+        row = {"model": engine.model_name, "text": result.text, "token_ids": result.token_ids,
+               "prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
+               "finish_reason": result.finish_reason, "prefill_seconds": result.prefill_seconds,
+               "decode_seconds": result.decode_seconds,
+               "decode_tokens_per_second": result.decode_tokens_per_second}
+        if engine.runtime is not None:  # cache counters, busy seconds of cpu / gpu / copy link
+            row["runtime"] = engine.runtime.stats()
+        print(json.dumps(row))
         return 0
     for chunk in engine.stream(prompt_ids, params):
         sys.stdout.write(chunk.text)

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -54,26 +55,50 @@ class Engine:
         self.max_context = min(limit, self.options.max_context) if self.options.max_context else limit
         self.eos_token_ids = _eos_ids(Path(model_dir) if model_dir else None, model.config, tokenizer)
         self.recorder: RoutingRecorder | None = None
+        self.runtime: Any = None  # hybrimoe.moe.runtime.HybridRuntime when a placement policy runs
         self._stats = {"requests": 0, "prompt_tokens": 0, "completion_tokens": 0,
                        "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, dtype: str = "fp32", **runtime_options: Any) -> "Engine":
+        """Model + tokenizer from a directory. Options named by `EngineOptions` configure the engine; the
+        rest (policy, expert_cache_bytes, cache_ratio, ...: `hybrimoe.runtime_options.RuntimeOptions`)
+        install the hybrid runtime. Without any of the latter the plain reference executor runs."""
         from transformers import AutoTokenizer
 
         from hybrimoe.loader import load_model
 
-        options = EngineOptions.from_kwargs(**runtime_options)
+        engine_keys = {f.name for f in fields(EngineOptions)}
+        options = EngineOptions.from_kwargs(**{k: v for k, v in runtime_options.items() if k in engine_keys})
+        hybrid = {k: v for k, v in runtime_options.items() if k not in engine_keys}
         path = Path(model_dir)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
-        model = load_model(path, dtype=check_dtype(dtype), device=options.device)
+        runtime = None
+        if hybrid:
+            from hybrimoe.moe.install import load_with_runtime
+            from hybrimoe.runtime_options import RuntimeOptions
+
+            model, runtime = load_with_runtime(str(path), check_dtype(dtype),
+                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid))
+        else:
+            model = load_model(path, dtype=check_dtype(dtype), device=options.device)
         model.eval()
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except (OSError, ValueError) as exc:
+            if runtime is not None:
+                runtime.close()
             raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}") from None
-        return cls(model, tokenizer, path.resolve().name, options, model_dir=path)
+        engine = cls(model, tokenizer, path.resolve().name, options, model_dir=path)
+        engine.runtime = runtime
+        return engine
+
+    def close(self) -> None:
+        """Stops the hybrid runtime's worker and frees its device memory (no-op without a runtime)."""
+        if self.runtime is not None:
+            self.runtime.close()
+            self.runtime = None
 
     # -- prompts ---------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -115,7 +140,13 @@ class Engine:
             return self.model(input_ids, start_pos, kv)[-1]
         previous = self.model.routing_observer
         recorder.begin_step(phase, start_pos, ids)
-        self.model.routing_observer = recorder.observe
+        if previous is None:
+            self.model.routing_observer = recorder.observe
+        else:  # the runtime's cache policy keeps observing router scores while we record
+            def observe_both(layer: int, record: Any) -> None:
+                recorder.observe(layer, record)
+                previous(layer, record)
+            self.model.routing_observer = observe_both
         try:
             logits = self.model(input_ids, start_pos, kv)[-1]
         except BaseException:
@@ -201,5 +232,9 @@ class Engine:
                   result.decode_tokens_per_second)
 
     def stats(self) -> dict[str, float]:
-        """Cumulative counters since the engine was made (tokens, seconds, requests)."""
-        return dict(self._stats)
+        """Cumulative counters since the engine was made (tokens, seconds, requests), plus the hybrid
+        runtime's cache counters and busy seconds per device when one runs."""
+        out = dict(self._stats)
+        if self.runtime is not None:
+            out.update(self.runtime.metrics())
+        return out
