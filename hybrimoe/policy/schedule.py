@@ -1,0 +1,237 @@
+"""Intra-layer schedulers: decide, for one MoE layer, which activated expert runs where.
+
+Every scheduler has the same call (`Scheduler.plan`) and returns a `Plan` (see plan.py). Inputs:
+`counts` {expert: tokens routed to it in this forward pass} (only activated experts), `cached` the
+experts of this layer resident on the GPU (others live in host memory), `costs` the layer's
+`ExpertCosts`, and when each resource becomes free (seconds from the layer's MoE start).
+
+Shared experts are NOT part of a plan: they are dense GPU work, charged with attention in the
+layer's dense time before the routed experts start (simulator and runtime alike).
+
+Registry: `get_scheduler(name)`; an unknown name raises ConfigError listing the known ones.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+from hybrimoe.errors import ConfigError
+from hybrimoe.policy.plan import ExpertCosts, Plan, build_plan
+
+
+class Scheduler(Protocol):
+    name: str
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        ...
+
+
+def _desc(experts, counts: dict[int, int]) -> list[int]:
+    """Highest token count first; ties by expert id (deterministic)."""
+    return sorted(experts, key=lambda e: (-counts[e], e))
+
+
+def _asc(experts, counts: dict[int, int]) -> list[int]:
+    return sorted(experts, key=lambda e: (counts[e], e))
+
+
+class HybridScheduler:
+    """HybriMoE's dynamic intra-layer schedule (PAPER.md section (i)).
+
+    Priority rules fix every order:
+    - PCIe copies uncached experts, highest token count first;
+    - GPU runs cached experts highest count first, then copied experts as their copies finish
+      (they finish in descending count order, because that is the copy order);
+    - CPU runs uncached experts lowest count first; when none are left it takes cached experts,
+      lowest count first, from the tail of the GPU's queue.
+    What remains is the split. For each candidate number of copies c (the c most loaded uncached
+    experts go over the link; the rest are the CPU's) the layer is simulated on three timelines:
+    repeatedly the compute resource that becomes free earliest takes its next task by the rules;
+    the CPU takes a cached expert only when it would finish it before the GPU would have reached
+    and finished it (the GPU's remaining finish is known in O(1): cached work left, then the copied
+    tail, whose finish from a start s is max(s + its GPU time, max_j ready_j + GPU time from j on)). A copied expert
+    never starts before its copy ends. The simulation stops when every expert is placed. The
+    plan with the smallest simulated makespan wins (ties: fewer copies, i.e. less PCIe traffic).
+    Every split is tried when U <= 16; above, a ternary search over the copy count (the makespan is
+    the max of a falling CPU finish and a rising GPU finish) plus a local scan, O(A log U).
+    Works for prefill and decode alike.
+    """
+
+    name = "hybrid"
+
+    def __init__(self, full_search_limit: int = 16) -> None:
+        self.full_search_limit = full_search_limit  # above: ternary search on the copy count
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        uncached = _desc([e for e in counts if e not in cached], counts)
+        gpu_cached = _desc([e for e in counts if e in cached], counts)
+        memo: dict[int, tuple[float, list[int], list[int]]] = {}
+        g = {e: costs.gpu(n) for e, n in counts.items()}  # seconds, per expert
+        c = {e: costs.cpu(n, False) for e, n in counts.items()}
+        cf = {e: costs.cpu(n, True) for e, n in counts.items()}  # as the CPU's first expert
+        ready, t = [], copy_free_at
+        for _ in uncached:  # the link copies back to back, highest count first
+            t += costs.copy()
+            ready.append(t)
+
+        def span(n_copy: int) -> float:
+            if n_copy not in memo:
+                memo[n_copy] = self._simulate(g, c, cf, gpu_cached, uncached, n_copy, ready,
+                                              copy_free_at, gpu_free_at, cpu_free_at)
+            return memo[n_copy][0]
+
+        n = len(uncached)
+        if n <= self.full_search_limit:
+            candidates = range(n + 1)
+        else:  # makespan(n_copy) = max(CPU finish falling, GPU finish rising): ~unimodal
+            lo, hi = 0, n
+            while hi - lo > 4:
+                m1, m2 = lo + (hi - lo) // 3, hi - (hi - lo) // 3
+                if span(m1) <= span(m2):
+                    hi = m2
+                else:
+                    lo = m1
+            candidates = range(max(0, lo - 2), min(n, hi + 2) + 1)
+        best = min(candidates, key=lambda k: (span(k), k))
+        _, gpu_order, cpu_order = memo[best]
+        return build_plan(layer, counts, gpu_order, uncached[:best], cpu_order, costs,
+                          copy_free_at, gpu_free_at, cpu_free_at)
+
+    @staticmethod
+    def _simulate(g: dict[int, float], c: dict[int, float], cf: dict[int, float], gpu_cached_desc: list[int],
+                  uncached_desc: list[int], n_copy: int, ready: list[float], copy_free_at: float,
+                  gpu_free_at: float, cpu_free_at: float) -> tuple[float, list[int], list[int]]:
+        """Event simulation with the `n_copy` most loaded uncached experts copied
+        -> (makespan, GPU order, CPU order). g/c/cf: GPU / CPU / first-CPU seconds per expert."""
+        copies = uncached_desc[:n_copy]
+        # GPU finish of the copied tail when it starts at s: max(s + sum p, max_j (ready_j + p_j + ... + p_last))
+        tail_bound, tail_sum = copy_free_at, 0.0
+        for j in range(n_copy - 1, -1, -1):
+            tail_sum += g[copies[j]]
+            tail_bound = max(tail_bound, ready[j] + tail_sum)
+        gpu_cached = list(gpu_cached_desc)  # the GPU takes from the front, the CPU steals from the back
+        cached_left = sum(g[e] for e in gpu_cached)
+        cpu_queue = uncached_desc[n_copy:][::-1]  # the CPU's uncached experts, lowest count first
+        gpu_order: list[int] = []
+        cpu_order: list[int] = []
+        t_gpu, t_cpu, qi, head, tail = gpu_free_at, cpu_free_at, 0, 0, len(gpu_cached)
+        cpu_done = False
+        while head < tail:
+            if cpu_done or t_gpu <= t_cpu:
+                e = gpu_cached[head]
+                head += 1
+                t_gpu += g[e]
+                cached_left -= g[e]
+                gpu_order.append(e)
+            elif qi < len(cpu_queue):
+                e = cpu_queue[qi]
+                qi += 1
+                t_cpu += cf[e] if not cpu_order else c[e]
+                cpu_order.append(e)
+            else:  # CPU idle: steal the least loaded cached expert if that ends the layer sooner
+                e = gpu_cached[tail - 1]
+                cpu_end = t_cpu + (cf[e] if not cpu_order else c[e])
+                gpu_end = max(t_gpu + cached_left + tail_sum, tail_bound) if n_copy else t_gpu + cached_left
+                if cpu_end < gpu_end:
+                    tail -= 1
+                    cached_left -= g[e]
+                    t_cpu = cpu_end
+                    cpu_order.append(e)
+                else:
+                    cpu_done = True
+        if n_copy:
+            t_gpu = max(t_gpu + tail_sum, tail_bound)
+            gpu_order += copies
+        for e in cpu_queue[qi:]:
+            t_cpu += cf[e] if not cpu_order else c[e]
+            cpu_order.append(e)
+        return max(t_gpu, t_cpu), gpu_order, cpu_order
+
+
+class GpuOnlyScheduler:
+    """Every activated expert on the GPU; uncached ones copied first (highest count first).
+
+    gpu-lru / AdapMoE, and kTransformers' prefill (which sends every expert to the GPU).
+    """
+
+    name = "gpu-only"
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        copies = _desc([e for e in counts if e not in cached], counts)
+        gpu = _desc([e for e in counts if e in cached], counts) + copies
+        return build_plan(layer, counts, gpu, copies, [], costs, copy_free_at, gpu_free_at, cpu_free_at)
+
+
+class CpuOnMissScheduler:
+    """Cached experts on the GPU, uncached on the CPU, no copies (kTransformers / Fiddler decode)."""
+
+    name = "cpu-on-miss"
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        gpu = _desc([e for e in counts if e in cached], counts)
+        cpu = _asc([e for e in counts if e not in cached], counts)
+        return build_plan(layer, counts, gpu, [], cpu, costs, copy_free_at, gpu_free_at, cpu_free_at)
+
+
+class StaticLayerScheduler:
+    """llama.cpp's layer mapping: a layer whose activated experts are all cached runs wholly on the
+    GPU; any other layer runs wholly on the CPU (its experts stay in host memory)."""
+
+    name = "static-layer"
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        if all(e in cached for e in counts):
+            return build_plan(layer, counts, _desc(counts, counts), [], [], costs,
+                              copy_free_at, gpu_free_at, cpu_free_at)
+        return build_plan(layer, counts, [], [], _asc(counts, counts), costs,
+                          copy_free_at, gpu_free_at, cpu_free_at)
+
+
+class FiddlerPrefillScheduler:
+    """Fiddler's per-miss choice: for each uncached expert (highest count first), copy it and run
+    it on the GPU if copy + GPU time is below its CPU time, else run it on the CPU. Cached experts
+    run on the GPU. The decision is per expert, from cost estimates, not a joint schedule."""
+
+    name = "fiddler-prefill"
+
+    def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+        copies, cpu = [], []
+        for e in _desc([e for e in counts if e not in cached], counts):
+            if costs.copy() + costs.gpu(counts[e]) < costs.cpu(counts[e], False):
+                copies.append(e)
+            else:
+                cpu.append(e)
+        gpu = _desc([e for e in counts if e in cached], counts) + copies
+        return build_plan(layer, counts, gpu, copies, _asc(cpu, counts), costs,
+                          copy_free_at, gpu_free_at, cpu_free_at)
+
+
+def _optimal() -> Scheduler:
+    from hybrimoe.policy.optimal import OptimalScheduler
+
+    return OptimalScheduler(fallback=HybridScheduler())
+
+
+SCHEDULERS: dict[str, Callable[[], Scheduler]] = {
+    "hybrid": HybridScheduler,
+    "gpu-only": GpuOnlyScheduler,
+    "cpu-on-miss": CpuOnMissScheduler,
+    "static-layer": StaticLayerScheduler,
+    "fiddler-prefill": FiddlerPrefillScheduler,
+    "optimal": _optimal,
+}
+
+
+def get_scheduler(name: str) -> Scheduler:
+    """A new scheduler by registry name; ConfigError listing the known names otherwise."""
+    try:
+        factory = SCHEDULERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown scheduler {name!r}; known: {', '.join(SCHEDULERS)}") from None
+    return factory()

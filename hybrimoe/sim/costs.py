@@ -1,0 +1,99 @@
+"""What the simulator needs to know about time: per-layer expert costs, dense time, LM head.
+
+`SimCosts` is a protocol; `ProfileCosts` adapts the project's `CostModel` (a named hardware
+profile such as paper-a6000) and a `ModelShape`; `UniformCosts` is a hand-set version for tests
+and small experiments. All results in seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from hybrimoe.policy.plan import ExpertCosts, LinearCosts
+
+
+class SimCosts(Protocol):
+    expert_bytes: int  # bytes of one routed expert (what a copy moves)
+
+    def experts(self, layer: int) -> ExpertCosts:
+        """The layer's routed-expert costs (CPU, GPU, copy)."""
+        ...
+
+    def dense(self, layer: int, tokens: int, context: int) -> float:
+        """GPU seconds of everything but the routed experts: attention, norms, router, shared
+        experts (dense MLP for dense layers), for `tokens` new tokens after `context` cached ones."""
+        ...
+
+    def lm_head(self, tokens: int) -> float:
+        """GPU seconds of the final norm + LM head (logits of the last token only in prefill)."""
+        ...
+
+
+@dataclass(frozen=True)
+class UniformCosts:
+    """Same LinearCosts for every layer, constant dense time per layer (seconds)."""
+
+    expert: LinearCosts
+    dense_seconds: float = 0.0
+    lm_head_seconds: float = 0.0
+    expert_bytes: int = 1
+
+    def experts(self, layer: int) -> ExpertCosts:
+        return self.expert
+
+    def dense(self, layer: int, tokens: int, context: int) -> float:
+        return self.dense_seconds
+
+    def lm_head(self, tokens: int) -> float:
+        return self.lm_head_seconds
+
+
+class _Memo:
+    """`ExpertCosts` with results memoised per token count (the scheduler asks the same often)."""
+
+    def __init__(self, inner: ExpertCosts) -> None:
+        self._inner = inner
+        self._cpu: dict[tuple[int, bool], float] = {}
+        self._gpu: dict[int, float] = {}
+        self._copy = inner.copy()
+
+    def cpu(self, tokens: int, first: bool) -> float:
+        key = (tokens, first)
+        if key not in self._cpu:
+            self._cpu[key] = self._inner.cpu(tokens, first)
+        return self._cpu[key]
+
+    def gpu(self, tokens: int) -> float:
+        if tokens not in self._gpu:
+            self._gpu[tokens] = self._inner.gpu(tokens)
+        return self._gpu[tokens]
+
+    def copy(self) -> float:
+        return self._copy
+
+
+class ProfileCosts:
+    """`SimCosts` of a `ModelShape` under a `CostModel` profile (hybrimoe.policy.cost).
+
+    Every MoE layer of a model has the same expert shape, so one memoised table serves all layers.
+    Dense times are memoised per (layer, tokens, context).
+    """
+
+    def __init__(self, cost_model, shape) -> None:
+        self.cost_model, self.shape = cost_model, shape
+        self._experts = _Memo(cost_model.expert_costs(shape))
+        self.expert_bytes = int(round(shape.expert_bytes(cost_model.gpu_bits)))
+        self._dense: dict[tuple[int, int, int], float] = {}
+
+    def experts(self, layer: int) -> ExpertCosts:
+        return self._experts
+
+    def dense(self, layer: int, tokens: int, context: int) -> float:
+        key = (layer, tokens, context)
+        if key not in self._dense:
+            self._dense[key] = self.cost_model.gpu_dense_time(self.shape, layer, tokens, context)
+        return self._dense[key]
+
+    def lm_head(self, tokens: int) -> float:
+        return self.cost_model.lm_head_time(self.shape, 1)  # only the last position's logits are needed

@@ -1,0 +1,47 @@
+"""Results of one simulated run, and the timeline records the Gantt plot draws."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Span:
+    """One busy interval on one resource, in seconds from the start of its step."""
+
+    resource: str  # "cpu" | "gpu" | "copy"
+    layer: int
+    expert: int  # -1 for dense GPU work (attention, shared experts, LM head)
+    start: float
+    end: float
+    kind: str  # "expert" | "dense" | "copy" | "prefetch" | "fill"
+
+
+@dataclass
+class SimResult:
+    policy: str
+    cache_ratio: float
+    cache_slots: int  # experts the GPU cache holds
+    prompt_tokens: int
+    decode_steps: int
+    ttft_seconds: float | None  # prefill forward incl. LM head; None without a prefill
+    tbt_seconds: float | None  # mean decode forward; None without decode steps
+    hit_rate: float  # all activations (a prefill activation = one expert of one layer in the forward)
+    prefill_hit_rate: float | None
+    decode_hit_rate: float | None
+    bytes_copied: int  # on-demand + prefetch + fill copies over the link
+    prefetch_copies: int
+    prefetch_useful: int  # prefetched experts used before being evicted
+    cpu_busy: float  # fraction of simulated time the resource was busy
+    gpu_busy: float
+    link_busy: float
+    predictor: str  # which predictions the prefetcher got ("none" when it does not prefetch)
+    total_seconds: float
+    trace: str = ""
+    model: str = ""
+    profile: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    def row(self) -> dict:
+        """JSON-friendly dict (one line of `hybrimoe simulate --json`)."""
+        return asdict(self)
