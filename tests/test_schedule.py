@@ -1,0 +1,107 @@
+"""Schedulers: the paper's worked example, plan invariants, hybrid vs exhaustive optimum."""
+
+import random
+import time
+
+import pytest
+
+from hybrimoe.errors import ConfigError
+from hybrimoe.policy.plan import LinearCosts, Plan
+from hybrimoe.policy.schedule import SCHEDULERS, get_scheduler
+
+
+def _random_layer(rng: random.Random, max_experts: int = 10):
+    counts = {e: rng.randint(1, 64) for e in rng.sample(range(64), rng.randint(1, max_experts))}
+    cached = {e for e in counts if rng.random() < 0.5}
+    costs = LinearCosts(cpu_per_token=rng.uniform(0.05, 0.5), gpu_fixed=rng.uniform(0.2, 1.0),
+                        copy_seconds=rng.uniform(0.5, 5.0), cpu_fixed=rng.uniform(0.0, 0.5),
+                        cpu_first_extra=rng.uniform(0.0, 0.5), gpu_per_token=rng.uniform(0.0, 0.02))
+    return counts, cached, costs
+
+
+def _check_plan(plan: Plan, counts, cached, costs, copy_free_at=0.0, gpu_free_at=0.0, cpu_free_at=0.0):
+    assert sorted(plan.gpu_order + plan.cpu_order) == sorted(counts)  # every expert exactly once
+    assert set(plan.copies) <= set(plan.gpu_order)
+    assert set(plan.gpu_order) - set(plan.copies) <= cached  # a GPU expert is cached or copied
+    assert not set(plan.copies) & cached
+    copy_end = {t.expert: t.end for t in plan.tasks_on("copy")}
+    free = {"copy": copy_free_at, "gpu": gpu_free_at, "cpu": cpu_free_at}
+    for resource in ("cpu", "gpu", "copy"):
+        tasks = plan.tasks_on(resource)
+        for a, b in zip(tasks, tasks[1:]):
+            assert a.end <= b.start + 1e-12  # one task at a time
+        for t in tasks:
+            assert t.start >= free[resource] - 1e-12 and t.end >= t.start
+    for t in plan.tasks_on("gpu"):
+        assert t.start >= copy_end.get(t.expert, 0.0) - 1e-12  # no compute before the copy lands
+    assert plan.makespan == pytest.approx(max([t.end for t in plan.tasks if t.resource != "copy"]
+                                              + [gpu_free_at, cpu_free_at]))
+
+
+def test_paper_example_cpu_takes_cached_low_load_while_gpu_runs_copied_high_load():
+    # transfer = 3 units, GPU time constant (2), CPU time = load; experts 0 (load 1) and 1 (load 5)
+    # cached, expert 2 (load 8) not cached.
+    costs = LinearCosts(cpu_per_token=1.0, gpu_fixed=2.0, copy_seconds=3.0)
+    counts, cached = {0: 1, 1: 5, 2: 8}, {0, 1}
+    plan = get_scheduler("hybrid").plan(0, counts, cached, costs)
+    assert plan.cpu_order == (0,)  # the CPU computes the cached, lightly loaded expert
+    assert plan.copies == (2,) and plan.gpu_order == (1, 2)  # the GPU runs the copied heavy one
+    assert plan.makespan == pytest.approx(5.0)
+    assert get_scheduler("optimal").plan(0, counts, cached, costs).makespan == pytest.approx(5.0)
+    assert get_scheduler("gpu-only").plan(0, counts, cached, costs).makespan == pytest.approx(6.0)
+    assert get_scheduler("cpu-on-miss").plan(0, counts, cached, costs).makespan == pytest.approx(8.0)
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_plans_are_consistent(name):
+    rng = random.Random(1)
+    scheduler = get_scheduler(name)
+    for _ in range(60):
+        counts, cached, costs = _random_layer(rng)
+        free = dict(copy_free_at=rng.uniform(0, 2), gpu_free_at=rng.uniform(0, 1), cpu_free_at=rng.uniform(0, 1))
+        _check_plan(scheduler.plan(3, counts, cached, costs, **free), counts, cached, costs, **free)
+
+
+def test_hybrid_within_10_percent_of_optimal_on_95_percent_of_small_layers():
+    rng = random.Random(0)
+    hybrid, optimal = get_scheduler("hybrid"), get_scheduler("optimal")
+    ratios = []
+    for _ in range(400):
+        counts, cached, costs = _random_layer(rng)
+        best = optimal.plan(0, counts, cached, costs).makespan
+        ratios.append(hybrid.plan(0, counts, cached, costs).makespan / best)
+    ratios.sort()
+    print("hybrid/optimal makespan: median %.3f, p95 %.3f, p99 %.3f, max %.3f"
+          % (ratios[200], ratios[379], ratios[395], ratios[-1]))
+    assert min(ratios) >= 1.0 - 1e-9  # nothing beats the exhaustive optimum
+    assert sum(r <= 1.10 for r in ratios) / len(ratios) >= 0.95
+
+
+def test_optimal_is_never_beaten_and_fast_for_ten_experts():
+    rng = random.Random(2)
+    others = [get_scheduler(n) for n in SCHEDULERS if n != "optimal"]
+    optimal = get_scheduler("optimal")
+    for _ in range(100):
+        counts, cached, costs = _random_layer(rng)
+        best = optimal.plan(0, counts, cached, costs).makespan
+        assert all(s.plan(0, counts, cached, costs).makespan >= best - 1e-9 for s in others)
+    counts = {e: 5 * e + 1 for e in range(10)}
+    start = time.perf_counter()
+    optimal.plan(0, counts, {0, 3, 7}, LinearCosts(cpu_per_token=0.1, gpu_fixed=0.5, copy_seconds=1.5))
+    assert time.perf_counter() - start < 0.5
+
+
+def test_hybrid_handles_prefill_sized_layers():
+    rng = random.Random(3)
+    counts = {e: rng.randint(1, 300) for e in range(64)}
+    cached = set(range(0, 64, 3))
+    costs = LinearCosts(cpu_per_token=0.01, gpu_fixed=0.05, copy_seconds=0.2, gpu_per_token=0.0005)
+    plan = get_scheduler("hybrid").plan(0, counts, cached, costs)
+    _check_plan(plan, counts, cached, costs)
+    for name in ("gpu-only", "cpu-on-miss"):
+        assert plan.makespan <= get_scheduler(name).plan(0, counts, cached, costs).makespan + 1e-12
+
+
+def test_unknown_scheduler_lists_known_names():
+    with pytest.raises(ConfigError, match="hybrid.*optimal"):
+        get_scheduler("fastest")
