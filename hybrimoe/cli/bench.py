@@ -1,0 +1,37 @@
+"""`hybrimoe bench`: the paper's comparison, simulated on the packaged eval traces."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("bench", help="simulated HybriMoE vs baselines on the packaged eval traces",
+                              description=__doc__)
+    p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.json, bench.md and PNGs go")
+    p.add_argument("--quick", action="store_true", help="one model, one cache ratio, few steps (~10 s)")
+    p.add_argument("--profile", default="paper-a6000", metavar="NAME", help="cost profile (default paper-a6000)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from hybrimoe.policy.cost import CostModel
+    from hybrimoe.sim.bench import BenchConfig, run_bench
+    from hybrimoe.sim.report import markdown
+
+    CostModel.load(args.profile)  # a bad name fails before any work
+    config = BenchConfig.quick() if args.quick else BenchConfig()
+    config = dataclasses.replace(config, profile=args.profile)
+    out = Path(args.out)
+    doc = run_bench(config, out)
+    text = markdown(doc)
+    (out / "bench.md").write_text(text, encoding="utf-8")
+    print(text)
+    log.info("wrote %s (bench.json, bench.md, speedup_*.png, hit_rates.png, timeline_*.png)", out)
+    return 0

@@ -1,0 +1,90 @@
+"""`hybrimoe simulate`: run policies over routing traces on a virtual clock (cost-model profile)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+from hybrimoe.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("simulate", help="simulate scheduling/caching policies on routing traces",
+                              description=__doc__)
+    p.add_argument("--trace", nargs="+", required=True, metavar="FILE",
+                   help="routing traces (project format, or the original Mixtral JSONL / Qwen JSON)")
+    p.add_argument("--model-shape", default=None, metavar="NAME",
+                   help="named model shape or config.json path (default: the trace's model)")
+    p.add_argument("--profile", default="paper-a6000", metavar="NAME", help="cost profile (default paper-a6000)")
+    p.add_argument("--policy", type=_names, default=["hybrimoe", "ktransformers"], metavar="NAME[,NAME...]",
+                   help="presets: hybrimoe, ktransformers, llamacpp, gpu-lru, fiddler, resident, oracle, ablations")
+    p.add_argument("--cache-ratio", type=_floats, default=[0.25], metavar="R[,R...]",
+                   help="fraction of all routed experts the GPU cache holds (default 0.25)")
+    p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
+                   help="prompt length (default: the trace's own prefill tokens)")
+    p.add_argument("--max-decode", type=int, default=None, metavar="N", help="at most N decode steps")
+    p.add_argument("--predictor-accuracy", type=float, default=0.8, metavar="A",
+                   help="accuracy of the prefetch predictor (true routing with noise; default 0.8)")
+    p.add_argument("--json", action="store_true", help="one JSON object per line per (trace, policy, cache ratio)")
+    p.add_argument("--plot", default=None, metavar="PNG",
+                   help="Gantt timeline of the first run's forward --plot-step (0 = prefill)")
+    p.add_argument("--plot-step", type=int, default=0, metavar="K")
+    p.set_defaults(func=run)
+
+
+def _fmt(seconds: float | None, scale: float = 1e3) -> str:
+    return "-" if seconds is None else f"{seconds * scale:.2f}"
+
+
+def run(args: argparse.Namespace) -> int:
+    from hybrimoe.policy.presets import get_preset
+    from hybrimoe.sim.runner import make_setup, simulate_one
+    from hybrimoe.trace.importers import load_any_trace
+
+    for name in args.policy:
+        get_preset(name)  # fail early on a bad name
+    if any(not 0.0 <= r <= 1.0 for r in args.cache_ratio):
+        raise ConfigError(f"--cache-ratio values must be in [0, 1], got {args.cache_ratio}")
+    if not 0.0 <= args.predictor_accuracy <= 1.0:
+        raise ConfigError(f"--predictor-accuracy must be in [0, 1], got {args.predictor_accuracy}")
+    if not args.json:
+        print(f"{'trace':22s} {'policy':24s} {'cache':>5s} {'prompt':>6s} {'TTFT ms':>9s} {'TBT ms':>8s} "
+              f"{'hit':>6s} {'GB copied':>9s} {'cpu/gpu/link busy':>18s}")
+    plotted = False
+    for path in args.trace:
+        setup = make_setup(load_any_trace(path), Path(path).name, args.model_shape, args.profile, Path(path))
+        for policy in args.policy:
+            for ratio in args.cache_ratio:
+                want_plot = args.plot is not None and not plotted
+                result, sim = simulate_one(setup, policy, ratio, args.prompt_tokens, args.max_decode,
+                                           args.predictor_accuracy, args.plot_step if want_plot else None)
+                if want_plot:
+                    from hybrimoe.sim.plot import plot_timeline
+
+                    plot_timeline(sim.spans, args.plot, f"{setup.name} {policy} cache {ratio:g} forward {args.plot_step} "
+                                  f"({setup.profile}, simulated)")
+                    plotted = True
+                    log.info("timeline written to %s", args.plot)
+                if args.json:
+                    print(json.dumps(result.row()), flush=True)
+                else:
+                    busy = f"{result.cpu_busy:.2f}/{result.gpu_busy:.2f}/{result.link_busy:.2f}"
+                    print(f"{setup.name[:22]:22s} {policy:24s} {ratio:5.2f} {result.prompt_tokens:6d} "
+                          f"{_fmt(result.ttft_seconds):>9s} {_fmt(result.tbt_seconds):>8s} {result.hit_rate:6.3f} "
+                          f"{result.bytes_copied / 1e9:9.2f} {busy:>18s}", flush=True)
+    return 0

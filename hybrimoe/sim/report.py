@@ -1,0 +1,70 @@
+"""Markdown tables of a `hybrimoe bench` result (what docs/BENCH.md shows)."""
+
+from __future__ import annotations
+
+from hybrimoe.sim.bench import BASELINE, _speedup
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.1f}"
+
+
+def markdown(doc: dict) -> str:
+    rows = doc["rows"]
+    cfg = doc["config"]
+    lines = [f"Simulated with cost profile `{doc['profile']}` on the packaged eval traces (not measured).", ""]
+    lines += ["### Mean speedup over kTransformers", "",
+              "| policy | prefill (TTFT) | decode (TBT) |", "|---|---|---|"]
+    for policy, s in doc["summary"].items():
+        lines.append(f"| {policy} | {s['prefill_speedup']:.2f}x | {s['decode_speedup']:.2f}x |")
+    prompts = cfg["prompts"]
+    lines += ["", "### TTFT and TBT per model and cache ratio (ms; speedup over kTransformers)", "",
+              "| model | cache | policy | " + " | ".join(f"TTFT {n}" for n in prompts) + " | TBT |",
+              "|---" * (4 + len(prompts)) + "|"]
+    pre = {(r["model"], r["cache_ratio"], r["policy"], r["prompt_tokens"]): s
+           for r, s in [x for p in {r["policy"] for r in rows if r["block"] == "main"} for x in _speedup(rows, p, "prefill", "ttft_seconds")]}
+    dec = {(r["model"], r["cache_ratio"], r["policy"]): s
+           for r, s in [x for p in {r["policy"] for r in rows if r["block"] == "main"} for x in _speedup(rows, p, "decode", "tbt_seconds")]}
+    for r in rows:
+        if r["block"] != "main" or r["phase"] != "decode":
+            continue
+        key = (r["model"], r["cache_ratio"], r["policy"])
+        cells = []
+        for n in prompts:
+            p = next(x for x in rows if x["block"] == "main" and x["phase"] == "prefill" and
+                     (x["model"], x["cache_ratio"], x["policy"], x["prompt_tokens"]) == key + (n,))
+            cells.append(f"{_ms(p['ttft_seconds'])} ({pre[key + (n,)]:.2f}x)")
+        lines.append(f"| {r['model']} | {r['cache_ratio']:g} | {r['policy']} | " + " | ".join(cells)
+                     + f" | {_ms(r['tbt_seconds'])} ({dec[key]:.2f}x) |")
+    wrapped = sorted({(r["model"], r["prompt_tokens"]) for r in rows if r.get("prompt_wrapped")})
+    if wrapped:
+        lines += ["", "Prompts longer than the trace cycle its tokens: " +
+                  ", ".join(f"{m} {n}" for m, n in wrapped) + "."]
+    lines += ["", f"### Ablation (cache {min(cfg['ratios']):g}; prefill of {cfg['ablation_prompt']} tokens)", "",
+              "| model | policy | TTFT ms | speedup | TBT ms | speedup |", "|---|---|---|---|---|---|"]
+    abl = [r for r in rows if r["block"] == "ablation"]
+    for r in abl:
+        if r["phase"] != "prefill":
+            continue
+        d = next(x for x in abl if x["phase"] == "decode" and (x["model"], x["policy"]) == (r["model"], r["policy"]))
+        bp = next(x for x in abl if x["phase"] == "prefill" and (x["model"], x["policy"]) == (r["model"], BASELINE))
+        bd = next(x for x in abl if x["phase"] == "decode" and (x["model"], x["policy"]) == (r["model"], BASELINE))
+        lines.append(f"| {r['model']} | {r['policy']} | {_ms(r['ttft_seconds'])} | "
+                     f"{bp['ttft_seconds'] / r['ttft_seconds']:.2f}x | {_ms(d['tbt_seconds'])} | "
+                     f"{bd['tbt_seconds'] / d['tbt_seconds']:.2f}x |")
+    lines += ["", "### Decode hit rate, MRS vs LRU (kTransformers scheduling, misses filled in link idle time)", "",
+              "| model | cache | MRS | LRU |", "|---|---|---|---|"]
+    cache = [r for r in rows if r["block"] == "cache"]
+    for r in cache:
+        if r["cache"] == "mrs":
+            lru = next(x for x in cache if x["cache"] == "lru" and (x["model"], x["cache_ratio"]) ==
+                       (r["model"], r["cache_ratio"]))
+            lines.append(f"| {r['model']} | {r['cache_ratio']:g} | {r['decode_hit_rate']:.3f} | "
+                         f"{lru['decode_hit_rate']:.3f} |")
+    lines += ["", f"### Prefetching (HybriMoE decode, cache {min(cfg['ratios']):g})", "",
+              "| model | predictor | TBT ms | prefetched experts | used before eviction |", "|---|---|---|---|---|"]
+    for r in rows:
+        if r["block"] == "prefetch":
+            used = f"{r['prefetch_useful'] / r['prefetch_copies']:.0%}" if r["prefetch_copies"] else "-"
+            lines.append(f"| {r['model']} | {r['variant']} | {_ms(r['tbt_seconds'])} | {r['prefetch_copies']} | {used} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,69 @@
+"""Glue shared by `hybrimoe simulate` and `hybrimoe bench`: load a trace's model shape, profile and
+warm-up traces, and run a grid of (policy, cache ratio) simulations."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from hybrimoe.errors import TraceError
+from hybrimoe.policy.cost import CostModel
+from hybrimoe.policy.presets import Preset, get_preset
+from hybrimoe.policy.shape import ModelShape
+from hybrimoe.sim.costs import ProfileCosts
+from hybrimoe.sim.metrics import SimResult
+from hybrimoe.sim.prompt import build_workload
+from hybrimoe.sim.simulator import SimConfig, Simulator
+from hybrimoe.trace.format import RoutingTrace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Setup:
+    """A trace with what it is simulated against."""
+
+    trace: RoutingTrace
+    name: str  # file name, for tables
+    shape: ModelShape
+    costs: ProfileCosts
+    profile: str
+    warmup: list[RoutingTrace] = field(default_factory=list)  # dev traces of the model (hot set)
+    warmup_note: str = ""
+
+
+def dev_traces(model: str, exclude: Path | None = None) -> list[RoutingTrace]:
+    """The packaged dev traces of `model` (never eval ones), minus `exclude`; [] when none."""
+    from hybrimoe.data import packaged_traces
+
+    try:
+        found = packaged_traces(model, "dev")
+    except TraceError:
+        return []
+    return [RoutingTrace.load(t.path) for t in found
+            if exclude is None or t.path.resolve() != Path(exclude).resolve()]
+
+
+def make_setup(trace: RoutingTrace, name: str, shape_name: str | None, profile: str,
+               trace_path: Path | None = None) -> Setup:
+    shape = ModelShape.named(shape_name or trace.header.model)
+    cost_model = CostModel.load(profile)
+    warmup = dev_traces(shape.name, trace_path)
+    note = (f"hot set from {len(warmup)} dev trace(s) of {shape.name}" if warmup
+            else "no dev trace of this model: hot set from the simulated trace itself")
+    return Setup(trace, name, shape, ProfileCosts(cost_model, shape), cost_model.name, warmup, note)
+
+
+def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_tokens: int | None = None,
+                 max_decode: int | None = None, predictor_accuracy: float = 0.8, timeline_step: int | None = None,
+                 horizon: int = 3, mrs_alpha: float = 0.5, predictor=None) -> tuple[SimResult, Simulator]:
+    workload = build_workload(setup.trace, prompt_tokens, max_decode)
+    preset = get_preset(policy) if isinstance(policy, str) else policy
+    config = SimConfig(preset, cache_ratio, predictor_accuracy=predictor_accuracy, predictor=predictor,
+                       horizon=horizon, mrs_alpha=mrs_alpha, timeline_step=timeline_step)
+    sim = Simulator(setup.shape, setup.costs, config, setup.warmup)
+    result = sim.run(setup.trace, workload)
+    result.trace, result.profile = setup.name, setup.profile
+    result.notes.append(setup.warmup_note)
+    return result, sim
