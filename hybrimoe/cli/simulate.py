@@ -40,6 +40,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-decode", type=int, default=None, metavar="N", help="at most N decode steps")
     p.add_argument("--predictor-accuracy", type=float, default=0.8, metavar="A",
                    help="accuracy of the prefetch predictor (true routing with noise; default 0.8)")
+    p.add_argument("--mrs-alpha", type=float, default=0.5, metavar="A", help="MRS decay (default 0.5, the paper's)")
+    p.add_argument("--horizon", type=int, default=3, metavar="L", help="prefetch look-ahead in MoE layers (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line per (trace, policy, cache ratio)")
     p.add_argument("--plot", default=None, metavar="PNG",
                    help="Gantt timeline of the first run's forward --plot-step (0 = prefill)")
@@ -72,12 +74,13 @@ def run(args: argparse.Namespace) -> int:
             for ratio in args.cache_ratio:
                 want_plot = args.plot is not None and not plotted
                 result, sim = simulate_one(setup, policy, ratio, args.prompt_tokens, args.max_decode,
-                                           args.predictor_accuracy, args.plot_step if want_plot else None)
+                                           args.predictor_accuracy, args.plot_step if want_plot else None,
+                                           horizon=args.horizon, mrs_alpha=args.mrs_alpha)
                 if want_plot:
                     from hybrimoe.sim.plot import plot_timeline
 
-                    plot_timeline(sim.spans, args.plot, f"{setup.name} {policy} cache {ratio:g} forward {args.plot_step} "
-                                  f"({setup.profile}, simulated)")
+                    plot_timeline(sim.spans, args.plot, f"{setup.name} {policy} cache {ratio:g} forward "
+                                  f"{args.plot_step} ({setup.profile}, simulated)")
                     plotted = True
                     log.info("timeline written to %s", args.plot)
                 if args.json:

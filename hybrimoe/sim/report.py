@@ -21,10 +21,11 @@ def markdown(doc: dict) -> str:
     lines += ["", "### TTFT and TBT per model and cache ratio (ms; speedup over kTransformers)", "",
               "| model | cache | policy | " + " | ".join(f"TTFT {n}" for n in prompts) + " | TBT |",
               "|---" * (4 + len(prompts)) + "|"]
+    policies = {r["policy"] for r in rows if r["block"] == "main"}
     pre = {(r["model"], r["cache_ratio"], r["policy"], r["prompt_tokens"]): s
-           for r, s in [x for p in {r["policy"] for r in rows if r["block"] == "main"} for x in _speedup(rows, p, "prefill", "ttft_seconds")]}
+           for p in policies for r, s in _speedup(rows, p, "prefill", "ttft_seconds")}
     dec = {(r["model"], r["cache_ratio"], r["policy"]): s
-           for r, s in [x for p in {r["policy"] for r in rows if r["block"] == "main"} for x in _speedup(rows, p, "decode", "tbt_seconds")]}
+           for p in policies for r, s in _speedup(rows, p, "decode", "tbt_seconds")}
     for r in rows:
         if r["block"] != "main" or r["phase"] != "decode":
             continue
@@ -66,5 +67,6 @@ def markdown(doc: dict) -> str:
     for r in rows:
         if r["block"] == "prefetch":
             used = f"{r['prefetch_useful'] / r['prefetch_copies']:.0%}" if r["prefetch_copies"] else "-"
-            lines.append(f"| {r['model']} | {r['variant']} | {_ms(r['tbt_seconds'])} | {r['prefetch_copies']} | {used} |")
+            lines.append(f"| {r['model']} | {r['variant']} | {_ms(r['tbt_seconds'])} | {r['prefetch_copies']} "
+                         f"| {used} |")
     return "\n".join(lines) + "\n"

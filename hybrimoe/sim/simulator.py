@@ -73,6 +73,8 @@ class Simulator:
         activation frequencies pick the initial hot set (dev traces of the same model)."""
         if not 0.0 <= config.cache_ratio <= 1.0:
             raise ConfigError(f"cache ratio must be in [0, 1], got {config.cache_ratio}")
+        if config.horizon < 0:
+            raise ConfigError(f"prefetch look-ahead must be >= 0 MoE layers, got {config.horizon}")
         self.shape, self.costs, self.config, self.preset = shape, costs, config, config.preset
         self.moe_layers = sorted(shape.moe_layers)
         self.warmup = warmup or []

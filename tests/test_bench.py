@@ -1,0 +1,42 @@
+"""`hybrimoe simulate` and `hybrimoe bench` from the command line."""
+
+import json
+
+from hybrimoe.cli import main
+from hybrimoe.data import packaged_traces
+
+
+def _trace() -> str:
+    return str(packaged_traces("qwen1.5-moe-a2.7b", "eval")[0].path)
+
+
+def test_simulate_json_has_one_line_per_policy_and_ratio(capsys, tmp_path):
+    png = tmp_path / "timeline.png"
+    code = main(["simulate", "--trace", _trace(), "--policy", "hybrimoe,ktransformers", "--cache-ratio", "0.25,0.5",
+                 "--prompt-tokens", "16", "--max-decode", "3", "--predictor-accuracy", "0.9", "--json",
+                 "--plot", str(png)])
+    assert code == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [(r["policy"], r["cache_ratio"]) for r in rows] == [
+        ("hybrimoe", 0.25), ("hybrimoe", 0.5), ("ktransformers", 0.25), ("ktransformers", 0.5)]
+    for r in rows:
+        assert r["ttft_seconds"] > 0 and r["tbt_seconds"] > 0 and 0 <= r["hit_rate"] <= 1
+        assert r["prompt_tokens"] == 16 and r["decode_steps"] == 3 and r["profile"] == "paper-a6000"
+    assert rows[0]["predictor"] == "truth-with-noise(0.9)"
+    assert png.stat().st_size > 1000
+
+
+def test_simulate_rejects_unknown_policy(capsys):
+    assert main(["simulate", "--trace", _trace(), "--policy", "magic"]) == 2
+    assert "hybrimoe" in capsys.readouterr().err  # the error lists the known presets
+
+
+def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    assert doc["simulated"] and doc["profile"] == "paper-a6000"
+    assert {"main", "ablation", "cache", "prefetch"} <= {r["block"] for r in doc["rows"]}
+    assert doc["summary"]["ktransformers"]["decode_speedup"] == 1.0
+    for name in ("speedup_prefill.png", "speedup_decode.png", "hit_rates.png", "timeline_hybrimoe.png"):
+        assert (tmp_path / name).stat().st_size > 1000
+    assert "Mean speedup over kTransformers" in capsys.readouterr().out
