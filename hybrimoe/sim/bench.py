@@ -29,6 +29,9 @@ from hybrimoe.trace.format import RoutingTrace
 
 log = logging.getLogger(__name__)
 BASELINE = "ktransformers"
+# Chosen on DEV traces by benchmarks/tune_on_dev.py (benchmarks/tune_on_dev.json): MRS alpha from
+# {0.1, 0.3, 0.5, 0.7, 0.9} by decode hit rate, look-ahead L from {1, 2, 3, 4} by relative TBT.
+TUNED = {"mrs_alpha": 0.1, "horizon": 1}
 ABLATION = ("ktransformers", "hybrimoe-sched-only", "hybrimoe-prefetch-only", "hybrimoe-cache-only", "hybrimoe")
 
 
@@ -74,7 +77,7 @@ def _setups(config: BenchConfig) -> dict[str, list[Setup]]:
 
 def _decode(setups: list[Setup], policy, ratio: float, config: BenchConfig, **kw) -> dict:
     """Decode over every eval trace of a model: TBT weighted by steps, hit rate over all steps."""
-    results = [simulate_one(s, policy, ratio, None, config.max_decode, **kw)[0] for s in setups]
+    results = [simulate_one(s, policy, ratio, None, config.max_decode, **{**TUNED, **kw})[0] for s in setups]
     steps = sum(r.decode_steps for r in results)
     tbt = sum(r.tbt_seconds * r.decode_steps for r in results) / steps
     hits = [r.decode_hit_rate for r in results for _ in range(r.decode_steps)]
@@ -98,7 +101,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
         for ratio in config.ratios:
             for policy in config.policies:
                 for n in config.prompts:
-                    r, _ = simulate_one(first, policy, ratio, n, 0)
+                    r, _ = simulate_one(first, policy, ratio, n, 0, **TUNED)
                     rows.append({"block": "main", "phase": "prefill", "model": model, "policy": policy,
                                  "cache_ratio": ratio, "prompt_tokens": n, "trace": first.name,
                                  "ttft_seconds": r.ttft_seconds, "hit_rate": r.hit_rate, "prompt_wrapped": bool(
@@ -109,7 +112,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
                 progress.tick(f"{model} decode {policy} cache {ratio}")
         ratio = min(config.ratios)
         for policy in ABLATION:
-            r, _ = simulate_one(first, policy, ratio, config.ablation_prompt, 0)
+            r, _ = simulate_one(first, policy, ratio, config.ablation_prompt, 0, **TUNED)
             rows.append({"block": "ablation", "phase": "prefill", "model": model, "policy": policy,
                          "cache_ratio": ratio, "prompt_tokens": config.ablation_prompt, "ttft_seconds": r.ttft_seconds})
             progress.tick(f"{model} ablation prefill {policy}")
@@ -138,7 +141,8 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
             rows.append({"block": "prefetch", "phase": "decode", "model": model, "variant": label,
                          "cache_ratio": ratio, **_decode(setups, policy, ratio, config, **kw)})
             progress.tick(f"{model} prefetch {label}")
-    doc = {"profile": config.profile, "simulated": True, "config": dataclasses.asdict(config), "rows": rows,
+    doc = {"profile": config.profile, "simulated": True, "config": dataclasses.asdict(config), "tuned": TUNED,
+           "rows": rows,
            "summary": summarise(rows)}
     (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     _plots(config, models, rows, out)
@@ -185,7 +189,7 @@ def _plots(config: BenchConfig, models: dict[str, list[Setup]], rows: list[dict]
     model, setups = next(iter(models.items()))
     prompt = config.ablation_prompt
     for policy in ("hybrimoe", BASELINE):
-        _, sim = simulate_one(setups[0], policy, min(config.ratios), prompt, 0, timeline_step=0)
+        _, sim = simulate_one(setups[0], policy, min(config.ratios), prompt, 0, timeline_step=0, **TUNED)
         plot_timeline(sim.spans, out / f"timeline_{policy}.png",
                       f"{model} ({setups[0].name}) {policy}, prefill of {prompt} tokens, cache "
                       f"{min(config.ratios):g}, simulated with {config.profile}")

@@ -12,7 +12,10 @@ def _ms(seconds: float) -> str:
 def markdown(doc: dict) -> str:
     rows = doc["rows"]
     cfg = doc["config"]
-    lines = [f"Simulated with cost profile `{doc['profile']}` on the packaged eval traces (not measured).", ""]
+    tuned = doc.get("tuned", {})
+    lines = [f"Simulated with cost profile `{doc['profile']}` on the packaged eval traces (not measured); "
+             f"MRS alpha {tuned.get('mrs_alpha', 0.5)}, prefetch look-ahead L = {tuned.get('horizon', 3)} "
+             "(chosen on dev traces); prefetch predictor accuracy 0.8 unless stated.", ""]
     lines += ["### Mean speedup over kTransformers", "",
               "| policy | prefill (TTFT) | decode (TBT) |", "|---|---|---|"]
     for policy, s in doc["summary"].items():
