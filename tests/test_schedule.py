@@ -105,3 +105,17 @@ def test_hybrid_handles_prefill_sized_layers():
 def test_unknown_scheduler_lists_known_names():
     with pytest.raises(ConfigError, match="hybrid.*optimal"):
         get_scheduler("fastest")
+
+
+def test_hybrid_search_on_large_layers_matches_the_full_scan():
+    rng = random.Random(5)
+    fast, full = get_scheduler("hybrid"), type(get_scheduler("hybrid"))(full_search_limit=10**6)
+    ratios = []
+    for _ in range(100):
+        counts = {e: max(1, int(rng.paretovariate(1.2) * 5)) for e in range(rng.randint(17, 100))}
+        cached = {e for e in counts if rng.random() < 0.4}
+        costs = LinearCosts(cpu_per_token=rng.uniform(0.005, 0.05), gpu_fixed=rng.uniform(0.02, 0.1),
+                            copy_seconds=rng.uniform(0.05, 0.5), cpu_first_extra=rng.uniform(0, 0.05))
+        ratios.append(fast.plan(0, counts, cached, costs).makespan / full.plan(0, counts, cached, costs).makespan)
+    assert min(ratios) >= 1.0 - 1e-12  # the full scan is the better of the two by construction
+    assert sum(r <= 1.01 for r in ratios) >= 95

@@ -6,6 +6,18 @@ activated experts of a warm-up trace (dev traces of the model when available), f
 Then: "static" caches never change (copied experts run from a transient buffer); dynamic caches
 admit copied experts (victim by their policy) and, with `fill_misses`, also copy experts that the
 CPU computed on a miss into the cache in link idle time, if the policy values them above the victim.
+
+How an executor (the simulator, or the GPU runtime) drives one MoE layer with a preset:
+    counts = {expert: tokens}; cache.policy.observe(layer, scores, experts, weights) per token
+    for e in counts: cache.access((layer, e))                      # hit / miss counters
+    plan = scheduler.plan(layer, counts, cache.cached_experts(layer) & set(counts), costs,
+                          copy_free_at=seconds the link is still busy)
+    cache.pin(current keys); run plan.copies / plan.gpu_order / plan.cpu_order on the three timelines
+    decode: cache.insert((layer, e), protect=current) for e in plan.copies (prefill: transient buffer)
+    keys = prefetcher.step(layer, predicted, cache, link idle seconds, costs_for_layer, scheduler, current)
+    copy + cache.insert(key, protect=current | already prefetched) each key in the idle window; then,
+    with fill_misses, cache.insert((layer, e), protect, by_value=True) for CPU-computed misses
+    cache.unpin_all()
 """
 
 from __future__ import annotations
