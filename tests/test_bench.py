@@ -40,3 +40,11 @@ def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
     for name in ("speedup_prefill.png", "speedup_decode.png", "hit_rates.png", "timeline_hybrimoe.png"):
         assert (tmp_path / name).stat().st_size > 1000
     assert "Mean speedup over kTransformers" in capsys.readouterr().out
+
+
+def test_simulate_with_learned_predictor_and_per_layer_budgets(capsys):
+    code = main(["simulate", "--trace", _trace(), "--policy", "hybrimoe", "--max-decode", "3",
+                 "--predictor", "cross-layer", "--per-layer-cache", "--json"])
+    assert code == 0
+    row = json.loads(capsys.readouterr().out.splitlines()[0])
+    assert row["predictor"] == "cross-layer-stats" and row["decode_steps"] == 3

@@ -40,6 +40,11 @@ def register(subparsers) -> None:
     p.add_argument("--max-decode", type=int, default=None, metavar="N", help="at most N decode steps")
     p.add_argument("--predictor-accuracy", type=float, default=0.8, metavar="A",
                    help="accuracy of the prefetch predictor (true routing with noise; default 0.8)")
+    p.add_argument("--predictor", choices=("noise", "cross-layer"), default="noise",
+                   help="prefetch predictions: true routing with noise at --predictor-accuracy (default), or "
+                        "co-activation statistics learned on the model's packaged dev traces")
+    p.add_argument("--per-layer-cache", action="store_true",
+                   help="give each MoE layer an equal share of the cache slots instead of one global budget")
     p.add_argument("--mrs-alpha", type=float, default=0.5, metavar="A", help="MRS decay (default 0.5, the paper's)")
     p.add_argument("--horizon", type=int, default=3, metavar="L", help="prefetch look-ahead in MoE layers (default 3)")
     p.add_argument("--json", action="store_true", help="one JSON object per line per (trace, policy, cache ratio)")
@@ -54,6 +59,7 @@ def _fmt(seconds: float | None, scale: float = 1e3) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from hybrimoe.policy.predictor import CrossLayerStats
     from hybrimoe.policy.presets import get_preset
     from hybrimoe.sim.runner import make_setup, simulate_one
     from hybrimoe.trace.importers import load_any_trace
@@ -70,12 +76,19 @@ def run(args: argparse.Namespace) -> int:
     plotted = False
     for path in args.trace:
         setup = make_setup(load_any_trace(path), Path(path).name, args.model_shape, args.profile, Path(path))
+        predictor = None
+        if args.predictor == "cross-layer":
+            if not setup.warmup:
+                raise ConfigError(f"--predictor cross-layer needs packaged dev traces of {setup.shape.name}; "
+                                  "there are none")
+            predictor = CrossLayerStats(setup.shape.top_k).fit(setup.warmup, args.horizon)
         for policy in args.policy:
             for ratio in args.cache_ratio:
                 want_plot = args.plot is not None and not plotted
                 result, sim = simulate_one(setup, policy, ratio, args.prompt_tokens, args.max_decode,
                                            args.predictor_accuracy, args.plot_step if want_plot else None,
-                                           horizon=args.horizon, mrs_alpha=args.mrs_alpha)
+                                           horizon=args.horizon, mrs_alpha=args.mrs_alpha, predictor=predictor,
+                                           per_layer_cache=args.per_layer_cache)
                 if want_plot:
                     from hybrimoe.sim.plot import plot_timeline
 

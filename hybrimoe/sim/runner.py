@@ -57,11 +57,13 @@ def make_setup(trace: RoutingTrace, name: str, shape_name: str | None, profile: 
 
 def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_tokens: int | None = None,
                  max_decode: int | None = None, predictor_accuracy: float = 0.8, timeline_step: int | None = None,
-                 horizon: int = 3, mrs_alpha: float = 0.5, predictor=None) -> tuple[SimResult, Simulator]:
+                 horizon: int = 3, mrs_alpha: float = 0.5, predictor=None,
+                 per_layer_cache: bool = False) -> tuple[SimResult, Simulator]:
     workload = build_workload(setup.trace, prompt_tokens, max_decode)
     preset = get_preset(policy) if isinstance(policy, str) else policy
     config = SimConfig(preset, cache_ratio, predictor_accuracy=predictor_accuracy, predictor=predictor,
-                       horizon=horizon, mrs_alpha=mrs_alpha, timeline_step=timeline_step)
+                       horizon=horizon, mrs_alpha=mrs_alpha, timeline_step=timeline_step,
+                       per_layer_cache=per_layer_cache)
     sim = Simulator(setup.shape, setup.costs, config, setup.warmup)
     result = sim.run(setup.trace, workload)
     result.trace, result.profile = setup.name, setup.profile
