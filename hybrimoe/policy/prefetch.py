@@ -48,7 +48,9 @@ def _protected(predicted: dict[int, dict[int, int]], cache: CacheState, protect:
 class NoPrefetch:
     name = "none"
 
-    def step(self, layer, predicted, cache, link_idle_seconds, costs, scheduler, protect=None):
+    def step(self, layer: int, predicted: dict[int, dict[int, int]], cache: CacheState,
+             link_idle_seconds: float, costs: CostsFor, scheduler: Scheduler,
+             protect: set[ExpertKey] | None = None) -> list[ExpertKey]:
         return []
 
 

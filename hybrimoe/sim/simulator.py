@@ -29,7 +29,8 @@ from hybrimoe.policy.plan import ExpertKey, Plan
 from hybrimoe.policy.predictor import NoPredictor, Predictor, TruthWithNoise
 from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.presets import Preset
-from hybrimoe.policy.schedule import get_scheduler
+from hybrimoe.policy.shape import ModelShape
+from hybrimoe.policy.schedule import Scheduler, get_scheduler
 from hybrimoe.sim.costs import SimCosts
 from hybrimoe.sim.metrics import SimResult, Span
 from hybrimoe.sim.prompt import Workload
@@ -67,7 +68,7 @@ class _Run:
 
 
 class Simulator:
-    def __init__(self, shape, costs: SimCosts, config: SimConfig,
+    def __init__(self, shape: ModelShape, costs: SimCosts, config: SimConfig,
                  warmup: list[RoutingTrace] | None = None) -> None:
         """`shape`: a ModelShape (num_layers, moe_layers, num_experts, top_k); `warmup`: traces whose
         activation frequencies pick the initial hot set (dev traces of the same model)."""
@@ -181,7 +182,7 @@ class Simulator:
         return run.clock - start
 
     def _moe_layer(self, run: _Run, tokens: list[TokenRouting], layer: int, t: float, step_start: float,
-                   next_dense: float, scheduler, record: bool) -> float:
+                   next_dense: float, scheduler: Scheduler, record: bool) -> float:
         cache, policy = run.cache, run.cache.policy
         counts: dict[int, int] = {}
         for token in tokens:
@@ -221,8 +222,9 @@ class Simulator:
         cache.unpin_all()
         return end
 
-    def _idle_copies(self, run: _Run, tokens, layer, plan: Plan, counts, link: float, window_end: float,
-                     current: set[ExpertKey], scheduler, step_start: float, record: bool) -> float:
+    def _idle_copies(self, run: _Run, tokens: list[TokenRouting], layer: int, plan: Plan, counts: dict[int, int],
+                     link: float, window_end: float, current: set[ExpertKey], scheduler: Scheduler,
+                     step_start: float, record: bool) -> float:
         """Prefetch, then fill, in the link's idle window [link, window_end); returns link free time."""
         cache = run.cache
         copy = self.costs.experts(layer).copy()
