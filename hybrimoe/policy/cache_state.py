@@ -53,6 +53,9 @@ class CacheState:
     def __post_init__(self) -> None:
         if self.capacity < 0:
             raise BudgetError(f"cache capacity must be >= 0 experts, got {self.capacity}")
+        if self.layer_capacity is not None and sum(self.layer_capacity.values()) > self.capacity:
+            raise BudgetError(f"per-layer budgets total {sum(self.layer_capacity.values())} experts, "
+                              f"more than the cache's {self.capacity}")
 
     # -- queries -------------------------------------------------------------------------------
     def __contains__(self, key: ExpertKey) -> bool:
