@@ -212,6 +212,12 @@ class FiddlerPrefillScheduler:
                           copy_free_at, gpu_free_at, cpu_free_at)
 
 
+def _greedy() -> Scheduler:
+    from hybrimoe.policy.greedy import GreedyHybridScheduler
+
+    return GreedyHybridScheduler()
+
+
 def _optimal() -> Scheduler:
     from hybrimoe.policy.optimal import OptimalScheduler
 
@@ -220,6 +226,7 @@ def _optimal() -> Scheduler:
 
 SCHEDULERS: dict[str, Callable[[], Scheduler]] = {
     "hybrid": HybridScheduler,
+    "hybrid-greedy": _greedy,
     "gpu-only": GpuOnlyScheduler,
     "cpu-on-miss": CpuOnMissScheduler,
     "static-layer": StaticLayerScheduler,
