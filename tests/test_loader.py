@@ -209,3 +209,12 @@ def test_make_tiny_cli_writes_a_loadable_checkpoint(tmp_path, capsys) -> None:
     assert torch.isfinite(logits(model)).all()
     assert main(["make-tiny", "--family", "olmoe", "--out", str(tmp_path / "x"), "--hidden", "40"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_experts_larger_than_host_memory_are_refused_before_allocation(tiny_checkpoint, monkeypatch) -> None:
+    from hybrimoe.errors import BudgetError
+    from hybrimoe.moe import store
+
+    monkeypatch.setattr(store, "host_available_bytes", lambda: 1000)  # 1 kB of RAM left
+    with pytest.raises(BudgetError, match=r"routed experts .* host memory"):
+        load_model(tiny_checkpoint("mixtral"))

@@ -11,6 +11,27 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe.config import ModelConfig
+from hybrimoe.errors import BudgetError
+
+
+def host_available_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where the OS does not say)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # the file counts kB
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_host_memory(needed: int, what: str) -> None:
+    """BudgetError before allocating `needed` bytes of host memory that the machine does not have."""
+    available = host_available_bytes()
+    if available is not None and needed > available:
+        raise BudgetError(f"{what} need {needed / 1e9:.2f} GB of host memory, but only {available / 1e9:.2f} GB "
+                          "is available; use a smaller --dtype, free memory, or a machine with more RAM")
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,9 @@ class ExpertStore:
         self.hidden = config.hidden_size
         self.expert_numel = 3 * self.intermediate * self.hidden
         self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, 3*I*H]
+        if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
+            check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_numel * dtype.itemsize,
+                              f"the routed experts ({len(config.moe_layers)} layers x {config.num_experts})")
         for layer in config.moe_layers:
             self._layers[layer] = torch.empty(config.num_experts, self.expert_numel, dtype=dtype,
                                               pin_memory=pin_memory)
