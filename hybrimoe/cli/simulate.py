@@ -70,12 +70,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--cache-ratio values must be in [0, 1], got {args.cache_ratio}")
     if not 0.0 <= args.predictor_accuracy <= 1.0:
         raise ConfigError(f"--predictor-accuracy must be in [0, 1], got {args.predictor_accuracy}")
+    traces = [(path, load_any_trace(path)) for path in args.trace]  # every file checked before any output
     if not args.json:
         print(f"{'trace':22s} {'policy':24s} {'cache':>5s} {'prompt':>6s} {'TTFT ms':>9s} {'TBT ms':>8s} "
               f"{'hit':>6s} {'GB copied':>9s} {'cpu/gpu/link busy':>18s}")
     plotted = False
-    for path in args.trace:
-        setup = make_setup(load_any_trace(path), Path(path).name, args.model_shape, args.profile, Path(path))
+    for path, trace in traces:
+        setup = make_setup(trace, Path(path).name, args.model_shape, args.profile, Path(path))
         predictor = None
         if args.predictor == "cross-layer":
             if not setup.warmup:
