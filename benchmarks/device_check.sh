@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The prepared run for a session that has a CUDA machine (the H200 lease is 15 minutes in all):
+#   1. the runtime's CUDA parity tests (real copy stream, events, pinned store vs the CPU reference);
+#   2. a calibrated cost profile of the machine (`hybrimoe calibrate`, DeepSeek-V2-Lite expert shape);
+#   3. benchmarks/bench_policies_gpu.py: dummy DeepSeek-V2-Lite bf16 weights, a replayed real trace,
+#      prefill time and decode tokens/s per policy with the all-resident bound, measured next to the
+#      cost model's prediction for the same plans.
+# Everything lands in $OUT (default out/device). Usage on the device tool:
+#   run(command="bash benchmarks/device_check.sh", timeout_s=540)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/device}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+PY=${PYTHON:-python3}
+step() { echo "== $(date -u +%H:%M:%S) $*"; }
+
+step environment
+$PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
+      torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'NO CUDA')" | tee "$OUT/env.txt"
+
+step cuda parity tests
+timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_runtime_parity.py -k cuda 2>&1 | tee "$OUT/cuda_tests.log"
+
+step calibrate
+timeout 120 $PY -m hybrimoe calibrate --model-shape deepseek-v2-lite --dtype bf16 --device cuda \
+    --out "$OUT/calibrated.json" 2>&1 | tail -n 8 | tee "$OUT/calibrate.log"
+
+step policies benchmark
+profile=()
+[ -f "$OUT/calibrated.json" ] && profile=(--predict-profile "$OUT/calibrated.json")
+timeout 300 $PY benchmarks/bench_policies_gpu.py --device cuda --dtype bf16 "${profile[@]}" \
+    --out "$OUT/bench_policies_gpu.json" 2>&1 | tee "$OUT/bench.log"
+step done
