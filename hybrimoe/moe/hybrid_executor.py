@@ -1,7 +1,8 @@
 """The hybrid executor: runs one MoE layer's routed experts as the scheduler's Plan says.
 
     route (done by MoEBlock) -> counts per expert -> cache lookup (hits/misses, pin) -> Plan
-      copy stream : plan.copies into cache slots (non_blocking from pinned host memory), one event each;
+      copy stream : plan.copies into cache slots (in prefill only while free slots last; then staging
+                    buffers), non_blocking from pinned host memory, one event each;
                     then CPU-computed misses the cache policy values (fill_misses), then prefetches
       CPU worker  : plan.cpu_order from the host store, on x copied to the host          -> out_cpu [T,H]
       main stream : plan.gpu_order from slots; a copied expert waits for its copy event  -> out [T,H]
@@ -70,9 +71,16 @@ class HybridExecutor:
         protect = {(layer, e) for e in groups}
         dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
         staged: set[int] = set()  # copied experts the cache does not keep
+        prefill = x.shape[0] > 1
         with dev.copy_context():
             dev.copy_timer.start()
             for e in plan.copies:
+                if prefill and not cache.state.has_room(layer):
+                    # prefill: on-demand copies that would evict go through staging buffers, as in the
+                    # simulator (hybrimoe.policy.presets): evicting for a prompt's copies drops experts
+                    # that later layers of the same forward need; free slots are still filled
+                    staged.add(e)
+                    continue
                 slot = cache.admit(layer, e, protect)
                 if slot is None:
                     staged.add(e)

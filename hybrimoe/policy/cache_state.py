@@ -77,6 +77,10 @@ class CacheState:
             return self.layer_capacity.get(layer, 0)
         return self.capacity
 
+    def has_room(self, layer: int) -> bool:
+        """Whether the layer's budget has a free slot (an insert would evict nothing)."""
+        return self._used(layer) < self.limit(layer)
+
     def _used(self, layer: int) -> int:
         return len(self._by_layer.get(layer, ())) if self.layer_capacity is not None else len(self._resident)
 
@@ -119,7 +123,7 @@ class CacheState:
                    ) -> tuple[bool, ExpertKey | None]:
         if key in self._resident:
             return False, None
-        if self._used(key[0]) < self.limit(key[0]):
+        if self.has_room(key[0]):
             return True, None
         victim = self.victim_for(key, protect)
         if victim is None:

@@ -13,7 +13,8 @@ How an executor (the simulator, or the GPU runtime) drives one MoE layer with a 
     plan = scheduler.plan(layer, counts, cache.cached_experts(layer) & set(counts), costs,
                           copy_free_at=seconds the link is still busy)
     cache.pin(current keys); run plan.copies / plan.gpu_order / plan.cpu_order on the three timelines
-    decode: cache.insert((layer, e), protect=current) for e in plan.copies (prefill: transient buffer)
+    cache.insert((layer, e), protect=current) for e in plan.copies (prefill: only into free slots,
+    else a transient buffer)
     keys = prefetcher.step(layer, predicted, cache, link idle seconds, costs_for_layer, scheduler, current)
     copy + cache.insert(key, protect=current | already prefetched) each key in the idle window; then,
     with fill_misses, cache.insert((layer, e), protect, by_value=True) for CPU-computed misses

@@ -7,9 +7,10 @@ Per forward (the prompt in one prefill forward, then one forward per decoded tok
    hit or a miss; the preset's scheduler plans the layer (the link may still be busy with earlier
    prefetches: `copy_free_at`); the plan runs on the three timelines; in decode, copied experts
    are offered to the cache (a static cache keeps them in a transient buffer instead); in prefill
-   every on-demand copy goes through a transient buffer for all presets, because admitting the
-   prompt's stream of copies into a global cache evicts experts that later layers of the same
-   forward need (measured on dev traces: hit rate of the prefill fell to ~1%);
+   an on-demand copy enters the cache only while it has free slots, else it goes through a
+   transient buffer, for all presets, because evicting for the prompt's stream of copies drops
+   experts that later layers of the same forward need (measured on dev traces: hit rate of the
+   prefill fell to ~1%); the runtime's executor does the same;
 3. the link's idle time from the end of this layer's on-demand copies to the start of the next
    MoE layer's copies is used for prefetches (predicted experts of the next `horizon` MoE layers),
    then, with `fill_misses`, to copy CPU-computed misses into the cache. Only copies that fit in
@@ -204,8 +205,10 @@ class Simulator:
         plan: Plan = scheduler.plan(layer, counts, cached, costs, copy_free_at=max(0.0, run.link_free - t))
         current = {(layer, e) for e in counts}
         cache.pin(current)
-        if len(tokens) == 1:  # prefill copies stream through a transient buffer: no cache churn
-            for e in plan.copies:
+        for e in plan.copies:
+            # prefill copies that would evict stream through a transient buffer (no cache churn within
+            # the prompt's forward); free slots are filled, as the runtime does
+            if len(tokens) == 1 or cache.has_room(layer):
                 cache.insert((layer, e), protect=current)
         run.copies += len(plan.copies)
         for task in plan.tasks:
