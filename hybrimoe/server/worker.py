@@ -126,6 +126,9 @@ class EngineWorker:
         self._queue.put(None)
         if self.alive:
             self._thread.join(timeout)
+        close_engine = getattr(self.engine, "close", None)  # stops the hybrid runtime's CPU worker, frees slots
+        if close_engine is not None and not self.alive:
+            close_engine()
 
     def stats_snapshot(self) -> dict[str, float]:
         """The engine's `stats()` as last read on the worker thread."""
