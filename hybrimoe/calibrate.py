@@ -10,6 +10,7 @@ What is measured (times in seconds, sizes in bytes):
   Without CUDA the GPU entries are measured on the CPU (warm experts, host-to-host copies) and their
   derivations say "measured on cpu", so the profile format stays the same.
 Fits (least squares, see hybrimoe.policy.cost.fit_*): t(n) = max(a, b*n) + c gives bandwidth = bytes/a,
+(on the CPU, a half-width expert's single-token time splits a from c: fit_roofline_two_sizes),
 FLOP rate = flops-per-token/b, overhead = c; the first-expert penalty is the least-squares ratio of
 first-expert times to the fitted later-expert times; copies fit t = latency + bytes/bandwidth.
 """
@@ -26,7 +27,8 @@ from typing import Callable
 import torch
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.policy.cost import PARAMETERS, CostModel, fit_affine, fit_penalty, fit_roofline
+from hybrimoe.policy.cost import (PARAMETERS, CostModel, fit_affine, fit_penalty, fit_roofline,
+                                  fit_roofline_two_sizes)
 from hybrimoe.policy.shape import ExpertShape
 
 log = logging.getLogger(__name__)
@@ -102,6 +104,20 @@ def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None])
         out["later"].append(_median(laters))
         progress(f"cpu expert {s.hidden}x{s.intermediate} {s.dtype}, {n:4d} tokens: "
                  f"first {out['first'][-1] * 1e3:.3f} ms, later {out['later'][-1] * 1e3:.3f} ms")
+    # a second, half-width expert at one token separates bytes/bandwidth from the fixed overhead
+    half = max(1, s.intermediate // 2)
+    small = _Experts(s.hidden, half, dtype, torch.device("cpu"), count, seed=1)
+    x = torch.randn(1, s.hidden).to(dtype)
+    small.run(0, x)
+    times = []
+    for k in range(s.layers * s.experts_per_layer):
+        t0 = time.perf_counter()
+        small.run(k + 1, x)
+        times.append(time.perf_counter() - t0)
+    out["small_intermediate"] = [half]
+    out["small_bytes"] = [3 * s.hidden * half * dtype.itemsize]
+    out["small_t1"] = [_median(times)]
+    progress(f"cpu expert {s.hidden}x{half} {s.dtype}, 1 token: {out['small_t1'][0] * 1e3:.3f} ms")
     return out
 
 
@@ -213,7 +229,8 @@ def _calibrate(s: CalibrationSettings, name: str, progress: Callable[[str], None
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     gwhere = f"{where}, GPU {gpu_name}" if device.type == "cuda" else f"{where}; no CUDA device, so measured on cpu"
     about = f"expert {s.hidden}x{s.intermediate} {s.dtype} ({shape.bytes / 2**20:.1f} MiB), tokens {list(s.token_counts)}"
-    c_fit = fit_roofline(cpu["tokens"], cpu["later"])
+    c_fit = fit_roofline_two_sizes(cpu["tokens"], cpu["later"], shape.flops(1), shape.bytes,
+                                   cpu["small_bytes"][0], cpu["small_t1"][0]) or fit_roofline(cpu["tokens"], cpu["later"])
     penalty = fit_penalty([c_fit.predict(n) for n in cpu["tokens"]], cpu["first"])
     g_fit = fit_roofline(gpu["tokens"], gpu["expert"])
     latency, per_byte = fit_affine(gpu["copy_bytes"], gpu["copy"])

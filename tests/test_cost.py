@@ -115,3 +115,24 @@ def test_calibrate_cli_writes_loadable_profile(tmp_path: Path) -> None:
     assert cost.cpu_expert_time(shape, 16) >= cost.cpu_expert_time(shape, 1) > 0
     assert main(["calibrate", "--out", str(tmp_path / "x.json")]) == 2  # no expert named
     assert main(["calibrate", "--model-shape", "nope", "--out", str(tmp_path / "x.json")]) == 2
+
+
+def test_two_size_roofline_recovers_bandwidth_overhead_and_flops() -> None:
+    """Synthetic CPU: 50 GB/s, 1 TFLOP/s, 200 us per expert. One expert size alone cannot split
+    bandwidth from overhead; a second size can, and the fit recovers all three."""
+    from hybrimoe.policy.cost import fit_roofline_two_sizes
+
+    bw, flops_rate, overhead = 50e9, 1e12, 200e-6
+    big, small = ExpertShape(2048, 1408, 16), ExpertShape(2048, 704, 16)
+
+    def t(shape: ExpertShape, n: int) -> float:
+        return max(shape.bytes / bw, shape.flops(n) / flops_rate) + overhead
+
+    tokens = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+    fit = fit_roofline_two_sizes(tokens, [t(big, n) for n in tokens], big.flops(1), big.bytes, small.bytes, t(small, 1))
+    assert fit is not None
+    assert big.bytes / fit.flat == pytest.approx(bw, rel=1e-6)
+    assert fit.intercept == pytest.approx(overhead, rel=1e-6)
+    assert big.flops(1) / fit.slope == pytest.approx(flops_rate, rel=1e-6)
+    assert fit_roofline_two_sizes(tokens, [t(big, n) for n in tokens], big.flops(1), big.bytes, small.bytes,
+                                  t(big, 1)) is None  # the smaller expert is not faster: no split

@@ -274,6 +274,36 @@ def fit_roofline(tokens: list[int], seconds: list[float]) -> RooflineFit:
     return best
 
 
+def fit_roofline_two_sizes(tokens: list[int], seconds: list[float], flops_per_token: float, expert_bytes: float,
+                           small_bytes: float, small_t1: float) -> RooflineFit | None:
+    """Roofline whose memory part and fixed overhead are told apart by a second, smaller expert.
+
+    With one expert size, t(1) = bytes/bandwidth + overhead cannot be split: any bandwidth fits with
+    a matching overhead, so the fitted bandwidth does not carry over to other shapes. The single-token
+    times of two sizes give the split (t1 = overhead + bytes * s/B, least squares through both);
+    the per-token compute time then comes from the samples that are compute-bound (slower than
+    1.5 x the single-token time) by relative least squares of t = overhead + slope * n. None when the
+    samples do not allow it (no single-token sample, or the larger expert is not slower).
+    """
+    if 1 not in tokens or expert_bytes <= small_bytes:
+        return None
+    t1 = seconds[tokens.index(1)]
+    per_byte = (t1 - small_t1) / (expert_bytes - small_bytes)  # s/B
+    if per_byte <= 0:
+        return None
+    overhead = max(0.0, t1 - expert_bytes * per_byte)
+    flat = t1 - overhead  # s: memory-bound time of the measured expert
+    bound = [(n, t) for n, t in zip(tokens, seconds) if t > 1.5 * t1]
+    if bound:
+        # relative least squares of t = overhead + slope * n over the compute-bound samples
+        slope = sum(n * (t - overhead) / t**2 for n, t in bound) / sum(n * n / t**2 for n, t in bound)
+        note = ""
+    else:
+        n, t = max(zip(tokens, seconds))
+        slope, note = (t - overhead) / n, "(compute-bound region not reached: FLOP rate is a lower bound)"
+    return RooflineFit(flat, max(slope, 1e-15), overhead, note)
+
+
 def fit_affine(xs: list[float], ys: list[float]) -> tuple[float, float]:
     """(intercept >= 0, slope > 0) of y = intercept + slope*x by relative least squares."""
     intercept, slope = _weighted_line([float(x) for x in xs], [float(y) for y in ys])
