@@ -102,6 +102,8 @@ def checkpoint_files(model_dir: str) -> list[str]:
                 weight_map = json.load(f)["weight_map"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"cannot read {index}: {exc}") from exc
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to shard file names")
         files = sorted(set(weight_map.values()))
         for name in files:
             if not os.path.isfile(os.path.join(model_dir, name)):
@@ -143,6 +145,8 @@ class _Loader:
         name = name.replace(".block_sparse_moe.", ".mlp.")
         if self._ignored(name):
             return
+        if not tensor.is_floating_point():   # an integer/bool tensor would be cast silently by copy_
+            raise CheckpointError(f"{where} has dtype {tensor.dtype}; expected floating-point weights")
         m = _PER_EXPERT.fullmatch(name)
         if m and m.group(3) in _PART:
             self._take_expert(int(m.group(1)), int(m.group(2)), _PART[m.group(3)], tensor, where)

@@ -165,6 +165,21 @@ def test_index_naming_a_missing_shard(tiny_checkpoint, tmp_path) -> None:
         load_model(tmp_path / "m")
 
 
+@pytest.mark.parametrize("weight_map", [["model.norm.weight"], {"model.norm.weight": 3}])
+def test_malformed_index_is_a_checkpoint_error(tiny_checkpoint, tmp_path, weight_map) -> None:
+    shutil.copytree(tiny_checkpoint("mixtral", max_shard_size="40KB"), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(CheckpointError, match="weight_map"):
+        load_model(tmp_path / "m")
+
+
+@pytest.mark.parametrize("name", ["model.norm.weight", "model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+def test_integer_tensor_is_refused(mixtral, tmp_path, name: str) -> None:
+    path = rewrite(mixtral, tmp_path / "m", lambda t: t.update({name: t[name].to(torch.int32)}))
+    with pytest.raises(CheckpointError, match=rf"{name.replace('.', r'.')}.*int32"):
+        load_model(path, progress=False)
+
+
 def test_model_safetensors_wins_over_stray_files(mixtral, tmp_path) -> None:
     shutil.copytree(mixtral, tmp_path / "m")
     save_file({"output.weight": torch.ones(2)}, tmp_path / "m" / "consolidated.safetensors")
