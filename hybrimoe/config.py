@@ -117,7 +117,8 @@ class ModelConfig:
             raise ConfigError(f"unsupported model_type {model_type!r}; supported: "
                               f"{', '.join(SUPPORTED_MODEL_TYPES)}")
         if d.get("quantization_config"):
-            method = d["quantization_config"].get("quant_method", "?")
+            quant = d["quantization_config"]
+            method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
             raise ConfigError(f"quantized checkpoints ({method}) are not supported; "
                               "use a bf16/fp16/fp32 checkpoint")
         act = d.get("hidden_act", "silu")
@@ -169,6 +170,27 @@ def _int(d: dict[str, Any], key: str, default: int | None = None) -> int:
     return int(value)
 
 
+def _float(d: dict[str, Any], key: str, default: float) -> float:
+    """d[key] as a float; `default` when absent or null; ConfigError when not a number."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"config.json: {key!r} must be a number, got {value!r}")
+    return float(value)
+
+
+def _int_list(d: dict[str, Any], key: str) -> tuple[int, ...]:
+    """d[key] (a list of integers, or a single one) as a tuple; () when absent or null."""
+    value = d.get(key)
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in items):
+        raise ConfigError(f"config.json: {key!r} must be an integer or a list of integers, got {value!r}")
+    return tuple(items)
+
+
 def _num_experts(d: dict[str, Any]) -> int:
     """Routed experts, whichever alias the file uses (transformers renames them between versions)."""
     for key in ("num_local_experts", "num_experts", "n_routed_experts"):
@@ -180,8 +202,11 @@ def _num_experts(d: dict[str, Any]) -> int:
 
 def _rope(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any] | None]:
     """(rope_theta, scaling dict or None) from `rope_parameters` (transformers 5) or `rope_scaling` (hub)."""
-    params = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-    theta = float(_get(params, "rope_theta", _get(d, "rope_theta", default_theta)))
+    raw = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config.json: rope_parameters / rope_scaling must be an object, got {raw!r}")
+    params = dict(raw)
+    theta = _float(params, "rope_theta", _float(d, "rope_theta", default_theta))
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     params.pop("type", None)
     params.pop("rope_theta", None)
@@ -191,10 +216,7 @@ def _rope(d: dict[str, Any], default_theta: float) -> tuple[float, dict[str, Any
 
 
 def _eos(d: dict[str, Any]) -> tuple[int, ...]:
-    eos = d.get("eos_token_id")
-    if eos is None:
-        return ()
-    return tuple(int(e) for e in (eos if isinstance(eos, list) else [eos]))
+    return _int_list(d, "eos_token_id")
 
 
 def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
@@ -203,32 +225,33 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
     layers = _int(d, "num_hidden_layers")
     common: dict[str, Any] = dict(
         model_type=model_type, num_layers=layers, hidden_size=hidden, vocab_size=_int(d, "vocab_size"),
-        num_attention_heads=heads, num_kv_heads=int(d.get("num_key_value_heads") or heads),
+        num_attention_heads=heads, num_kv_heads=_int(d, "num_key_value_heads", heads) or heads,
         max_position_embeddings=_int(d, "max_position_embeddings", 4096), eos_token_ids=_eos(d),
-        bos_token_id=d.get("bos_token_id"), rms_norm_eps=float(_get(d, "rms_norm_eps", 1e-6)),
+        bos_token_id=d.get("bos_token_id"),
+        # transformers' defaults when the file omits it: 1e-5 for Mixtral and OLMoE, 1e-6 for the others
+        rms_norm_eps=_float(d, "rms_norm_eps", 1e-5 if model_type in ("mixtral", "olmoe") else 1e-6),
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
         extra={"architectures": tuple(d.get("architectures") or ()),
                "dtype": d.get("torch_dtype") or d.get("dtype")},
     )
-    default_head_dim = hidden // heads
+    head_dim = _int(d, "head_dim", 0) or hidden // heads   # MHA families; DeepSeek's is set below
     theta, scaling = _rope(d, 1e6 if model_type == "mixtral" else 10000.0)
     common.update(rope_theta=theta, rope_scaling=scaling)
 
     if model_type == "mixtral":
-        cfg = dict(head_dim=_int(d, "head_dim", None) if d.get("head_dim") else default_head_dim,
-                   intermediate_size=0, num_experts=_num_experts(d),
+        cfg = dict(head_dim=head_dim, intermediate_size=0, num_experts=_num_experts(d),
                    top_k=_int(d, "num_experts_per_tok", 2), moe_intermediate_size=_int(d, "intermediate_size"),
-                   moe_layers=tuple(range(layers)), sliding_window=d.get("sliding_window"), norm_topk_prob=True)
+                   moe_layers=tuple(range(layers)), sliding_window=_int(d, "sliding_window", 0) or None,
+                   norm_topk_prob=True)
     elif model_type in ("qwen2_moe", "qwen3_moe"):
         if d.get("use_sliding_window"):
             raise ConfigError(f"{model_type}: use_sliding_window=true is not supported")
         num_experts = _num_experts(d)
-        mlp_only = tuple(int(i) for i in (d.get("mlp_only_layers") or ()))
+        mlp_only = _int_list(d, "mlp_only_layers")
         step = _int(d, "decoder_sparse_step", 1)
         moe = tuple(i for i in range(layers)
                     if i not in mlp_only and num_experts > 0 and (i + 1) % step == 0)
         qwen2 = model_type == "qwen2_moe"
-        head_dim = default_head_dim if qwen2 else _int(d, "head_dim", default_head_dim)
         shared = _int(d, "shared_expert_intermediate_size", 0) if qwen2 else 0
         cfg = dict(head_dim=head_dim, intermediate_size=_int(d, "intermediate_size"), num_experts=num_experts,
                    top_k=_int(d, "num_experts_per_tok"), moe_intermediate_size=_int(d, "moe_intermediate_size"),
@@ -239,10 +262,11 @@ def _normalise(model_type: str, d: dict[str, Any]) -> ModelConfig:
                    shared_expert_gated=shared > 0, decoder_sparse_step=step, mlp_only_layers=mlp_only)
     elif model_type == "olmoe":
         bias = bool(d.get("attention_bias", False))
-        cfg = dict(head_dim=default_head_dim, intermediate_size=0, num_experts=_num_experts(d),
+        cfg = dict(head_dim=head_dim, intermediate_size=0, num_experts=_num_experts(d),
                    top_k=_int(d, "num_experts_per_tok"), moe_intermediate_size=_int(d, "intermediate_size"),
                    moe_layers=tuple(range(layers)), norm_topk_prob=bool(d.get("norm_topk_prob", False)),
-                   qkv_bias=bias, o_bias=bias, qk_norm="full", clip_qkv=d.get("clip_qkv"))
+                   qkv_bias=bias, o_bias=bias, qk_norm="full",
+                   clip_qkv=None if d.get("clip_qkv") is None else _float(d, "clip_qkv", 0.0))
     else:  # deepseek_v2 / deepseek_v3
         cfg = _deepseek(model_type, d, layers)
     common.update(cfg)
@@ -274,7 +298,7 @@ def _deepseek(model_type: str, d: dict[str, Any], layers: int) -> dict[str, Any]
         v_head_dim=_int(d, "v_head_dim"),
         topk_method=topk_method, scoring_func=_get(d, "scoring_func", "sigmoid" if v3 else "softmax"),
         norm_topk_prob=bool(d.get("norm_topk_prob", v3)),
-        routed_scaling_factor=float(_get(d, "routed_scaling_factor", 2.5 if v3 else 1.0)),
+        routed_scaling_factor=_float(d, "routed_scaling_factor", 2.5 if v3 else 1.0),
         n_group=n_group, topk_group=topk_group,
         shared_expert_intermediate_size=n_shared * moe_inter, n_shared_experts=n_shared,
         first_k_dense_replace=first_dense, moe_layer_freq=freq,

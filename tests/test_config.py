@@ -142,10 +142,33 @@ def test_unknown_model_type_lists_supported() -> None:
     ({"hidden_act": "gelu"}, "gelu"),
     ({"rope_scaling": {"type": "dynamic", "factor": 2.0}}, "dynamic"),
     ({"num_key_value_heads": 5}, "num_key_value_heads 5"),
+    ({"num_key_value_heads": "eight"}, "num_key_value_heads"),
+    ({"eos_token_id": "</s>"}, "eos_token_id"),
+    ({"rms_norm_eps": "1e-5"}, "rms_norm_eps"),
+    ({"rope_scaling": "yarn"}, "rope_scaling"),
+    ({"quantization_config": "gptq"}, "gptq"),
+    ({"sliding_window": "4k"}, "sliding_window"),
 ])
 def test_invalid_fields_are_named(change: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         ModelConfig.from_dict({**MIXTRAL_8X7B, **change})
+
+
+@pytest.mark.parametrize("hub", [MIXTRAL_8X7B, QWEN15_MOE, QWEN3_30B, OLMOE, DEEPSEEK_V2_LITE, DEEPSEEK_V3],
+                         ids=lambda d: d["model_type"])
+def test_fields_absent_from_the_file_take_transformers_defaults(hub: dict) -> None:
+    """The trimmed files above leave out e.g. rms_norm_eps: we must fill in what transformers would."""
+    from transformers import AutoConfig
+
+    trimmed = {k: v for k, v in hub.items() if k not in ("rms_norm_eps", "head_dim")}
+    ours = ModelConfig.from_dict(trimmed)
+    theirs = AutoConfig.for_model(**trimmed)
+    assert ours.rms_norm_eps == theirs.rms_norm_eps
+    if ours.attention == "mha":
+        expected = getattr(theirs, "head_dim", None) or hub["hidden_size"] // hub["num_attention_heads"]
+        assert ours.head_dim == expected
+    with_head_dim = ModelConfig.from_dict({**hub, "head_dim": 96})
+    assert with_head_dim.head_dim == (96 if ours.attention == "mha" else ours.head_dim)
 
 
 def test_from_pretrained_reads_transformers_configs(tiny_checkpoint, tmp_path) -> None:
