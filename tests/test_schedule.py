@@ -121,3 +121,32 @@ def test_hybrid_search_on_large_layers_matches_the_full_scan():
         ratios.append(fast.plan(0, counts, cached, costs).makespan / full.plan(0, counts, cached, costs).makespan)
     assert min(ratios) >= 1.0 - 1e-12  # the full scan is the better of the two by construction
     assert sum(r <= 1.01 for r in ratios) >= 95
+
+
+@pytest.mark.parametrize("name", ["hybrid", "hybrid-greedy"])
+def test_hybrid_plans_follow_the_papers_priority_rules(name):
+    """PAPER.md (i): PCIe copies the most loaded uncached experts, highest count first; the GPU runs
+    its cached experts highest count first, then the copied ones in copy (descending) order; the CPU
+    runs uncached experts lowest count first, then cached ones lowest count first, and the cached
+    experts it takes are the least loaded ones."""
+    rng = random.Random(7)
+    scheduler = get_scheduler(name)
+    stole = copied = 0
+    for _ in range(300):
+        counts, cached, costs = _random_layer(rng, max_experts=12)
+        plan = scheduler.plan(0, counts, cached, costs)
+        load = [counts[e] for e in plan.copies]
+        uncached = sorted((counts[e] for e in counts if e not in cached), reverse=True)
+        assert load == uncached[: len(load)]  # the most loaded uncached experts, highest first
+        on_gpu_cached = [e for e in plan.gpu_order if e in cached]
+        assert list(plan.gpu_order) == on_gpu_cached + list(plan.copies)  # cached first, then copies
+        assert [counts[e] for e in on_gpu_cached] == sorted((counts[e] for e in on_gpu_cached), reverse=True)
+        cpu_uncached = [counts[e] for e in plan.cpu_order if e not in cached]
+        cpu_cached = [counts[e] for e in plan.cpu_order if e in cached]
+        assert [counts[e] for e in plan.cpu_order] == cpu_uncached + cpu_cached  # uncached before cached
+        assert cpu_uncached == sorted(cpu_uncached) and cpu_cached == sorted(cpu_cached)
+        if cpu_cached and on_gpu_cached:  # the CPU steals from the light end of the GPU's queue
+            assert max(cpu_cached) <= min(counts[e] for e in on_gpu_cached)
+        stole += bool(cpu_cached)
+        copied += bool(plan.copies)
+    assert stole > 10 and copied > 10  # both rules were exercised
