@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from engine_fakes import FakeConfig, FakeModel, make_tokenizer
 
-from hybrimoe.engine import Engine, SamplingParams
+from hybrimoe.engine import Engine, PromptError, SamplingParams
 from hybrimoe.errors import ConfigError, HybrimoeError
 
 
@@ -119,6 +119,17 @@ def test_encode_chat_uses_the_template_or_a_plain_join(tokenizer) -> None:
     assert plain.tokenizer.decode(plain.encode_chat(messages)) == "user: hi there\nassistant:"
     with pytest.raises(HybrimoeError):
         engine.encode_chat([{"role": "user"}])
+
+
+def test_a_chat_the_template_refuses_is_a_prompt_error(tokenizer) -> None:
+    strict = make_tokenizer()
+    strict.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                            "{{ raise_exception('system messages are not supported') }}{% endif %}"
+                            "{{ m['content'] }}{% endfor %}")
+    engine = Engine(FakeModel(FakeConfig(vocab_size=len(strict))), strict, "fake")
+    with pytest.raises(PromptError, match="system messages are not supported"):
+        engine.encode_chat([{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}])
+    assert strict.decode(engine.encode_chat([{"role": "user", "content": "hi"}])) == "hi"
 
 
 def test_stream_checks_its_input_before_the_first_chunk(tokenizer) -> None:

@@ -115,7 +115,12 @@ class Engine:
                 for m in messages):
             raise PromptError("a chat is a non-empty list of {'role': str, 'content': str} messages")
         if getattr(self.tokenizer, "chat_template", None):
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            from jinja2 import TemplateError  # transformers renders chat templates with jinja2
+
+            try:
+                text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            except TemplateError as exc:  # e.g. a template that wants alternating user/assistant roles
+                raise PromptError(f"the model's chat template refuses this chat: {exc}") from None
             return list(self.tokenizer(text, add_special_tokens=False).input_ids)
         text = "\n".join(f"{m['role']}: {m['content']}" for m in messages) + "\nassistant:"
         return self.encode(text)

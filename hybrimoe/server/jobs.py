@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from fastapi import Request
-from jinja2 import TemplateError
 from pydantic import BaseModel, ValidationError
 
 from hybrimoe.engine.types import SamplingParams, StreamChunk
@@ -88,7 +87,7 @@ def _build(encode: Callable[[Any], list[int]], req: SamplingFields, max_tokens: 
     def build(engine: Any) -> tuple[list[int], SamplingParams]:
         try:
             ids = encode(engine)
-        except (HybrimoeError, TemplateError) as exc:  # e.g. a template that wants alternating roles
+        except HybrimoeError as exc:  # e.g. PromptError: a chat the model's template refuses
             raise APIError(400, f"cannot build the prompt: {exc}", param=prompt_param) from None
         context = int(engine.max_context)
         if not ids:
