@@ -82,3 +82,32 @@ def test_packaged_trace_with_paper_profile():
     assert result["resident"].hit_rate == 1.0
     assert result["hybrimoe"].predictor.startswith("truth-with-noise(0.8)")
     assert result["ktransformers"].predictor == "none"
+
+
+def test_forward_times_add_dense_moe_makespans_and_lm_head_once():
+    """Hand-timed forwards with an empty cache (nothing to prefetch into): a decode forward is
+    4 x (dense + MoE makespan) + LM head, each counted once."""
+    trace = _trace(6)
+    workload = build_workload(trace)
+    prefill_experts = [len({e for t in workload.prefill for e in t.layers[l].experts}) for l in range(4)]
+    # kTransformers: decode misses on the CPU (first expert 0.35 s, second 0.3 s); prefill copies
+    # every activated expert (0.4 s each, back to back), the GPU's last one ends 0.1 s after its copy
+    r = Simulator(_Shape(), COSTS, SimConfig(get_preset("ktransformers"), 0.0)).run(trace, workload)
+    assert r.tbt_seconds == pytest.approx(4 * (0.5 + 0.65) + 0.2)
+    assert r.ttft_seconds == pytest.approx(sum(0.5 + 0.4 * n + 0.1 for n in prefill_experts) + 0.2)
+    # HybriMoE decode: copy one expert and run it on the GPU (0.4 + 0.1) while the CPU runs the other
+    # (0.35): 0.5 s per layer, better than both on the CPU (0.65) or both copied (0.9)
+    r = Simulator(_Shape(), COSTS, SimConfig(get_preset("hybrimoe"), 0.0)).run(trace, workload)
+    assert r.tbt_seconds == pytest.approx(4 * (0.5 + 0.5) + 0.2)
+    assert r.prefetch_copies == 0
+
+
+@pytest.mark.parametrize("name", ["hybrimoe", "gpu-lru", "hybrimoe-prefetch-only"])
+def test_link_time_is_one_copy_per_expert_moved(name):
+    trace = _trace(7)
+    r = Simulator(_Shape(), COSTS, SimConfig(get_preset(name), 0.5, predictor_accuracy=1.0)).run(
+        trace, build_workload(trace))
+    copies = r.bytes_copied // COSTS.expert_bytes
+    assert copies > 0
+    assert r.link_busy * r.total_seconds == pytest.approx(0.4 * copies)  # on-demand + prefetch + fill
+    assert r.prefetch_copies <= copies
