@@ -7,7 +7,8 @@
   tokens it is cycled and `wrapped` says so (the routing of a repeated token is a real routing,
   but the per-expert counts of such a prompt are those of the trace repeated). Decode steps are
   still the trace's decode-phase tokens.
-Traces without phase markers (Mixtral) mark every token "decode", so their decode steps are all
+Traces without phase markers (Mixtral files recorded in one call per problem; see
+`import_mixtral_jsonl`) mark every token "decode", so their decode steps are all
 tokens, and an N-token prompt takes the first N of them.
 """
 
