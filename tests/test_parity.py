@@ -1,7 +1,7 @@
 """Our model computes what the `transformers` implementation of each family computes.
 
 For every family and both on-disk expert layouts: fp32 logits of a 16-token prompt within 1e-4 of
-transformers', 16 greedy tokens identical, and decoding with the KV cache (prefill, a second prefill
+transformers', 16 greedy tokens identical (and the logits of each cached decode step), and decoding with the KV cache (prefill, a second prefill
 chunk, then one token at a time) gives the logits of a full recomputation.
 """
 
@@ -73,8 +73,12 @@ def test_logits_and_greedy_tokens_match_transformers(tiny_checkpoint, family: st
     assert got.dtype == torch.float32 and got.shape == want.shape
     assert torch.allclose(got, want, atol=ATOL, rtol=0), (got - want).abs().max()
 
-    ours, _ = cached_greedy(model, ids, NEW_TOKENS)
+    ours, step_logits = cached_greedy(model, ids, NEW_TOKENS)
     assert ours == reference_greedy(ref, ids, NEW_TOKENS)
+    # the logits of every cached decode step too (Mixtral: positions past its 24-token sliding window)
+    with torch.no_grad():
+        full = ref(torch.cat([ids, torch.tensor(ours)])[None]).logits[0]
+    assert torch.allclose(step_logits, full[PROMPT_LEN - 1:-1], atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
