@@ -61,7 +61,8 @@ def test_same_seed_same_draws_and_greedy_is_argmax() -> None:
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),
                                  dict(top_p=1.5), dict(top_k=-2), dict(stop_strings=[""]),
-                                 dict(stop_token_ids=[-1]), dict(temperature=float("nan"))])
+                                 dict(stop_token_ids=[-1]), dict(temperature=float("nan")),
+                                 dict(seed=2**64), dict(seed=-(2**63) - 1)])
 def test_bad_params_are_rejected(bad: dict) -> None:
     with pytest.raises(ConfigError):
         SamplingParams(**bad).validate()
