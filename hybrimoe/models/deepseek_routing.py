@@ -21,9 +21,8 @@ from typing import Protocol
 
 import torch
 
+from hybrimoe.config import TOPK_METHODS
 from hybrimoe.errors import ConfigError
-
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
 
 
 class DeepseekRoutingConfig(Protocol):

@@ -1,7 +1,8 @@
 """Preallocated key/value cache, one `LayerKV` per decoder layer (batch 1).
 
 Each attention module decides what it caches: GQA caches k [kv_heads, S, head_dim] and
-v [kv_heads, S, head_dim]; MLA caches decompressed k [heads, S, qk_head_dim] and v [heads, S, v_head_dim].
+v [kv_heads, S, head_dim]; MLA caches the normalised latent [1, S, kv_lora_rank] as "k" and the rotated
+shared key [1, S, qk_rope_head_dim] as "v".
 A layer's buffers are allocated on its first write, sized to `max_tokens`, with the shapes, dtype and
 device of what was written; later writes copy into them, so decoding never reallocates.
 """

@@ -32,12 +32,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from hybrimoe.config import ROPE_TYPES
 from hybrimoe.errors import ConfigError
 
 if TYPE_CHECKING:
     from hybrimoe.config import ModelConfig
-
-SUPPORTED_ROPE_TYPES = ("default", "yarn")
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -78,11 +77,8 @@ class RopeSpec:
             return cls(dim=dim, theta=float(theta), interleaved=interleaved)
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
         theta = float(scaling.get("rope_theta") or theta)
-        if rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ConfigError(
-                f"rope scaling type {rope_type!r} is not supported for DeepSeek attention; "
-                f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-            )
+        if rope_type not in ROPE_TYPES:
+            raise ConfigError(f"rope scaling type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")
         if rope_type == "default":
             return cls(dim=dim, theta=theta, interleaved=interleaved)
         original = int(scaling.get("original_max_position_embeddings") or max_position_embeddings)
