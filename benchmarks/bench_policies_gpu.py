@@ -21,6 +21,8 @@ Routing: the eval traces of `--trace-model` (default Qwen1.5-MoE-A2.7B: 24 layer
 onto the model's MoE layers cyclically; static hot sets come from that model's dev traces (no tuning on
 eval data). A trace of another model than the weights is noted in every row (DeepSeek-V2-Lite has no
 public trace: its rows run with 4 of its 6 experts per token, Qwen1.5's routing).
+Prefetching presets predict the next layers' experts from the replayed trace, as `--replay-trace` does
+(an oracle; random gates would predict noise): the `prefetch` field of every row says which.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Self
+from unittest.mock import patch
 
 import torch
 
@@ -41,6 +44,7 @@ from hybrimoe.data import packaged_traces
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.moe.install import install_runtime
 from hybrimoe.moe.replay import TraceRouting, install_replay
+from hybrimoe.moe.store import ExpertStore
 from hybrimoe.policy.presets import PRESETS
 from hybrimoe.runtime_options import RuntimeOptions, dummy_config_path
 from hybrimoe.trace.format import RoutingTrace
@@ -135,6 +139,27 @@ def traces_for(args: argparse.Namespace) -> tuple[RoutingTrace, RoutingTrace | N
     return replay, hot, f"{args.trace_model} eval ({', '.join(t.path.name for t in evals)})"
 
 
+def build_model(config: ModelConfig, dtype: str, seed: int, pin_memory: bool):
+    """`build_dummy_model`, except that the routed experts are ONE MoE layer's random experts copied into
+    every other layer (rotated by the layer's index). Drawing DeepSeek-V2-Lite's 14.4G expert weights
+    one expert at a time with torch.randn takes minutes on one thread; copies are memory-bound and
+    threaded. The values only matter numerically: the routers replay a trace."""
+
+    def fill_by_copies(store: ExpertStore, generator: torch.Generator, std: float) -> None:
+        first, *rest = store.layers
+        source = store.layer_tensor(first)  # [E, 3*I*H]
+        for row in source:
+            row.copy_(torch.randn(row.shape, generator=generator) * std)
+        experts = source.shape[0]
+        for i, layer in enumerate(rest, 1):
+            target, shift = store.layer_tensor(layer), i % experts
+            target[:experts - shift].copy_(source[shift:])
+            target[experts - shift:].copy_(source[:shift])
+
+    with patch.object(ExpertStore, "fill_random", fill_by_copies):
+        return build_dummy_model(config, dtype, seed=seed, pin_memory=pin_memory)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -170,7 +195,7 @@ class Meter:
                         "moe_layer_calls": sum(stats["layer_calls"].values()),
                         "hit_rate": hits / (hits + misses) if hits + misses else 0.0,
                         "bytes_copied": cache["bytes_copied"] - self.before["bytes_copied"],
-                        "cache_slots": cache["slots"], "device": stats["device"]}
+                        "cache_slots": cache["slots"], "device": stats["device"], "prefetch": stats["prefetch"]}
         if self.profile is not None:
             self.figures.update(self.profile.figures(self.runtime.plan_log, self.forwards))
         self.runtime.plan_log = None
@@ -183,6 +208,7 @@ def run_policy(model, policy: str, args: argparse.Namespace, routing: TraceRouti
                              cpu_threads=args.cpu_threads, device=args.device, cost_profile=args.cost_profile)
     runtime = install_runtime(model, options, frequency=frequency)
     install_replay(model, routing, runtime)
+    runtime.replay = routing  # prefetch predicts from the replayed trace (as --replay-trace does), not random gates
     gen = torch.Generator().manual_seed(args.seed)
     rows = []
     try:
@@ -225,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     pin = args.device.startswith("cuda")
     log.info("building random %s weights (%s): %d MoE layers x %d experts", args.model, args.dtype,
              len(config.moe_layers), config.num_experts)
-    model = build_dummy_model(config, args.dtype, seed=args.seed, pin_memory=pin).to(args.device)
+    start = time.perf_counter()
+    model = build_model(config, args.dtype, args.seed, pin).to(args.device)
+    log.info("model built in %.1f s", time.perf_counter() - start)
     replay, hot, trace_name = traces_for(args)
     routing = TraceRouting(replay, config.moe_layers, config.num_experts, name=trace_name)
     frequency = TraceRouting(hot, config.moe_layers, config.num_experts).frequency() if hot else None
@@ -237,14 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         profile = ProfilePrediction(args.predict_profile, hf_config, model.expert_store,
                                     8.0 * model.expert_store.dtype.itemsize)
     rows = []
+    out = args.out or (os.path.join(os.environ["OUT"], "bench_policies_gpu.json") if os.environ.get("OUT") else None)
     for policy in args.policies.split(","):
         for r in run_policy(model, policy, args, routing, frequency, note, profile):
             print(json.dumps(r), flush=True)
             rows.append(r)
-    out = args.out or (os.path.join(os.environ["OUT"], "bench_policies_gpu.json") if os.environ.get("OUT") else None)
-    if out:
-        Path(out).write_text(json.dumps(rows, indent=1))
-        log.info("wrote %d rows to %s", len(rows), out)
+        if out:  # after every policy: a run stopped by a timeout keeps the rows so far
+            Path(out).write_text(json.dumps(rows, indent=1))
+            log.info("wrote %d rows to %s", len(rows), out)
     return 0
 
 
