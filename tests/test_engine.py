@@ -100,6 +100,10 @@ def test_max_context_runtime_option(tokenizer) -> None:
     assert engine.max_context == 64 and small.max_context == 8
     with pytest.raises(ConfigError, match="unknown runtime option"):
         EngineOptions.from_kwargs(expert_cahce=3)
+    with pytest.raises(ConfigError, match="torch device name"):
+        EngineOptions.from_kwargs(device="gpu0")
+    with pytest.raises(ConfigError, match="max_context"):
+        EngineOptions.from_kwargs(max_context=1)
 
 
 def test_stats_are_cumulative(tokenizer) -> None:

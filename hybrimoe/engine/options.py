@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import torch
+
 from hybrimoe.errors import ConfigError
 
 DTYPES = ("fp32", "bf16", "fp16")
@@ -28,9 +30,20 @@ class EngineOptions:
         result = cls(**options)  # type: ignore[arg-type]
         if result.max_context is not None and (not isinstance(result.max_context, int) or result.max_context < 2):
             raise ConfigError(f"max_context must be an integer >= 2 tokens, got {result.max_context!r}")
-        if not isinstance(result.device, str) or not result.device:
-            raise ConfigError(f"device must be a torch device name such as 'cpu' or 'cuda:0', got {result.device!r}")
+        check_device(result.device)
         return result
+
+
+def check_device(device: object) -> None:
+    """Raise ConfigError unless `device` names a torch device present here (before any weight loads)."""
+    try:
+        kind = torch.device(device).type if isinstance(device, str) and device else None
+    except RuntimeError:
+        kind = None
+    if kind is None:
+        raise ConfigError(f"device must be a torch device name such as 'cpu' or 'cuda:0', got {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use cpu")
 
 
 def check_dtype(dtype: str) -> str:
