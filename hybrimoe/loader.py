@@ -204,8 +204,10 @@ class _Loader:
         if self.pending_experts:
             layer, e, part = min(self.pending_experts)
             proj = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}[part]
+            fused = "down_proj" if part == "down" else "gate_up_proj"
             raise CheckpointError(f"missing tensor(s) in {model_dir}: routed expert weight "
-                                  f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight "
+                                  f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight (fused layout: "
+                                  f"model.layers.{layer}.mlp.experts.{fused}) "
                                   f"({len(self.pending_experts)} expert matrices missing in all)")
 
 

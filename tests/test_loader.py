@@ -111,6 +111,13 @@ def test_missing_expert_tensor(mixtral, tmp_path) -> None:
         load_model(path, progress=False)
 
 
+def test_missing_fused_expert_tensor_is_named(tiny_checkpoint, tmp_path) -> None:
+    path = rewrite(tiny_checkpoint("olmoe", "fused"), tmp_path / "m",
+                   lambda t: t.pop("model.layers.1.mlp.experts.down_proj"))
+    with pytest.raises(CheckpointError, match=r"missing.*model\.layers\.1\.mlp\.experts\.down_proj\b"):
+        load_model(path, progress=False)
+
+
 def test_unexpected_tensor(mixtral, tmp_path) -> None:
     def add(t: Tensors) -> None:
         t["model.layers.0.self_attn.q_norm.weight"] = torch.ones(4)
