@@ -51,3 +51,29 @@ def test_token_counters_histograms_and_decode_rate() -> None:
     assert (bucket["0.005"], bucket["0.25"], bucket["60.0"], bucket["+Inf"]) == (1, 2, 2, 3)
     assert parsed[("hybrimoe_server_requests_total",
                    frozenset({"endpoint": "/v1/completions", "status": "200"}.items()))] == 1
+
+
+def test_request_counter_labels_an_unhandled_error_500_and_a_vanished_client_499() -> None:
+    import asyncio
+
+    from hybrimoe.server.middleware import RequestMetricsMiddleware
+
+    async def failing(scope, receive, send) -> None:
+        raise RuntimeError("bug in a handler")
+
+    async def abandoned(scope, receive, send) -> None:
+        raise asyncio.CancelledError()  # the server cancels a handler whose client left
+
+    async def call(app) -> None:
+        async def send(message) -> None:
+            pass
+        await RequestMetricsMiddleware(app, metrics, frozenset({"/v1/completions"}))(
+            {"type": "http", "path": "/v1/completions"}, None, send)
+
+    metrics = ServerMetrics()
+    for app, error in ((failing, RuntimeError), (abandoned, asyncio.CancelledError)):
+        try:
+            asyncio.run(call(app))
+        except error:
+            pass
+    assert metrics.requests == {("/v1/completions", 500): 1, ("/v1/completions", 499): 1}

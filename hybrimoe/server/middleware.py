@@ -117,12 +117,12 @@ class RequestMetricsMiddleware:
         endpoint = path if path in self.endpoints else "other"
         start = time.perf_counter()
         status = 499  # until a response starts: a client that left first
-        recorded = False
+        started = recorded = False
 
         async def counting_send(message: Message) -> None:
-            nonlocal status, recorded
+            nonlocal status, started, recorded
             if message["type"] == "http.response.start":
-                status = int(message["status"])
+                status, started = int(message["status"]), True
             if message["type"] == "http.response.body" and not message.get("more_body", False) and not recorded:
                 recorded = True  # counted before the client can see the end of the response
                 self.metrics.request_done(endpoint, status, time.perf_counter() - start)
@@ -130,6 +130,12 @@ class RequestMetricsMiddleware:
 
         try:
             await self.app(scope, receive, counting_send)
+        except Exception:
+            # Unhandled errors pass through here: their 500 is sent by Starlette's outermost
+            # ServerErrorMiddleware, which is where the app's `Exception` handler lives.
+            if not started:
+                status = 500
+            raise
         finally:
             if not recorded:
                 self.metrics.request_done(endpoint, status, time.perf_counter() - start)
