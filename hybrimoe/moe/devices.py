@@ -79,8 +79,8 @@ class CudaTimer:
         end.record(self.stream)
         self._pending.append((self._open, end))
         self._open = None
-        if len(self._pending) > 4096:  # bound the number of live events
-            self._resolve()
+        if len(self._pending) > 4096:  # bound the number of live events without a sync in the hot path
+            self._resolve(wait=False)
 
     @contextlib.contextmanager
     def span(self) -> Iterator[None]:
@@ -90,11 +90,17 @@ class CudaTimer:
         finally:
             self.stop()
 
-    def _resolve(self) -> None:
+    def _resolve(self, wait: bool = True) -> None:
+        """Adds the finished spans; `wait`: waits for the unfinished ones too, else keeps them pending."""
+        left = []
         for start, end in self._pending:
-            end.synchronize()
+            if wait:
+                end.synchronize()
+            elif not end.query():
+                left.append((start, end))
+                continue
             self._seconds += start.elapsed_time(end) / 1000.0  # elapsed_time is in ms
-        self._pending.clear()
+        self._pending = left
 
     def seconds(self) -> float:
         self._resolve()

@@ -94,12 +94,19 @@ class HybridExecutor:
             jobs = [(e, groups[e]) for e in plan.cpu_order]
             future = rt.worker.submit(self._cpu_part, layer, x_host, jobs, w_host, k)
 
-        out = torch.zeros_like(x)  # [T, H]
-        if plan.gpu_order:
-            self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
-        rt.after_layer(layer, x, plan, protect)  # fill_misses and prefetch copies, in link idle time
+        try:
+            out = torch.zeros_like(x)  # [T, H]
+            if plan.gpu_order:
+                self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
+            rt.after_layer(layer, x, plan, protect)  # fill_misses and prefetch copies, in link idle time
+        except BaseException:
+            if future is not None and not future.cancel():
+                future.exception()  # wait: the worker must be done with this layer before the caller goes on
+            raise
         if future is not None:
-            out += future.result().to(out.device)
+            # pinned on CUDA (see _cpu_part): an async copy, ordered before the add on the main stream; a
+            # copy from pageable memory would make the host wait for the GPU part here
+            out += future.result().to(out.device, non_blocking=True)
         return out
 
     def _gpu_part(self, layer: int, x: torch.Tensor, out: torch.Tensor, groups: dict[int, torch.Tensor],
@@ -144,7 +151,7 @@ class HybridExecutor:
         """Worker thread: experts from host memory; returns their weighted sum [T, H] on the host."""
         store = self.rt.store
         with torch.inference_mode(), self.rt.devices.cpu_timer.span():
-            out = torch.zeros_like(x)  # [T, H]
+            out = torch.zeros(x.shape, dtype=x.dtype, pin_memory=self.rt.devices.is_cuda)  # [T, H]
             for e, flat in jobs:
                 w = store.weights(layer, e)
                 _accumulate(out, x, flat // k, w_host[flat], w.gate, w.up, w.down)
