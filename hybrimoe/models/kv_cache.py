@@ -45,7 +45,10 @@ class LayerKV:
 
 
 class KVCache:
-    """Per-layer caches plus the number of tokens they hold (`length`, advanced by the model)."""
+    """Per-layer caches plus the number of tokens they hold (`length`, advanced by the model).
+
+    To forget tokens, call the model with a smaller `start_pos` (0 starts a new sequence): the buffers
+    are kept and overwritten."""
 
     def __init__(self, num_layers: int, max_tokens: int) -> None:
         if max_tokens < 1:
@@ -59,16 +62,6 @@ class KVCache:
 
     def __len__(self) -> int:
         return len(self.layers)
-
-    def reset(self) -> None:
-        """Forgets every token (buffers are kept and overwritten by the next sequence)."""
-        self.length = 0
-
-    def truncate(self, length: int) -> None:
-        """Keeps the first `length` tokens (e.g. to reuse a shared prompt prefix)."""
-        if not 0 <= length <= self.length:
-            raise HybrimoeError(f"cannot truncate a KV cache of {self.length} tokens to {length}")
-        self.length = length
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
