@@ -124,7 +124,7 @@ def rejection(error: BaseException) -> APIError:
 
 @dataclass
 class RunningJob:
-    """An accepted job and the task that notices its client leaving."""
+    """An accepted job and the task that notices its client leaving (and then cancels the job)."""
 
     job: Job
     started: Started
@@ -155,6 +155,14 @@ async def start_job(worker: EngineWorker, build: BuildFn, request: Request) -> R
     except RuntimeError as exc:
         watcher.cancel()
         raise APIError(503, str(exc), type_="service_unavailable") from None
+
+    def client_left(task: asyncio.Task) -> None:
+        # Frees the engine even if no response code runs again (a stream whose body iterator never
+        # started, because the disconnect was noticed first, never reaches its `finally`).
+        if not task.cancelled():
+            job.cancel()
+
+    watcher.add_done_callback(client_left)
     try:
         event = await _next_or_gone(job, watcher)
         if isinstance(event, Failed):
