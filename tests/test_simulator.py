@@ -111,3 +111,18 @@ def test_link_time_is_one_copy_per_expert_moved(name):
     assert copies > 0
     assert r.link_busy * r.total_seconds == pytest.approx(0.4 * copies)  # on-demand + prefetch + fill
     assert r.prefetch_copies <= copies
+
+
+def test_warmup_never_includes_the_simulated_trace_itself(tmp_path):
+    """The hot set comes from the model's other dev traces: a dev trace given as its original file
+    (or any copy) must not warm the cache with its own routing."""
+    from hybrimoe.sim.runner import make_setup
+
+    model = "qwen1.5-moe-a2.7b"
+    dev = packaged_traces(model, "dev")
+    copy = tmp_path / dev[0].path.name
+    copy.write_bytes(dev[0].path.read_bytes())
+    original = tmp_path / (dev[0].path.name.split(".")[0] + ".json")  # e.g. cooking_1.json
+    for path in (dev[0].path, copy, original):
+        setup = make_setup(RoutingTrace.load(dev[0].path), path.name, model, "paper-a6000", path)
+        assert len(setup.warmup) == len(dev) - 1

@@ -33,8 +33,13 @@ class Setup:
     warmup_note: str = ""
 
 
+def _stem(path: Path) -> str:
+    return Path(path).name.split(".")[0]  # cooking_1.json and its packaged copy cooking_1.jsonl.gz alike
+
+
 def dev_traces(model: str, exclude: Path | None = None) -> list[RoutingTrace]:
-    """The packaged dev traces of `model` (never eval ones), minus `exclude`; [] when none."""
+    """The packaged dev traces of `model` (never eval ones), minus `exclude` (the simulated trace:
+    its packaged copy, or the original file it was converted from); [] when none."""
     from hybrimoe.data import packaged_traces
 
     try:
@@ -42,7 +47,7 @@ def dev_traces(model: str, exclude: Path | None = None) -> list[RoutingTrace]:
     except TraceError:
         return []
     return [RoutingTrace.load(t.path) for t in found
-            if exclude is None or t.path.resolve() != Path(exclude).resolve()]
+            if exclude is None or (t.path.resolve() != Path(exclude).resolve() and _stem(t.path) != _stem(exclude))]
 
 
 def make_setup(trace: RoutingTrace, name: str, shape_name: str | None, profile: str,
