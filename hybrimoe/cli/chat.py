@@ -81,22 +81,33 @@ class ChatSession:
 def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     params = sampling_params_from_args(args)
     engine = engine_from_args(args)
-    session = ChatSession(engine, params, system=args.system)
-    stdin = stdin or sys.stdin
+    try:
+        _converse(ChatSession(engine, params, system=args.system), stdin or sys.stdin)
+    finally:
+        engine.close()  # the hybrid runtime's CPU worker and device slots
+    return 0
+
+
+def _converse(session: ChatSession, stdin: TextIO) -> None:
+    """Read turns and commands until /exit or the end of input."""
     interactive = stdin.isatty()
     if interactive:
-        sys.stderr.write(f"chatting with {engine.model_name}; /help lists the commands, Ctrl-D leaves\n")
+        try:
+            import readline  # noqa: F401  (line editing and history for input())
+        except ImportError:
+            pass
+        sys.stderr.write(f"chatting with {session.engine.model_name}; /help lists the commands, Ctrl-D leaves\n")
     while True:
         line = _read_line(stdin, interactive)
         if line is None:
-            return 0
+            return
         text = line.strip()
         if not text:
             continue
         if text.startswith("/"):
             command = text.split()[0].lower()
             if command in ("/exit", "/quit"):
-                return 0
+                return
             if command == "/reset":
                 session.reset()
                 sys.stderr.write("(conversation cleared)\n")
@@ -111,10 +122,6 @@ def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
 def _read_line(stdin: TextIO, interactive: bool) -> str | None:
     """One line of input, None at end of input."""
     if interactive:
-        try:
-            import readline  # noqa: F401  (line editing and history for input())
-        except ImportError:
-            pass
         try:
             return input("you> ")
         except EOFError:

@@ -70,17 +70,20 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     params = sampling_params_from_args(args)
     engine = engine_from_args(args)
-    prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
-        else engine.encode(args.prompt)
-    if args.record_trace is None:
-        return _generate(engine, prompt_ids, params, args.json)
-    header = header_for(engine.model.config, engine.model_name, source="hybrimoe generate")
-    with RoutingRecorder(args.record_trace, header) as recorder:
-        engine.recorder = recorder
-        try:
+    try:
+        prompt_ids = engine.encode_chat([{"role": "user", "content": args.prompt}]) if args.chat \
+            else engine.encode(args.prompt)
+        if args.record_trace is None:
             return _generate(engine, prompt_ids, params, args.json)
-        finally:
-            engine.recorder = None
+        header = header_for(engine.model.config, engine.model_name, source="hybrimoe generate")
+        with RoutingRecorder(args.record_trace, header) as recorder:
+            engine.recorder = recorder
+            try:
+                return _generate(engine, prompt_ids, params, args.json)
+            finally:
+                engine.recorder = None
+    finally:
+        engine.close()  # the hybrid runtime's CPU worker and device slots
 
 
 def _generate(engine: Engine, prompt_ids: list[int], params: SamplingParams, as_json: bool) -> int:
