@@ -7,8 +7,7 @@ from typing import Any
 
 from hybrimoe.cli.generate import add_model_arguments, engine_from_args
 from hybrimoe.errors import ConfigError
-
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+from hybrimoe.server import DEFAULT_MAX_BODY_BYTES
 
 
 def register(subparsers: Any) -> None:

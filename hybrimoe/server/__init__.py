@@ -28,3 +28,5 @@ _queue_wait_seconds, _request_duration_seconds, _cancelled_requests_total, _queu
 _running_requests; and every numeric key of `Engine.stats()` as a gauge `hybrimoe_<key>` (nested
 dicts flattened with `_`, string values as labels of `hybrimoe_engine_info`).
 """
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024  # --max-body-bytes; here so that the CLI needs no fastapi to list it

@@ -20,6 +20,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 
+from hybrimoe.server import DEFAULT_MAX_BODY_BYTES
 from hybrimoe.server.errors import APIError, install_error_handlers
 from hybrimoe.server.jobs import ClientGone, chat_build, check_common, completion_build, parse_body, start_job
 from hybrimoe.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -30,7 +31,6 @@ from hybrimoe.server.worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 ENDPOINTS = frozenset({"/v1/models", "/v1/chat/completions", "/v1/completions", "/health", "/metrics"})
 
 
