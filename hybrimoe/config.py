@@ -283,8 +283,8 @@ def _deepseek(model_type: str, d: dict[str, Any], layers: int) -> dict[str, Any]
     n_shared = _int(d, "n_shared_experts", 0)
     rope_dim = _int(d, "qk_rope_head_dim", 64)
     topk_method = _get(d, "topk_method", "noaux_tc" if v3 else "greedy")
-    n_group = _int(d, "n_group", 1) if d.get("n_group") is not None else 1
-    topk_group = _int(d, "topk_group", 1) if d.get("topk_group") is not None else 1
+    n_group = _int(d, "n_group", 8 if v3 else 1)          # transformers' DeepseekV3Config: 8 groups, best 4
+    topk_group = _int(d, "topk_group", 4 if v3 else 1)
     return dict(
         num_kv_heads=_int(d, "num_attention_heads"),  # MLA: every head has its own k/v
         head_dim=rope_dim, intermediate_size=_int(d, "intermediate_size"), num_experts=num_experts,

@@ -160,10 +160,12 @@ def test_fields_absent_from_the_file_take_transformers_defaults(hub: dict) -> No
     """The trimmed files above leave out e.g. rms_norm_eps: we must fill in what transformers would."""
     from transformers import AutoConfig
 
-    trimmed = {k: v for k, v in hub.items() if k not in ("rms_norm_eps", "head_dim")}
+    trimmed = {k: v for k, v in hub.items() if k not in ("rms_norm_eps", "head_dim", "n_group", "topk_group")}
     ours = ModelConfig.from_dict(trimmed)
     theirs = AutoConfig.for_model(**trimmed)
     assert ours.rms_norm_eps == theirs.rms_norm_eps
+    if hub["model_type"] == "deepseek_v3":   # transformers' V3 router always groups
+        assert (ours.n_group, ours.topk_group) == (theirs.n_group, theirs.topk_group)
     if ours.attention == "mha":
         expected = getattr(theirs, "head_dim", None) or hub["hidden_size"] // hub["num_attention_heads"]
         assert ours.head_dim == expected
