@@ -95,10 +95,11 @@ class HybridExecutor:
             future = rt.worker.submit(self._cpu_part, layer, x_host, jobs, w_host, k)
 
         try:
+            prepared = rt.prepare_copies(layer, x, plan)  # prefetch prediction: gates on x, before the experts
             out = torch.zeros_like(x)  # [T, H]
             if plan.gpu_order:
                 self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
-            rt.after_layer(layer, x, plan, protect)  # fill_misses and prefetch copies, in link idle time
+            rt.after_layer(layer, x, plan, protect, prepared)  # fill_misses and prefetch copies, in link idle time
         except BaseException:
             if future is not None and not future.cancel():
                 future.exception()  # wait: the worker must be done with this layer before the caller goes on

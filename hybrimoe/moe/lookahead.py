@@ -10,7 +10,9 @@ Prediction, for the MoE layers after the current one (up to `depth`):
 The link idle time offered to the prefetcher: (this layer's plan makespan - its copy finish) + the
 measured time of the dense part before the next MoE layer (attention etc.; an EMA kept by the runtime).
 When that window cannot hold one copy, nothing is predicted (no gate work, no planning: decode steps
-stay cheap). On-demand copies were issued before, so a prefetch never delays them.
+stay cheap). The gates run before the layer's GPU experts are issued (`prepare`) and the prefetcher
+picks after (`__call__`), waiting only for the gates' ids: no host sync on the layer's own GPU work.
+On-demand copies were issued before, so a prefetch never delays them.
 """
 
 from __future__ import annotations
@@ -40,27 +42,35 @@ class Lookahead:
         layers = sorted(model.moe_blocks)
         self.future = {layer: layers[i + 1:i + 1 + depth] for i, layer in enumerate(layers)}
 
-    def predict(self, runtime: Any, layer: int, x: torch.Tensor) -> dict[int, dict[int, int]]:
-        future = self.future.get(layer, [])
-        if runtime.replay is not None:
-            return {f: _counts(runtime.replay.peek(f, x.shape[0])) for f in future}
-        predicted = {}
-        for f in future:
-            gate = self.model.moe_blocks[f].gate
-            ids, _, _ = route(gate(x), self.model.config, gate.e_score_correction_bias)  # [T, K]
-            predicted[f] = _counts(ids)
-        return predicted
-
-    def __call__(self, runtime: Any, layer: int, x: torch.Tensor, plan: Plan,
-                 protect: set[ExpertKey]) -> tuple[list[ExpertKey], set[ExpertKey]]:
-        """(keys to copy now in order, keys their admission must not evict: the predicted cached ones)."""
+    def prepare(self, runtime: Any, layer: int, x: torch.Tensor, plan: Plan) -> Any:
+        """Called before the layer's GPU work is issued. None when the link's idle window cannot hold one
+        copy (no gate work: decode steps stay cheap); else (idle seconds, expert ids [T, K] per later
+        layer, event). The gates run now and their ids go to the host asynchronously; `__call__`, after
+        the GPU work is issued, waits for that event only, never for the layer's own experts."""
         future = self.future.get(layer, [])
         if not future:
-            return [], set()
+            return None
         idle = max(0.0, plan.makespan - plan.copy_finish) + runtime.dense_gap.get(future[0], 0.0)  # seconds
         if idle < runtime.costs(future[0]).copy():
+            return None
+        if runtime.replay is not None:
+            return idle, {f: runtime.replay.peek(f, x.shape[0]) for f in future}, None
+        ids = {}
+        for f in future:
+            gate = self.model.moe_blocks[f].gate
+            chosen, _, _ = route(gate(x), self.model.config, gate.e_score_correction_bias)  # [T, K]
+            ids[f] = chosen.to("cpu", non_blocking=True)
+        return idle, ids, runtime.devices.record_main()
+
+    def __call__(self, runtime: Any, layer: int, x: torch.Tensor, plan: Plan, protect: set[ExpertKey],
+                 prepared: Any) -> tuple[list[ExpertKey], set[ExpertKey]]:
+        """(keys to copy now in order, keys their admission must not evict: the predicted cached ones)."""
+        if prepared is None:
             return [], set()
-        predicted = self.predict(runtime, layer, x)
+        idle, ids, event = prepared
+        if event is not None:
+            event.synchronize()  # the gates' expert ids are on the host
+        predicted = {f: _counts(t) for f, t in ids.items()}
         scheduler = runtime.schedulers["prefill" if x.shape[0] > 1 else "decode"]
         state = runtime.cache.state
         keys = self.prefetcher.step(layer, predicted, state, idle, runtime.costs, scheduler, set(protect))

@@ -146,13 +146,19 @@ class HybridRuntime:
             log.debug("%s", plan.describe())
         return plan
 
-    def after_layer(self, layer: int, x: torch.Tensor, plan: Plan, protect: set[tuple[int, int]]) -> None:
+    def prepare_copies(self, layer: int, x: torch.Tensor, plan: Plan) -> Any:
+        """The prefetcher's prediction for `after_layer`, started before the layer's GPU work is issued."""
+        return self.prefetcher.prepare(self, layer, x, plan) if self.prefetcher is not None else None
+
+    def after_layer(self, layer: int, x: torch.Tensor, plan: Plan, protect: set[tuple[int, int]],
+                    prepared: Any = None) -> None:
         """Optional copies after the layer's own work is issued: CPU-computed misses the policy values
-        above their victim (preset.fill_misses), then prefetches. They only use slots (never staging);
-        their events are waited for at the experts' next use."""
+        above their victim (preset.fill_misses), then prefetches (`prepared` by `prepare_copies`). They
+        only use slots (never staging); their events are waited for at the experts' next use."""
         state, dev = self.cache.state, self.devices
         fill = [(layer, e) for e in plan.cpu_order if (layer, e) not in state] if self.preset.fill_misses else []
-        fetch, keep = self.prefetcher(self, layer, x, plan, protect) if self.prefetcher is not None else ([], set())
+        fetch, keep = self.prefetcher(self, layer, x, plan, protect, prepared) if self.prefetcher is not None \
+            else ([], set())
         if not fill and not fetch:
             return
         with dev.copy_context():
