@@ -46,8 +46,8 @@ def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
     """Token id chosen from `logits` [V] (any dtype, any device)."""
-    logits = logits.detach().to("cpu")
-    if params.greedy:
+    if params.greedy:  # on the logits' device: one id crosses to the host, not V floats
         return int(torch.argmax(logits))
-    probs = torch.softmax(filter_logits(logits, params), dim=-1)  # [V], fp32
+    probs = torch.softmax(filter_logits(logits.detach().to("cpu"), params), dim=-1)  # [V], fp32, on the host
+    # The generator is a CPU one, so a seed gives the same tokens whatever device ran the model.
     return int(torch.multinomial(probs, num_samples=1, generator=generator))
