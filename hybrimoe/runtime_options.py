@@ -10,7 +10,7 @@ Expert-cache size, at most one of:
 If neither is given the preset's own ratio applies (e.g. `resident` = 1.0), else 0.25.
 `gpu_memory_bytes` is an optional total device budget (dense part + expert cache); with no cache size
 the cache gets what remains after the dense part. A budget that cannot hold the dense part is a
-BudgetError, raised before any weight is loaded (see `hybrimoe.moe.runtime.plan_budget`).
+BudgetError, raised before any weight is loaded (see `hybrimoe.moe.budget.plan_budget`).
 """
 
 from __future__ import annotations

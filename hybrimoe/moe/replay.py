@@ -114,7 +114,9 @@ class ReplayExecutor:
         ids, w, scores = self.routing.take(layer, x.shape[0])
         if self.runtime is not None:
             self.runtime.set_scores(layer, scores)  # the cache policy sees the trace's scores, not the gate's
-        return self.inner.run(layer, x, ids.to(x.device), w.to(x.device))
+        # the routing stays on the host: the hybrid executor plans there and the reference executor computes
+        # where the store lives, so a round trip through the device would only add two syncs per layer
+        return self.inner.run(layer, x, ids, w)
 
 
 def install_replay(model: Any, routing: TraceRouting, runtime: Any = None) -> TraceRouting:
