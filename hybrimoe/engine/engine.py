@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
+from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
 from hybrimoe.engine.options import EngineOptions, check_dtype
 from hybrimoe.engine.recorder import RoutingRecorder
@@ -115,8 +116,6 @@ class Engine:
                 for m in messages):
             raise PromptError("a chat is a non-empty list of {'role': str, 'content': str} messages")
         if getattr(self.tokenizer, "chat_template", None):
-            from jinja2 import TemplateError  # transformers renders chat templates with jinja2
-
             try:
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             except TemplateError as exc:  # e.g. a template that wants alternating user/assistant roles

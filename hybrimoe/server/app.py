@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -80,27 +80,24 @@ def create_app(engine: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         return JSONResponse(model_card().model_dump())
 
-    @app.post("/v1/chat/completions")
-    async def chat_completions(request: Request) -> Response:
-        req = await parse_body(request, ChatCompletionRequest)
-        check_common(req, state.model_name, req.requested_max_tokens)
-        build = chat_build(req)
+    async def serve(request: Request, schema: type, build_for: Callable, respond: Callable) -> Response:
+        """Parse and check, queue the job, then answer whole or as a stream."""
+        req = await parse_body(request, schema)
+        check_common(req, state.model_name)
+        build = build_for(req)
         try:
             running = await start_job(state.worker, build, request)
         except ClientGone:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return await chat_response(running, state.model_name, req.stream, req.include_usage)
+        return await respond(running, state.model_name, req.stream, req.include_usage)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await serve(request, ChatCompletionRequest, chat_build, chat_response)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        req = await parse_body(request, CompletionRequest)
-        check_common(req, state.model_name, req.max_tokens)
-        build = completion_build(req)
-        try:
-            running = await start_job(state.worker, build, request)
-        except ClientGone:
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        return await completion_response(running, state.model_name, req.stream, req.include_usage)
+        return await serve(request, CompletionRequest, completion_build, completion_response)
 
     @app.get("/health")
     async def health() -> JSONResponse:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from hybrimoe.engine.types import SamplingParams, StreamChunk
 from hybrimoe.errors import HybrimoeError
 from hybrimoe.server.errors import APIError, from_validation_error
-from hybrimoe.server.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from hybrimoe.server.schemas import ChatCompletionRequest, CompletionRequest
 from hybrimoe.server.worker import BuildFn, EngineWorker, Failed, Finished, Job, Started
 
 RequestModel = TypeVar("RequestModel", bound=BaseModel)
@@ -42,8 +42,9 @@ async def parse_body(request: Request, model: type[RequestModel]) -> RequestMode
         raise from_validation_error(exc) from None
 
 
-def check_common(req: SamplingFields, model_name: str, max_tokens: int | None) -> None:
+def check_common(req: ChatCompletionRequest | CompletionRequest, model_name: str) -> None:
     """Checks that need no tokenizer: model name, n, max_tokens."""
+    max_tokens = req.requested_max_tokens
     if req.model != model_name:
         raise APIError(404, f"the model '{req.model}' does not exist; this server serves '{model_name}'",
                        param="model", code="model_not_found")
@@ -61,7 +62,7 @@ def check_common(req: SamplingFields, model_name: str, max_tokens: int | None) -
 
 def chat_build(req: ChatCompletionRequest) -> BuildFn:
     messages = [m.as_template_message() for m in req.messages]
-    return _build(lambda engine: engine.encode_chat(messages), req, req.requested_max_tokens, "messages")
+    return _build(lambda engine: engine.encode_chat(messages), req, "messages")
 
 
 def completion_build(req: CompletionRequest) -> BuildFn:
@@ -75,14 +76,15 @@ def completion_build(req: CompletionRequest) -> BuildFn:
         raise APIError(400, "echo=true is not supported", param="echo", code="unsupported_value")
     if isinstance(prompt, str):
         text = prompt
-        return _build(lambda engine: engine.encode(text), req, req.max_tokens, "prompt")
+        return _build(lambda engine: engine.encode(text), req, "prompt")
     ids = list(prompt)
-    return _build(lambda engine: ids, req, req.max_tokens, "prompt")
+    return _build(lambda engine: ids, req, "prompt")
 
 
-def _build(encode: Callable[[Any], list[int]], req: SamplingFields, max_tokens: int | None,
+def _build(encode: Callable[[Any], list[int]], req: ChatCompletionRequest | CompletionRequest,
            prompt_param: str) -> BuildFn:
     """Worker-side step: tokenise (the tokenizer belongs to the engine thread) and size the request."""
+    max_tokens = req.requested_max_tokens
 
     def build(engine: Any) -> tuple[list[int], SamplingParams]:
         try:
