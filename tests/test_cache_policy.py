@@ -129,3 +129,20 @@ def test_fast_victim_paths_agree_with_the_definition():
 def test_unknown_policy_lists_known_names():
     with pytest.raises(ConfigError, match="mrs"):
         make_policy("arc")
+
+
+@pytest.mark.parametrize("name", ["mrs", "lru", "lfu"])
+def test_miss_filling_admits_a_just_used_expert(name):
+    """fill_misses inserts with by_value=True after the router's `observe`: an expert that just
+    missed must be able to displace a resident nobody used (LRU once scored a never-resident expert
+    0 and refused it forever, so its 'LRU' cache stayed the initial hot set)."""
+    policy = make_policy(name, top_k=1)
+    cache = CacheState(capacity=2, policy=policy)
+    cache.preload([(0, 0), (0, 1)])
+    for _ in range(3):
+        policy.observe(0, None, [1], [1.0])
+        assert cache.access((0, 1))
+    policy.observe(0, None, [5], [1.0])
+    assert not cache.access((0, 5))
+    assert cache.insert((0, 5), by_value=True)
+    assert cache.resident() == {(0, 1), (0, 5)}

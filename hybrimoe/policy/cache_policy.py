@@ -118,7 +118,12 @@ class MRSPolicy:
 
 
 class LRUPolicy:
-    """Least recently used: victim = the candidate touched longest ago."""
+    """Least recently used: victim = the candidate used longest ago.
+
+    A use is an activation (`observe`, hit or miss) or an insertion (`touch`). Counting a miss as a
+    use matters for `insert(..., by_value=True)` (miss filling): the expert that just missed is then
+    the most recently used one and displaces the least recently used resident, as in LRU; with hits
+    only, an expert never resident would score 0 and never be admitted (the cache froze)."""
 
     name = "lru"
 
@@ -128,7 +133,8 @@ class LRUPolicy:
         self._order: OrderedDict[ExpertKey, None] = OrderedDict()  # oldest touch first
 
     def observe(self, layer, scores, selected, weights=None) -> None:
-        pass
+        for e in selected:
+            self.touch((layer, e))
 
     def touch(self, key: ExpertKey) -> None:
         self._clock += 1
