@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from hybrimoe.errors import ConfigError
 
-FINISH_REASONS = ("stop", "length")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
 
