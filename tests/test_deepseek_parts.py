@@ -15,7 +15,7 @@ from transformers.models.deepseek_v3 import modeling_deepseek_v3 as hf_v3
 from hybrimoe.config import ModelConfig
 from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.mla import MLAttention
-from hybrimoe.models.yarn import DeepseekRotary, RopeSpec
+from hybrimoe.models.yarn import RopeSpec, Rotary
 
 YARN = {
     "type": "yarn",
@@ -231,7 +231,7 @@ def test_yarn_of_the_v3_release_config_matches_transformers() -> None:
     )
     hf_rotary = hf_v3.DeepseekV3RotaryEmbedding(hf_cfg)
     spec = RopeSpec.from_hf(64, 10000, V3_ROPE, 163840)
-    rotary = DeepseekRotary(spec)
+    rotary = Rotary(spec)
     torch.testing.assert_close(rotary.inv_freq, hf_rotary.inv_freq, atol=0, rtol=0)
     assert spec.cos_sin_scale == hf_rotary.attention_scaling == 1.0
     positions = torch.tensor([0, 1, 4095, 4096, 100_000, 163_839])

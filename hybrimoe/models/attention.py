@@ -12,7 +12,8 @@ from torch import nn
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.models.kv_cache import LayerKV
-from hybrimoe.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, causal_attention
+from hybrimoe.models.layers import RMSNorm, causal_attention
+from hybrimoe.models.yarn import RopeSpec, Rotary, apply_rotary
 
 
 class Attention(nn.Module):
@@ -37,7 +38,9 @@ class Attention(nn.Module):
         elif config.qk_norm == "full":
             self.q_norm = RMSNorm(self.num_heads * d, config.rms_norm_eps)
             self.k_norm = RMSNorm(self.num_kv_heads * d, config.rms_norm_eps)
-        self.rotary = RotaryEmbedding(config, d)
+        spec = RopeSpec.from_hf(d, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
+                                interleaved=False)   # "rotate half": pairs (x[i], x[i + D/2])
+        self.rotary = Rotary(spec)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LayerKV) -> torch.Tensor:
         """x [T, H], positions [T] (absolute) -> [T, H]; appends this step's k/v to `kv_layer`."""
@@ -53,8 +56,8 @@ class Attention(nn.Module):
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
-        cos, sin = self.rotary(positions, q.dtype)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        cos, sin = self.rotary(positions)                                     # [T, D/2] fp32
+        q, k = apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
         k_all, v_all = kv_layer.append(k, v)                                  # [Hkv, S, D]
         out = causal_attention(q, k_all, v_all, self.scale, self.sliding_window)  # [T, Hq*D]
         return self.o_proj(out)

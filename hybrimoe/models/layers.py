@@ -1,4 +1,4 @@
-"""Building blocks shared by every family: RMSNorm, gated MLP, rotary embedding, causal attention.
+"""Building blocks shared by every family: RMSNorm, gated MLP, causal attention (rotary: `yarn.py`).
 
 Shapes: T = new tokens, S = cached + new tokens, H = hidden size, D = head dim.
 """
@@ -8,8 +8,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from hybrimoe.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
@@ -38,44 +36,6 @@ class GatedMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
-def rope_frequencies(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [dim/2] fp32, attention_scaling) for the config's RoPE variant.
-
-    Default RoPE: inv_freq_i = theta^(-2i/dim), scaling 1. YaRN lives in `hybrimoe.models.yarn`.
-    """
-    rope_type = (config.rope_scaling or {}).get("rope_type", "default")
-    if rope_type == "yarn":
-        from hybrimoe.models.yarn import yarn_frequencies  # DeepSeek-style context extension
-        return yarn_frequencies(config, dim)
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
-    return inv_freq, 1.0
-
-
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for positions; rotates q/k of head dim D in the "rotate half" convention."""
-
-    def __init__(self, config: ModelConfig, dim: int) -> None:
-        super().__init__()
-        inv_freq, self.scaling = rope_frequencies(config, dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)   # [D/2] fp32
-
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions [T] -> cos, sin [T, D] in `dtype`."""
-        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]   # [T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [heads, T, D], cos/sin [T, D] -> x rotated by position."""
-    return x * cos + rotate_half(x) * sin
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

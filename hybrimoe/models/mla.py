@@ -26,7 +26,7 @@ from torch import nn
 
 from hybrimoe.models.kv_cache import LayerKV
 from hybrimoe.models.layers import RMSNorm, causal_attention
-from hybrimoe.models.yarn import DeepseekRotary, RopeSpec, apply_rotary
+from hybrimoe.models.yarn import RopeSpec, Rotary, apply_rotary
 
 if TYPE_CHECKING:
     from hybrimoe.config import ModelConfig
@@ -72,7 +72,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(n * self.v_dim, hidden, bias=config.o_bias)
 
         spec = mla_rope_spec(config)
-        self.rotary = DeepseekRotary(spec)
+        self.rotary = Rotary(spec)
         self.interleaved = spec.interleaved
         self.scale = spec.softmax_scale(qk_dim)
         self.absorb: bool | None = None  # None: pick the cheaper attention form per call (see below)

@@ -1,6 +1,7 @@
-"""Rotary embedding for DeepSeek's MLA: default RoPE or YaRN, as DeepSeek configs specify them.
+"""Rotary position embedding of every family: default RoPE or YaRN, as the configs specify them.
 
-DeepSeek rotates only the `qk_rope_head_dim` slice of each query/key head. A config's rope scaling
+Mixtral, Qwen and OLMoE rotate whole heads in the "half" layout; DeepSeek's MLA rotates only the
+`qk_rope_head_dim` slice of each query/key head. A config's rope scaling
 (`rope_scaling` in old config.json files, `rope_parameters` in transformers 5) looks like
 `{"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096, "beta_fast": 32,
 "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707}`.
@@ -14,11 +15,11 @@ and `beta_slow` turns over `original_max_position_embeddings` (floored/ceiled, a
 Two magnitude corrections follow, with m(s, k) = 0.1 * k * ln(s) + 1 for s > 1 (else 1):
     cos/sin are multiplied by attention_factor = m(factor, mscale) / m(factor, mscale_all_dim)
         (m(factor, 1) when either is missing);
-    MLA's softmax scale qk_head_dim^-0.5 is multiplied by m(factor, mscale_all_dim)^2.
+    MLA's softmax scale qk_head_dim^-0.5 is multiplied by m(factor, mscale_all_dim)^2 (DeepSeek only).
 
 Pair layouts of the rotated slice (q and k always use the same one, so q.k is unchanged by it):
     interleaved: pairs (x[2i], x[2i+1]) — DeepSeek's checkpoints (V2 always; V3 when rope_interleave);
-    half:        pairs (x[i], x[i + d/2]) — V3 with rope_interleave = False.
+    half:        pairs (x[i], x[i + d/2]) — every other family ("rotate half"); V3 with rope_interleave = False.
 The rotated output is laid out as [first of each pair | second of each pair] in both cases.
 """
 
@@ -27,16 +28,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
 from hybrimoe.config import ROPE_TYPES
 from hybrimoe.errors import ConfigError
-
-if TYPE_CHECKING:
-    from hybrimoe.config import ModelConfig
 
 
 def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
@@ -144,7 +142,7 @@ class RopeSpec:
         return interpolated * (1 - keep) + extrapolated * keep
 
 
-class DeepseekRotary(nn.Module):
+class Rotary(nn.Module):
     """cos/sin tables for positions, with YaRN's magnitude correction folded in."""
 
     def __init__(self, spec: RopeSpec) -> None:
@@ -157,12 +155,6 @@ class DeepseekRotary(nn.Module):
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         scale = self.spec.cos_sin_scale
         return freqs.cos() * scale, freqs.sin() * scale
-
-
-def yarn_frequencies(config: ModelConfig, dim: int) -> tuple[torch.Tensor, float]:
-    """(inv_freq [dim/2] fp32, cos/sin multiplier) of the config's YaRN scaling over `dim` rotated dims."""
-    spec = RopeSpec.from_hf(dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings)
-    return spec.inv_freq(), spec.cos_sin_scale
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
