@@ -315,3 +315,43 @@ def test_a_second_runtime_needs_the_first_closed() -> None:
         runtime.close()
     assert all(isinstance(b.executor, ReferenceExecutor) for b in model.moe_blocks.values())
     assert model.routing_observer is None and runtime.cache.num_slots == 0  # slots freed at close
+
+
+def test_worker_errors_reach_the_caller_and_main_side_errors_wait_for_the_worker(monkeypatch) -> None:
+    """fiddler with an empty cache runs these 3 tokens' experts on the CPU worker (see the first test)."""
+    import time
+
+    model = tiny()
+    layer = model.config.moe_layers[0]
+    x, ids = torch.randn(3, model.config.hidden_size), torch.tensor([[5, 1, 6, 2], [2, 7, 5, 0], [3, 5, 1, 4]])
+    w = torch.full((3, 4), 0.25)
+    runtime = install_runtime(model, RuntimeOptions(policy="fiddler", cache_ratio=0.0, cpu_threads=1), costs=COSTS)
+    executor = runtime.executor
+    cpu_part = executor._cpu_part
+    try:
+        def failing(*args):
+            raise RuntimeError("worker failed")
+
+        monkeypatch.setattr(executor, "_cpu_part", failing)
+        with pytest.raises(RuntimeError, match="worker failed"):
+            executor.run(layer, x, ids, w)
+        started, finished = threading.Event(), []
+
+        def slow(*args):
+            started.set()
+            time.sleep(0.2)
+            out = cpu_part(*args)
+            finished.append(True)
+            return out
+
+        def main_fails(*args):
+            assert started.wait(10)  # the worker runs the layer's CPU part when the main side fails
+            raise RuntimeError("main side failed")
+
+        monkeypatch.setattr(executor, "_cpu_part", slow)
+        monkeypatch.setattr(runtime, "prepare_copies", main_fails)
+        with pytest.raises(RuntimeError, match="main side failed"):
+            executor.run(layer, x, ids, w)
+        assert finished == [True]  # the layer's CPU work was over before the error reached the caller
+    finally:
+        runtime.close()

@@ -105,5 +105,6 @@ def test_policies_benchmark_smoke_on_cpu(tmp_path, monkeypatch, capsys) -> None:
                                                           ("resident", "prefill"), ("resident", "decode")]
     assert all(r["measured_s"] > 0 and r["predicted_moe_s"] > 0 and r["trace_top_k"] == 4 for r in rows)
     assert rows[2]["hit_rate"] == 1.0 and rows[0]["hit_rate"] < 1.0
+    assert "replayed trace" in rows[0]["prefetch"] and rows[2]["prefetch"] == "none"  # not the random gates
     assert all(r["profile"] == "paper-a6000" and r["profile_total_s"] > r["profile_moe_s"] > 0 for r in rows)
     assert len([line for line in capsys.readouterr().out.splitlines() if line.startswith("{")]) == 4
