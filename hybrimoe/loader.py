@@ -158,12 +158,18 @@ class _Loader:
         param = self.params.get(name)
         if param is None:
             raise CheckpointError(f"unexpected {where}: the {self.config.model_type} model has no such weight")
+        if name not in self.pending_dense:
+            self._duplicate(where)
         if tuple(tensor.shape) != tuple(param.shape):
             raise CheckpointError(f"misshaped {where}: shape {tuple(tensor.shape)}, "
                                   f"expected {tuple(param.shape)}")
         with torch.no_grad():
             param.copy_(tensor)
         self.pending_dense.discard(name)
+
+    @staticmethod
+    def _duplicate(where: str) -> None:
+        raise CheckpointError(f"duplicate {where}: this weight was already read from another tensor or file")
 
     def _check_layer(self, layer: int, expert: int, where: str) -> None:
         if layer not in self.store.layers or not 0 <= expert < self.config.num_experts:
@@ -177,6 +183,8 @@ class _Loader:
         want = (h, i) if part == "down" else (i, h)
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"misshaped {where}: shape {tuple(tensor.shape)}, expected {want}")
+        if (layer, expert, part) not in self.pending_experts:
+            self._duplicate(where)
         self.store.set_expert(layer, expert, **{part: tensor})
         self.pending_experts.discard((layer, expert, part))
 
@@ -186,15 +194,17 @@ class _Loader:
         want = (e, 2 * i, h) if kind == "gate_up_proj" else (e, h, i)
         if tuple(tensor.shape) != want:
             raise CheckpointError(f"misshaped {where}: shape {tuple(tensor.shape)}, expected {want}")
+        parts = ("gate", "up") if kind == "gate_up_proj" else ("down",)
+        keys = {(layer, x, p) for x in range(e) for p in parts}
+        if not keys <= self.pending_experts:
+            self._duplicate(where)
         rows = self.store.layer_tensor(layer)                       # [E, 3*I*H]: [gate | up | down]
         n = i * h
         if kind == "gate_up_proj":   # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up -> flat [gate | up]
             rows[:, :2 * n].copy_(tensor.reshape(e, 2 * n))
-            parts = ("gate", "up")
         else:
             rows[:, 2 * n:].copy_(tensor.reshape(e, n))
-            parts = ("down",)
-        self.pending_experts.difference_update((layer, x, p) for x in range(e) for p in parts)
+        self.pending_experts -= keys
 
     def finish(self, model_dir: str) -> None:
         if self.pending_dense:

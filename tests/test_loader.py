@@ -187,6 +187,15 @@ def test_integer_tensor_is_refused(mixtral, tmp_path, name: str) -> None:
         load_model(path, progress=False)
 
 
+def test_a_tensor_in_two_files_is_a_duplicate(tiny_checkpoint, tmp_path) -> None:
+    shutil.copytree(tiny_checkpoint("mixtral", max_shard_size="40KB"), tmp_path / "m")
+    (tmp_path / "m" / "model.safetensors.index.json").unlink()   # load every *.safetensors in the folder
+    shard = sorted((tmp_path / "m").glob("*.safetensors"))[0]
+    shutil.copy(shard, tmp_path / "m" / "zz-stale-copy.safetensors")
+    with pytest.raises(CheckpointError, match=r"duplicate tensor .* in zz-stale-copy\.safetensors"):
+        load_model(tmp_path / "m", progress=False)
+
+
 def test_model_safetensors_wins_over_stray_files(mixtral, tmp_path) -> None:
     shutil.copytree(mixtral, tmp_path / "m")
     save_file({"output.weight": torch.ones(2)}, tmp_path / "m" / "consolidated.safetensors")
