@@ -91,6 +91,7 @@ class EngineWorker:
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="hybrimoe-engine", daemon=True)
         self._current: Job | None = None
+        self._closing = threading.Event()
         self._stats: dict[str, float] = {}
         self._stats_lock = threading.Lock()
         self._last_stats_refresh = 0.0
@@ -104,7 +105,7 @@ class EngineWorker:
         return self._thread.is_alive()
 
     def submit(self, build: BuildFn, loop: asyncio.AbstractEventLoop) -> Job:
-        if not self.alive:
+        if not self.alive or self._closing.is_set():
             raise RuntimeError("the engine worker is not running")
         job = Job(build=build, loop=loop)
         self.metrics.queued(+1)
@@ -113,8 +114,10 @@ class EngineWorker:
 
     def close(self, timeout: float = 10.0) -> None:
         """Cancel the running job, drop the queued ones, and join the thread."""
-        if self._current is not None:
-            self._current.cancel()
+        self._closing.set()  # before reading _current: a job the thread takes now sees the flag (_run)
+        current = self._current
+        if current is not None:
+            current.cancel()
         while True:
             try:
                 job = self._queue.get_nowait()
@@ -154,10 +157,13 @@ class EngineWorker:
             if job is None:
                 return
             self.metrics.queued(-1)
+            self._current = job  # before checking _closing: close() reads them in the other order
+            if self._closing.is_set():
+                job.cancel()
             if job.cancelled:
+                self._current = None
                 self.metrics.cancelled()
                 continue
-            self._current = job
             try:
                 self._serve(job)
             except Exception:  # never let one request kill the worker
