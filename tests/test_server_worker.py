@@ -1,6 +1,7 @@
 """EngineWorker in process, over a fake engine whose tokens the test releases one at a time: events
 in order, a cancelled job stops between tokens and closes its stream, a failing build leaves the
-worker serving, close() stops the running job, drops the queued ones and closes the engine."""
+worker serving, close() stops the running job, drops the queued ones and closes the engine; and the
+app over it in process (no tokenizer needed)."""
 
 from __future__ import annotations
 
@@ -123,3 +124,14 @@ def test_cancel_stops_between_tokens_and_close_drops_the_queue() -> None:
     assert engine.streams_closed == 2  # both started streams were closed, neither ran to its end
     assert metrics.cancelled_requests == 2 and metrics.running == 0 and metrics.queue_depth == 0
     assert metrics.generation_tokens < 10
+
+
+def test_a_served_model_name_with_a_slash_can_be_retrieved() -> None:
+    from fastapi.testclient import TestClient
+
+    from hybrimoe.server.app import create_app
+
+    with TestClient(create_app(GatedEngine(), model_name="org/tiny")) as client:
+        assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
+        assert client.get("/v1/models/org/other").status_code == 404
+        assert client.get("/v1/models").json()["data"][0]["id"] == "org/tiny"

@@ -74,7 +74,7 @@ def create_app(engine: Any, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, model_
     async def list_models() -> JSONResponse:
         return JSONResponse(ModelList(data=[model_card()]).model_dump())
 
-    @app.get("/v1/models/{model_id}")
+    @app.get("/v1/models/{model_id:path}")  # ids such as "org/name" hold a slash
     async def get_model(model_id: str) -> JSONResponse:
         if model_id != state.model_name:
             raise APIError(404, f"the model '{model_id}' does not exist", param="model", code="model_not_found")
