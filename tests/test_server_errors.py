@@ -44,6 +44,7 @@ CASES = [
     ("malformed-json", "/chat/completions", b'{"model": "tiny", "messages": [', 400, None),
     ("not-utf8", "/completions", b'\xff\xfe{"model"', 400, None),
     ("json-array", "/completions", b"[1, 2]", 400, None),
+    ("json-nested-too-deep", "/completions", b'{"model": "tiny", "prompt": ' + b"[" * 5000, 400, None),
     ("unknown-model", "/chat/completions", chat(model="gpt-9"), 404, "model"),
     ("unknown-model-completions", "/completions", completion(model="gpt-9"), 404, "model"),
     ("max-tokens-string", "/chat/completions", chat(max_tokens="ten"), 400, "max_tokens"),
