@@ -48,9 +48,9 @@ class HybridExecutor:
     def run(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, H], expert_ids [T, K], weights [T, K] -> [T, H] on x's device."""
         rt = self.rt
-        rt.layer_started(layer)
         k = expert_ids.shape[1]
         ids_host = expert_ids.to("cpu")  # [T, K]; synchronises: the plan needs the counts
+        rt.layer_started(layer)  # after the sync: the dense gap then includes the device's time for attention
         w_host = weights.to("cpu", torch.float32).reshape(-1)  # [T*K]
         groups = dict(group_by_expert(ids_host))  # expert -> flat indices into [T*K]
         counts = {e: int(s.numel()) for e, s in groups.items()}

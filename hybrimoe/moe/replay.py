@@ -114,8 +114,9 @@ class ReplayExecutor:
         ids, w, scores = self.routing.take(layer, x.shape[0])
         if self.runtime is not None:
             self.runtime.set_scores(layer, scores)  # the cache policy sees the trace's scores, not the gate's
-        # the routing stays on the host: the hybrid executor plans there and the reference executor computes
-        # where the store lives, so a round trip through the device would only add two syncs per layer
+        # the trace's routing stays on the host (the hybrid executor plans there, the reference executor computes
+        # where the store lives); the gate's own choice is read back once, the one sync real routing costs
+        expert_ids.to("cpu")
         return self.inner.run(layer, x, ids, w)
 
 
