@@ -57,6 +57,8 @@ def test_same_seed_same_draws_and_greedy_is_argmax() -> None:
     c = [sample_next(logits, params, g) for g in [make_generator(8)] for _ in range(20)]
     assert a == b and a != c
     assert sample_next(logits, SamplingParams(), make_generator(0)) == int(logits.argmax())
+    # A temperature so small that logits / T overflows is greedy, not a NaN distribution.
+    assert sample_next(logits * 10, SamplingParams(temperature=1e-40), make_generator(0)) == int(logits.argmax())
 
 
 @pytest.mark.parametrize("bad", [dict(max_new_tokens=0), dict(temperature=-1.0), dict(top_p=0.0),

@@ -8,6 +8,9 @@ from dataclasses import dataclass, field
 from hybrimoe.errors import ConfigError
 
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
+# Temperatures below this sample greedily: logits / 1e-40 overflow fp32 to inf, and softmax of
+# infinities is NaN (vLLM draws the same line).
+GREEDY_BELOW_TEMPERATURE = 1e-5
 
 
 @dataclass
@@ -15,7 +18,7 @@ class SamplingParams:
     """How to pick tokens and when to stop; validated by `validate()` at the edge (CLI, server)."""
 
     max_new_tokens: int = 128
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below GREEDY_BELOW_TEMPERATURE) = greedy
     top_p: float = 1.0  # nucleus mass kept, in (0, 1]
     top_k: int = 0  # 0 = off
     seed: int | None = None  # None = fresh randomness on every request
@@ -24,7 +27,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def validate(self) -> "SamplingParams":
         """Raise ConfigError naming the bad field and what is accepted; return self."""
