@@ -176,3 +176,17 @@ def test_packaged_traces_manifest() -> None:
         packaged_traces(model="gpt-4")
     gsm = RoutingTrace.load(packaged_traces("mixtral-8x7b", "dev")[0].path)
     assert round(reuse_fraction(gsm), 2) == 0.34 and len(gsm.tokens) == 247
+
+
+def test_packaged_roles_are_the_readmes_dev_eval_split() -> None:
+    """Nothing is tuned on eval traces: the manifest's roles must be the shared README's (as
+    ORIGINALS restates them), file by file; dev and eval traces never share a name."""
+    from hybrimoe.data import MANIFEST, ORIGINALS
+
+    entries = json.loads(MANIFEST.read_text())["traces"]
+    assert {e["original"]: e["role"] for e in entries} == {k: v[0] for k, v in ORIGINALS.items()}
+    assert {e["original"] for e in entries if e["role"] == "eval"} == {
+        "mixtral-8x7b/humaneval.jsonl", "mixtral-8x7b/humaneval_alt.jsonl", "qwen1.5-moe-a2.7b/history_2.json",
+        "qwen1.5-moe-a2.7b/ml_moe_2.json", "qwen1.5-moe-a2.7b/ml_moe_3.json", "qwen3.6-35b-a3b/chat_vllm.json"}
+    stems = {role: {t.path.name.split(".")[0] for t in packaged_traces(role=role)} for role in ("dev", "eval")}
+    assert not stems["dev"] & stems["eval"]
