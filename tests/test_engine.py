@@ -143,3 +143,15 @@ def test_stream_checks_its_input_before_the_first_chunk(tokenizer) -> None:
     with pytest.raises(HybrimoeError):
         engine.stream([len(tokenizer) + 5], SamplingParams())
     assert engine.model.calls == []
+
+
+def test_generation_config_eos_ids_are_read_and_a_bad_file_is_a_checkpoint_error(tokenizer, tmp_path) -> None:
+    from hybrimoe.errors import CheckpointError
+
+    model = FakeModel(FakeConfig(vocab_size=len(tokenizer), eos_token_ids=(9,)))
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, 7]}')
+    engine = Engine(model, tokenizer, "fake", model_dir=tmp_path)
+    assert engine.eos_token_ids == {5, 7, 9, tokenizer.eos_token_id}
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [5, ')
+    with pytest.raises(CheckpointError, match="generation_config.json"):
+        Engine(model, tokenizer, "fake", model_dir=tmp_path)

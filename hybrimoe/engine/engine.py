@@ -35,9 +35,13 @@ class PromptError(HybrimoeError, ValueError):
 def _eos_ids(model_dir: Path | None, config: Any, tokenizer: Any) -> set[int]:
     """EOS ids from the model config, generation_config.json and the tokenizer."""
     ids: set[int] = {int(i) for i in (getattr(config, "eos_token_ids", None) or ())}
-    if model_dir is not None and (model_dir / "generation_config.json").is_file():
-        eos = json.loads((model_dir / "generation_config.json").read_text()).get("eos_token_id")
-        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    path = None if model_dir is None else model_dir / "generation_config.json"
+    if path is not None and path.is_file():
+        try:
+            eos = json.loads(path.read_text()).get("eos_token_id")
+            ids.update(int(i) for i in ([eos] if isinstance(eos, int) else (eos or [])))
+        except (ValueError, TypeError, AttributeError) as exc:  # bad JSON, not an object, not ids
+            raise CheckpointError(f"{path}: cannot read eos_token_id (an id or a list of ids): {exc}") from None
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
