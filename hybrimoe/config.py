@@ -145,6 +145,14 @@ class ModelConfig:
                                              or not 0 < self.topk_group <= self.n_group):
             raise ConfigError(f"n_group {self.n_group} / topk_group {self.topk_group} do not divide "
                               f"{self.num_experts} experts")
+        if self.topk_method != "greedy":
+            per_group = self.num_experts // self.n_group
+            if self.top_k > self.topk_group * per_group:   # top-k would pick masked-out experts
+                raise ConfigError(f"num_experts_per_tok {self.top_k} exceeds the {self.topk_group * per_group} "
+                                  f"experts of topk_group {self.topk_group} groups")
+            if self.topk_method == "noaux_tc" and per_group < 2:   # groups are scored by their 2 best
+                raise ConfigError(f"noaux_tc needs at least 2 experts per group; n_group {self.n_group} "
+                                  f"leaves {per_group} of {self.num_experts}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ROPE_TYPES:
             raise ConfigError(f"rope type {rope_type!r} is not supported; supported: {', '.join(ROPE_TYPES)}")

@@ -111,6 +111,15 @@ def test_deepseek_v2_group_limited_router() -> None:
     assert c.uses_deepseek_router and (c.n_group, c.topk_group, c.routed_scaling_factor) == (8, 3, 16.0)
 
 
+@pytest.mark.parametrize("change,message", [
+    ({"n_group": 256, "topk_group": 8}, "at least 2 experts per group"),
+    ({"topk_group": 1, "num_experts_per_tok": 40}, "exceeds the 32 experts of topk_group 1"),
+])
+def test_deepseek_v3_group_settings_that_cannot_route(change: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({**DEEPSEEK_V3, **change})
+
+
 def test_deepseek_v3_sigmoid_router_and_fp8_rejection() -> None:
     c = ModelConfig.from_dict(DEEPSEEK_V3)
     assert (c.topk_method, c.scoring_func, c.n_group, c.topk_group) == ("noaux_tc", "sigmoid", 8, 4)
