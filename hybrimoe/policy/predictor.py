@@ -3,7 +3,8 @@
 The runtime predicts from hidden states (the gates of layers l+1..l+L applied to layer l's hidden
 state). Routing traces have no hidden states, so the simulator uses predictors of a STATED quality:
 - `TruthWithNoise(accuracy)`: the true future routing, each true (token, expert) kept with
-  probability `accuracy`, else replaced by a uniformly random expert the token did not use (seeded);
+  probability `accuracy`, else replaced by a uniformly random expert the token did not use (seeded;
+  two replacements of one token may coincide, then that expert counts that token twice);
 - `CrossLayerStats`: learned from dev traces, P(expert f at layer l+d | expert e at layer l); a
   token's prediction is the top-k experts by sum_e P(f | e) over its experts at layer l;
 - `NoPredictor`: predicts nothing.
