@@ -202,16 +202,30 @@ class EventDevices(Devices):
     """CPU fallback whose copies return event tokens, so the stream discipline of the CUDA path can be
     checked here: the main stream must wait for an expert's copy before reading its slot."""
 
+    class Event:
+        def synchronize(self) -> None:
+            pass
+
     def __init__(self) -> None:
         super().__init__(torch.device("cpu"), None, HostTimer(), HostTimer())
-        self.waited: set[int] = set()
+        self.waited: set[int] = set()  # copy events the main stream waited for
+        self.copy_waited: set[int] = set()  # main-stream events the copy stream waited for
+        self.main_events: list = []
 
     def record_copy(self):
-        return object()
+        return self.Event()
+
+    def record_main(self):
+        self.main_events.append(self.Event())
+        return self.main_events[-1]
 
     def main_waits(self, event) -> None:
         if event is not None:
             self.waited.add(id(event))
+
+    def copy_waits(self, event) -> None:
+        if event is not None:
+            self.copy_waited.add(id(event))
 
 
 @pytest.mark.parametrize("policy", ["gpu-lru", "hybrimoe", "hybrimoe-cache-only"])
@@ -236,12 +250,29 @@ def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
             reads["checked"] += 1
         return weights(key)
 
+    released: dict[int, object] = {}  # staging buffer -> main-stream event after its last reader
+    staging_buffer, release_staging = cache.staging_buffer, cache.release_staging
+
+    def checked_staging(layer):
+        buffer = staging_buffer(layer)
+        previous = released.get(id(buffer))
+        assert previous is None or id(previous) in devices.copy_waited, "staging buffer refilled while still read"
+        reads["staged"] = reads.get("staged", 0) + 1
+        return buffer
+
+    def recording_release(buffer):
+        release_staging(buffer)
+        released[id(buffer)] = devices.main_events[-1]
+
     cache.copy_into_slot, cache.weights = recording_copy, checked_weights
+    cache.staging_buffer, cache.release_staging = checked_staging, recording_release
     try:
         _run_steps(model, steps=8)
     finally:
         runtime.close()
     assert reads["checked"] > 0 and last_copy
+    if policy == "gpu-lru":  # prompt copies beyond the free slots go through the two staging buffers
+        assert reads["staged"] > 2
 
 
 def test_load_with_runtime_checks_the_budget_before_reading_weights(tiny_checkpoint, monkeypatch) -> None:
