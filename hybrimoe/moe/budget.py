@@ -7,7 +7,8 @@
     slots         = from --cache-ratio (ratio * all routed experts), --expert-cache (bytes // expert
                     bytes), --gpu-memory (whatever the dense part leaves), or the preset's ratio
 A budget that cannot hold the dense part, or a nonzero cache budget below one expert, is a
-BudgetError naming the numbers. The KV cache and activations are not counted (a few % at most for
+BudgetError naming the numbers. The KV cache, activations and the cache's two staging buffers (two
+experts, allocated at the first copy the cache does not keep) are not counted (a few % at most for
 the context lengths this engine runs); leave headroom in --gpu-memory for them.
 """
 

@@ -1,6 +1,6 @@
 """HybridRuntime: the mechanism that executes the policy's decisions for every MoE layer of a model.
 
-    install_runtime(model, options) -> HybridRuntime
+    install_runtime(model, options) -> HybridRuntime                          (hybrimoe.moe.install)
       budget (slots) -> pinned expert store -> GpuExpertCache (CacheState + CachePolicy of the preset)
       -> initial cache content (preset.initial) -> CPU worker thread -> costs (calibrated or given)
       -> HybridExecutor in every MoEBlock; the routing observer feeds router scores to the cache policy
