@@ -70,3 +70,21 @@ def test_context_overflow_is_reported_then_exit_stops_reading(model_dir: Path, e
     assert done.returncode == 0, done.stderr
     assert "error:" in done.stderr and "/reset" in done.stderr
     assert done.stdout == f"{reply}\n"  # the failed turn left no trace; nothing after /exit ran
+
+
+def test_session_writes_to_the_current_stdout_and_reports_a_refused_chat(capsys) -> None:
+    from engine_fakes import FakeConfig, FakeModel, make_tokenizer
+
+    from hybrimoe.cli.chat import ChatSession
+
+    tokenizer = make_tokenizer()
+    fake = Engine(FakeModel(FakeConfig(vocab_size=len(tokenizer))), tokenizer, "fake")
+    session = ChatSession(fake, SamplingParams(max_new_tokens=4), system="be brief")
+    reply = session.reply("hi")
+    assert capsys.readouterr().out == reply + "\n"  # capsys swaps sys.stdout after the module was imported
+    assert [m["role"] for m in session.history] == ["system", "user", "assistant"]
+    tokenizer.chat_template = "{{ raise_exception('no system role') }}"
+    assert session.reply("again") is None
+    captured = capsys.readouterr()
+    assert captured.out == "" and "no system role" in captured.err
+    assert len(session.history) == 3  # the refused turn left no trace

@@ -43,8 +43,8 @@ class ChatSession:
     engine: Any
     params: SamplingParams
     system: str | None = None
-    out: TextIO = sys.stdout
-    err: TextIO = sys.stderr
+    out: TextIO = field(default_factory=lambda: sys.stdout)  # the streams of when the chat starts,
+    err: TextIO = field(default_factory=lambda: sys.stderr)  # not of when this module was imported
     history: list[dict[str, str]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
