@@ -59,7 +59,8 @@ def check_common(req: ChatCompletionRequest | CompletionRequest, model_name: str
     if req.tools:
         raise APIError(400, "tools (function calling) are not supported", param="tools", code="unsupported_value")
     if max_tokens is not None and max_tokens <= 0:
-        raise APIError(400, f"max_tokens must be at least 1, got {max_tokens}", param="max_tokens",
+        param = req.max_tokens_param
+        raise APIError(400, f"{param} must be at least 1, got {max_tokens}", param=param,
                        code="invalid_value")
 
 
@@ -105,8 +106,8 @@ def _build(encode: Callable[[Any], list[int]], req: ChatCompletionRequest | Comp
         if max_tokens is not None and max_tokens > room:
             raise APIError(400, f"this model's maximum context length is {context} tokens, but "
                                 f"{len(ids) + max_tokens} were requested ({len(ids)} in the prompt, "
-                                f"{max_tokens} for the completion); lower max_tokens to at most {room}",
-                           param="max_tokens", code="context_length_exceeded")
+                                f"{max_tokens} for the completion); lower {req.max_tokens_param} to at "
+                                f"most {room}", param=req.max_tokens_param, code="context_length_exceeded")
         params = SamplingParams(max_new_tokens=max_tokens or room, temperature=req.temperature,
                                 top_p=req.top_p, top_k=req.top_k, seed=req.seed, stop_strings=req.stop_strings)
         try:
