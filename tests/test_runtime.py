@@ -386,3 +386,19 @@ def test_worker_errors_reach_the_caller_and_main_side_errors_wait_for_the_worker
         assert finished == [True]  # the layer's CPU work was over before the error reached the caller
     finally:
         runtime.close()
+
+
+def test_default_cpu_threads_follow_affinity_and_cgroup_quota(tmp_path, monkeypatch) -> None:
+    import os
+
+    from hybrimoe.moe import runtime as rt
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    monkeypatch.setattr(rt, "CGROUP_CPU_MAX", str(tmp_path / "absent"))
+    assert rt.usable_cores() == 64 and rt.default_cpu_threads() == 63
+    quota = tmp_path / "cpu.max"
+    quota.write_text("1600000 100000\n")  # a 16-core container on a 64-core host
+    monkeypatch.setattr(rt, "CGROUP_CPU_MAX", str(quota))
+    assert rt.usable_cores() == 16 and rt.default_cpu_threads() == 15
+    quota.write_text("max 100000\n")
+    assert rt.usable_cores() == 64
