@@ -135,3 +135,36 @@ def test_a_served_model_name_with_a_slash_can_be_retrieved() -> None:
         assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
         assert client.get("/v1/models/org/other").status_code == 404
         assert client.get("/v1/models").json()["data"][0]["id"] == "org/tiny"
+
+
+def test_a_client_leaving_cancels_its_job_even_if_no_response_code_runs_again() -> None:
+    from hybrimoe.server.jobs import start_job
+
+    class LeavingRequest:
+        """Starlette's Request as start_job uses it: receive() answers http.disconnect once `left` is set."""
+
+        def __init__(self) -> None:
+            self.left = asyncio.Event()
+
+        async def receive(self) -> dict:
+            await self.left.wait()
+            return {"type": "http.disconnect"}
+
+    engine, metrics = GatedEngine(), ServerMetrics()
+    worker = EngineWorker(engine, metrics)
+
+    async def main() -> bool:
+        request = LeavingRequest()
+        running = await start_job(worker, build(50), request)  # accepted: the first token is out
+        request.left.set()  # nobody reads running.chunks() or calls running.close() after this
+        await asyncio.sleep(0.05)
+        cancelled = running.job.cancelled
+        engine.release()  # the worker produces the next token, sees the cancel and stops
+        return cancelled
+
+    worker.start()
+    try:
+        assert asyncio.run(main())
+    finally:
+        worker.close()
+    assert engine.streams_closed == 1 and metrics.cancelled_requests == 1
