@@ -402,3 +402,12 @@ def test_default_cpu_threads_follow_affinity_and_cgroup_quota(tmp_path, monkeypa
     assert rt.usable_cores() == 16 and rt.default_cpu_threads() == 15
     quota.write_text("max 100000\n")
     assert rt.usable_cores() == 64
+
+
+def test_a_bad_cost_profile_leaves_no_worker_behind() -> None:
+    model = tiny()
+    before = {t.name for t in threading.enumerate()}
+    with pytest.raises(ConfigError, match="cost profile"):
+        install_runtime(model, RuntimeOptions(policy="hybrimoe", cpu_threads=1, cost_profile="no-such-profile"))
+    assert not any(t.name.startswith("hybrimoe-cpu") for t in threading.enumerate() if t.name not in before)
+    assert all(isinstance(b.executor, ReferenceExecutor) for b in model.moe_blocks.values())

@@ -148,8 +148,13 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     devices.synchronize()
     worker = CpuWorker(options.cpu_threads or default_cpu_threads())
     if costs is None:
-        costs = profile_costs(options.cost_profile, store) if options.cost_profile \
-            else calibrate_costs(store, devices, worker)
+        try:
+            costs = profile_costs(options.cost_profile, store) if options.cost_profile \
+                else calibrate_costs(store, devices, worker)
+        except BaseException:  # e.g. a bad --cost-profile: no runtime, so nobody else would stop these
+            worker.close()
+            cache.release()
+            raise
     fixed_costs = costs
     runtime = HybridRuntime(model, preset, devices, cache, worker, lambda layer: fixed_costs)
     model.routing_observer = runtime.observe
