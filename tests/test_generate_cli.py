@@ -117,3 +117,12 @@ def test_python_dash_m_entry_point(model_dir) -> None:
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert result["completion_tokens"] <= 4 and result["prompt_tokens"] > 0
+
+
+def test_a_closed_stdout_ends_quietly(monkeypatch, capsys) -> None:
+    def reader_left(args) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("hybrimoe.cli.generate.run", reader_left)  # read when main() builds the parser
+    assert main(["generate", "--model", "unused", "--prompt", "x"]) == 1
+    assert capsys.readouterr().err == ""
