@@ -86,12 +86,9 @@ def _config_from_file(path: str) -> ModelConfig:
 
 
 def pin_store(store: ExpertStore) -> None:
-    """Re-allocates every layer's expert tensor [E, 3*I*H] in page-locked host memory (in place for views
-    taken later: callers must take `buffer()` views after this). No-op for an already pinned store."""
-    for layer in store.layers:
-        tensor = store.layer_tensor(layer)
-        if not tensor.is_pinned():
-            store._layers[layer] = tensor.pin_memory()
+    """Moves the expert store into page-locked host memory (`ExpertStore.pin`; callers must take
+    `buffer()` views after this). No-op for an already pinned store."""
+    store.pin()
 
 
 def _initial_keys(preset: Preset, config: ModelConfig, budget: CacheBudget,
