@@ -7,12 +7,12 @@ dense layers). Pure Python: the simulator imports this module, so it must not im
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.jsonfile import read_json_object
 
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3")
 TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
@@ -101,14 +101,7 @@ class ModelConfig:
         path = os.path.join(os.fspath(model_dir), "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in {os.fspath(model_dir)!r}")
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"cannot read {path}: {exc}") from exc
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path} is not a JSON object")
-        return cls.from_dict(data)
+        return cls.from_dict(read_json_object(path, "model config"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

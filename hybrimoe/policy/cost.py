@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.jsonfile import read_json_object
 from hybrimoe.policy.shape import ExpertShape, ModelShape
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
@@ -175,13 +176,7 @@ class CostModel:
                 hint = f"profile file {text} not found; " if path.suffix == ".json" or os.path.sep in text else ""
                 raise ConfigError(f"{hint}unknown cost profile {text!r}; shipped: {', '.join(known_profiles())} "
                                   "(or a path to a profile JSON written by `hybrimoe calibrate`)")
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read cost profile {path}: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
-        return cls.from_dict(d, str(path))
+        return cls.from_dict(read_json_object(path, "cost profile"), str(path))
 
 
 def known_profiles() -> list[str]:

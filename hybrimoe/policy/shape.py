@@ -7,13 +7,13 @@ the models' public Hugging Face config.json files (each with a "_source" note).
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.jsonfile import read_json_object
 
 SHAPES_DIR = Path(__file__).resolve().parent.parent / "shapes"
 
@@ -164,14 +164,7 @@ class ModelShape:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read model config {path}: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{exc.lineno}: not JSON ({exc.msg})") from None
-        if not isinstance(d, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
+        d = read_json_object(path, "model config")
         default = path.stem if path.parent == SHAPES_DIR else path.parent.name
         return cls.from_hf_config(d, name or default)
 
