@@ -17,6 +17,27 @@ class Span:
     kind: str  # "expert" | "dense" | "copy" | "prefetch" | "fill"
 
 
+@dataclass(frozen=True)
+class LayerLog:
+    """What one MoE layer of one forward needed, and which of it was already on the GPU side."""
+
+    layer: int
+    counts: dict[int, int]  # {expert: tokens routed to it in this forward}
+    resident: frozenset[int]  # activated experts resident in the cache (or in flight / staged) at access
+
+
+@dataclass
+class ForwardLog:
+    """One simulated forward, as the bound (hybrimoe.sim.bound) needs it."""
+
+    phase: str  # "prefill" | "decode"
+    tokens: int  # new tokens of the forward
+    context: int  # tokens already in the KV cache
+    dense_seconds: float  # sum of dense GPU work of every layer + LM head
+    seconds: float  # simulated duration of the forward under the policy
+    layers: list[LayerLog] = field(default_factory=list)
+
+
 @dataclass
 class SimResult:
     policy: str

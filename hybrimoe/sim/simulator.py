@@ -33,7 +33,7 @@ from hybrimoe.policy.presets import Preset
 from hybrimoe.policy.shape import ModelShape
 from hybrimoe.policy.schedule import Scheduler, get_scheduler
 from hybrimoe.sim.costs import SimCosts
-from hybrimoe.sim.metrics import SimResult, Span
+from hybrimoe.sim.metrics import ForwardLog, LayerLog, SimResult, Span
 from hybrimoe.sim.prompt import Workload
 from hybrimoe.trace.format import RoutingTrace, TokenRouting
 
@@ -66,6 +66,7 @@ class _Run:
     prefetched: set[ExpertKey] = field(default_factory=set)  # prefetched, not yet used
     prefetch_useful: int = 0
     spans: list[Span] = field(default_factory=list)
+    forwards: list[ForwardLog] = field(default_factory=list)  # per forward: counts and residency per layer
 
 
 class Simulator:
@@ -157,6 +158,7 @@ class Simulator:
             trace=trace.header.source or trace.header.model, model=getattr(self.shape, "name", ""),
             notes=list(workload.notes))
         self.spans = run.spans
+        self.forwards = run.forwards
         return result
 
     def _forward(self, run: _Run, tokens: list[TokenRouting], context: int, phase: str, record: bool) -> float:
@@ -165,6 +167,8 @@ class Simulator:
         n = len(tokens)
         scheduler = self.prefill_scheduler if phase == "prefill" else self.decode_scheduler
         dense = [self.costs.dense(layer, n, context) for layer in range(self.shape.num_layers)]
+        log_ = ForwardLog(phase, n, context, sum(dense) + self.costs.lm_head(n), 0.0)
+        run.forwards.append(log_)
         t = start
         for layer in range(self.shape.num_layers):
             if record:
@@ -180,6 +184,7 @@ class Simulator:
             run.spans.append(Span("gpu", self.shape.num_layers, -1, t - start, t + head - start, "dense"))
         run.busy["gpu"] += head
         run.clock = t + head
+        log_.seconds = run.clock - start
         return run.clock - start
 
     def _moe_layer(self, run: _Run, tokens: list[TokenRouting], layer: int, t: float, step_start: float,
@@ -195,6 +200,8 @@ class Simulator:
                 counts[e] = counts.get(e, 0) + 1
         if not counts:
             return t
+        run.forwards[-1].layers.append(LayerLog(layer, dict(counts),
+                                                frozenset(e for e in counts if (layer, e) in cache)))
         for e in counts:
             key = (layer, e)
             if cache.access(key) and key in run.prefetched:
