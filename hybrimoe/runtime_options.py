@@ -77,6 +77,7 @@ class RuntimeOptions:
     cost_profile: str | None = None  # CostModel profile name or path for the scheduler; None = default
     seed: int = 0  # seed of dummy weights
     prefetch_depth: int = 3  # MoE layers ahead the prefetcher predicts (presets with prefetch only)
+    staging_slots: int = 4  # device buffers (experts) for prefetches the cache does not keep (prefetch presets)
 
     def __post_init__(self) -> None:
         if not isinstance(self.policy, str) or not self.policy:
@@ -94,6 +95,8 @@ class RuntimeOptions:
             raise ConfigError(f"cpu_threads must be an integer >= 1, got {self.cpu_threads!r}")
         if not isinstance(self.prefetch_depth, int) or self.prefetch_depth < 1:
             raise ConfigError(f"prefetch_depth must be an integer >= 1 layer, got {self.prefetch_depth!r}")
+        if not isinstance(self.staging_slots, int) or self.staging_slots < 0:
+            raise ConfigError(f"staging_slots must be an integer >= 0 experts, got {self.staging_slots!r}")
         if not isinstance(self.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.replay_trace is not None and not os.path.isfile(self.replay_trace):

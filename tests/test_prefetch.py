@@ -19,35 +19,48 @@ from hybrimoe.trace.format import LayerRouting, RoutingTrace, TokenRouting, Trac
 COSTS = LinearCosts(cpu_per_token=0.1, gpu_fixed=0.2, copy_seconds=1.0)
 
 
+def _ctx(cache, predicted, link_free=0.0, window_end=1.0, starts=None, admissible=None):
+    from hybrimoe.policy.prefetch import PrefetchContext
+
+    starts = starts or {f: window_end for f in predicted}
+    return PrefetchContext(4, predicted, cache, link_free, window_end, starts, {}, lambda l: COSTS,
+                           get_scheduler("hybrid"), admissible or (lambda key: cache.can_insert(key)))
+
+
 def test_impact_prefers_the_expert_that_shortens_its_layer_most():
     cache = CacheState(capacity=4, policy=LRUPolicy())
     predicted = {5: {0: 100, 1: 1}}  # expert 0 is heavily loaded, expert 1 would be cheap on the CPU
-    keys = ImpactPrefetcher().step(4, predicted, cache, 1.0, lambda l: COSTS, get_scheduler("hybrid"))
-    assert keys == [(5, 0)]
-    assert ImpactPrefetcher().step(4, predicted, cache, 0.99, lambda l: COSTS, get_scheduler("hybrid")) == []
+    assert ImpactPrefetcher().pick(_ctx(cache, predicted))[0] == (5, 0)
+    # the link is booked up to the next layer's start: no copy could start before it
+    assert ImpactPrefetcher().pick(_ctx(cache, predicted, link_free=1.0, window_end=1.0)) is None
 
 
-@pytest.mark.parametrize("name", ["impact", "next-layer-score"])
-def test_prefetch_never_overfills_nor_evicts_pinned_experts(name):
-    rng = random.Random(0)
-    prefetcher = get_prefetcher(name)
-    cache = CacheState(capacity=6, policy=make_policy("mrs", top_k=2))
-    for step in range(200):
-        layer = rng.randrange(8)
-        current = {(layer, e) for e in rng.sample(range(8), 2)}
-        for key in current:
-            cache.insert(key)
-        resident_current = {k for k in current if k in cache}
-        cache.pin(current)
-        predicted = {f: {e: rng.randint(1, 20) for e in rng.sample(range(8), 3)} for f in range(layer + 1, layer + 4)}
-        idle = rng.uniform(0, 5)
-        keys = prefetcher.step(layer, predicted, cache, idle, lambda l: COSTS, get_scheduler("hybrid"), current)
-        assert len(keys) <= int(idle / COSTS.copy() + 1e-9)
-        for key in keys:
-            assert cache.insert(key, protect=current | set(keys))  # every returned key is admitted
-        assert len(cache) <= cache.capacity
-        assert resident_current <= cache.resident()
-        cache.unpin_all()
+def test_impact_gain_uses_the_real_arrival_time():
+    """Layer 5 (expert 0: 10 tokens; CPU 1.0 s, GPU 0.2 s, copy 1 s) starts at 2.0 s. A copy issued at 0
+    lands at 1.0: the layer takes 0.2 s instead of 1.0 (gain 0.8). Issued at 1.5 it lands at 2.5, and
+    the layer takes 0.5 + 0.2 s: gain 0.3. Issued at 2.5 it lands when the CPU would be done: no gain."""
+    cache = CacheState(capacity=4, policy=LRUPolicy())
+    predicted = {5: {0: 10}}
+    for link_free, gain in ((0.0, 0.8), (1.5, 0.3)):
+        key, g = ImpactPrefetcher().pick(_ctx(cache, predicted, link_free, window_end=3.0, starts={5: 2.0}))
+        assert key == (5, 0) and g == pytest.approx(gain)
+    assert ImpactPrefetcher().pick(_ctx(cache, predicted, 2.5, window_end=3.0, starts={5: 2.0})) is None
+
+
+def test_impact_charges_the_delay_it_causes_a_later_layers_own_copy():
+    """Layer 5 starts at 0.5 s and needs its 100-token expert copied (copy 1 s + GPU 0.2 s; CPU 10 s):
+    makespan 1.2 s. Layer 6 (5 s) has a 3-token expert: CPU 0.3 s, or 0.2 s on the GPU if prefetched
+    (gain 0.1 s). Prefetching it now pushes layer 5's copy back by 0.5 s (makespan 1.7 s): net -0.4 s,
+    so it is not picked; prefetching layer 5's expert itself gains 0.5 s and is."""
+    cache = CacheState(capacity=4, policy=LRUPolicy())
+    predicted, starts = {5: {0: 100}, 6: {1: 3}}, {5: 0.5, 6: 5.0}
+    key, gain = ImpactPrefetcher().pick(_ctx(cache, predicted, 0.0, 0.5, starts))
+    assert key == (5, 0) and gain == pytest.approx(0.5)
+    only_six = _ctx(cache, predicted, 0.0, 0.5, starts, admissible=lambda k: k == (6, 1))
+    assert ImpactPrefetcher().pick(only_six) is None
+    cache.insert((5, 0))  # layer 5 needs no copy: prefetching layer 6's expert delays nothing
+    key, gain = ImpactPrefetcher().pick(_ctx(cache, predicted, 0.0, 0.5, starts))
+    assert key == (6, 1) and gain == pytest.approx(0.1)
 
 
 def _trace(seed: int, tokens: int = 40, layers: int = 4, experts: int = 8, top_k: int = 2) -> RoutingTrace:
@@ -69,7 +82,9 @@ class _Shape:
     name, num_layers, moe_layers, num_experts, top_k = "fixture", 4, (0, 1, 2, 3), 8, 2
 
 
-def test_prefetch_copies_never_delay_on_demand_copies():
+def test_the_link_is_one_fifo_queue_and_the_plan_knows_when_it_frees():
+    """One copy at a time; a layer's on-demand copies start when its router is done, or when the copy
+    still on the link from an earlier layer's prefetch ends (a copy may cross a layer boundary)."""
     trace = _trace(1)
     costs = UniformCosts(LinearCosts(cpu_per_token=0.3, gpu_fixed=0.1, copy_seconds=0.4), dense_seconds=0.5)
     kinds = set()
@@ -84,8 +99,9 @@ def test_prefetch_copies_never_delay_on_demand_copies():
         dense_end = {s.layer: s.end for s in sim.spans if s.kind == "dense"}
         for layer in _Shape.moe_layers:
             on_demand = [s for s in copies if s.layer == layer and s.kind == "copy"]
-            if on_demand:  # the layer's own copies start as soon as its router is done
-                assert on_demand[0].start == pytest.approx(dense_end[layer])
+            if on_demand:
+                before = [s.end for s in copies if s.start < on_demand[0].start]
+                assert on_demand[0].start == pytest.approx(max([dense_end[layer]] + before))
     assert {"copy", "prefetch"} <= kinds  # both kinds of copies were exercised
 
 

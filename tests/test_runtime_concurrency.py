@@ -43,9 +43,11 @@ class EventDevices(Devices):
         self.waited: set[int] = set()  # copy events the main stream waited for
         self.copy_waited: set[int] = set()  # main-stream events the copy stream waited for
         self.main_events: list = []
+        self.copy_events: list = []
 
     def record_copy(self):
-        return self.Event()
+        self.copy_events.append(self.Event())
+        return self.copy_events[-1]
 
     def record_main(self):
         self.main_events.append(self.Event())
@@ -60,18 +62,22 @@ class EventDevices(Devices):
             self.copy_waited.add(id(event))
 
 
-@pytest.mark.parametrize("policy", ["gpu-lru", "hybrimoe", "hybrimoe-cache-only"])
-def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
+@pytest.mark.parametrize("policy,ratio", [("gpu-lru", 0.25), ("hybrimoe", 0.25), ("hybrimoe-cache-only", 0.25),
+                                          ("hybrimoe", 0.0)])
+def test_every_slot_read_waits_for_its_copy_event(policy: str, ratio: float) -> None:
+    """... and every read of a prefetch staging buffer (hybrimoe with no cache: prefetches only stage)."""
     model = tiny()
-    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=0.25, cpu_threads=1), costs=COSTS)
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=ratio, cpu_threads=1), costs=COSTS)
     devices = EventDevices()
     runtime.devices = runtime.cache.devices = devices
     cache = runtime.cache
     last_copy: dict = {}
     reads = {"checked": 0}
     copy_into_slot, weights = cache.copy_into_slot, cache.weights
+    stage, staged_weights = cache.stage, cache.staged_weights
+    staged_copy: dict = {}
 
-    def recording_copy(key, slot):
+    def recording_copy(key, slot=None):
         event = copy_into_slot(key, slot)
         last_copy[key] = event
         return event
@@ -81,6 +87,18 @@ def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
             assert id(last_copy[key]) in devices.waited, f"slot of {key} read before its copy event was waited for"
             reads["checked"] += 1
         return weights(key)
+
+    def recording_stage(key):  # a prefetch into a staging buffer: its copy event must be waited for too
+        buffer = stage(key)
+        staged_copy[key] = devices.copy_events[-1]
+        return buffer
+
+    def checked_staged_weights(key):
+        found = staged_weights(key)
+        if found is not None:
+            assert id(staged_copy[key]) in devices.waited, f"staging buffer of {key} read before its copy event"
+            reads["prefetch_staged"] = reads.get("prefetch_staged", 0) + 1
+        return found
 
     released: dict[int, object] = {}  # staging buffer -> main-stream event after its last reader
     staging_buffer, release_staging = cache.staging_buffer, cache.release_staging
@@ -97,11 +115,15 @@ def test_every_slot_read_waits_for_its_copy_event(policy: str) -> None:
         released[id(buffer)] = devices.main_events[-1]
 
     cache.copy_into_slot, cache.weights = recording_copy, checked_weights
+    cache.stage, cache.staged_weights = recording_stage, checked_staged_weights
     cache.staging_buffer, cache.release_staging = checked_staging, recording_release
     try:
         _run_steps(model, steps=8)
     finally:
         runtime.close()
+    if ratio == 0.0:
+        assert reads.get("prefetch_staged", 0) > 0 and not last_copy
+        return
     assert reads["checked"] > 0 and last_copy
     if policy == "gpu-lru":  # prompt copies beyond the free slots go through the two staging buffers
         assert reads["staged"] > 2

@@ -85,7 +85,7 @@ def test_packaged_trace_with_paper_profile():
 
 
 def test_forward_times_add_dense_moe_makespans_and_lm_head_once():
-    """Hand-timed forwards with an empty cache (nothing to prefetch into): a decode forward is
+    """Hand-timed forwards with an empty cache and no staging buffer (nothing to prefetch into): a decode forward is
     4 x (dense + MoE makespan) + LM head, each counted once."""
     trace = _trace(6)
     workload = build_workload(trace)
@@ -97,7 +97,7 @@ def test_forward_times_add_dense_moe_makespans_and_lm_head_once():
     assert r.ttft_seconds == pytest.approx(sum(0.5 + 0.4 * n + 0.1 for n in prefill_experts) + 0.2)
     # HybriMoE decode: copy one expert and run it on the GPU (0.4 + 0.1) while the CPU runs the other
     # (0.35): 0.5 s per layer, better than both on the CPU (0.65) or both copied (0.9)
-    r = Simulator(_Shape(), COSTS, SimConfig(get_preset("hybrimoe"), 0.0)).run(trace, workload)
+    r = Simulator(_Shape(), COSTS, SimConfig(get_preset("hybrimoe"), 0.0, staging_slots=0)).run(trace, workload)
     assert r.tbt_seconds == pytest.approx(4 * (0.5 + 0.5) + 0.2)
     assert r.prefetch_copies == 0
 

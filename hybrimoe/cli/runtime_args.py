@@ -47,12 +47,15 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                        help="cost-model profile the scheduler plans with (default: a calibration at start)")
     group.add_argument("--prefetch-depth", type=int, default=None, metavar="N",
                        help=f"MoE layers ahead that prefetching presets predict (default {DEFAULT_PREFETCH_DEPTH})")
+    group.add_argument("--staging-slots", type=int, default=None, metavar="N",
+                       help="device buffers (experts) for prefetched experts the cache does not keep, counted in "
+                            "--gpu-memory; prefetching presets only (default 4)")
     group.add_argument("--dummy-seed", type=int, default=None, help="seed of --dummy-weights (default 0)")
 
 
 def _requested(args: argparse.Namespace) -> bool:
     flags = ("policy", "expert_cache", "cache_ratio", "gpu_memory", "cpu_threads", "dummy_weights",
-             "replay_trace", "cost_profile", "prefetch_depth", "dummy_seed")
+             "replay_trace", "cost_profile", "prefetch_depth", "staging_slots", "dummy_seed")
     return any(getattr(args, f, None) is not None for f in flags) or bool(args.per_layer_cache or args.no_pin_memory)
 
 
@@ -74,6 +77,7 @@ def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions | None
         cost_profile=args.cost_profile,
         seed=0 if args.dummy_seed is None else args.dummy_seed,
         prefetch_depth=DEFAULT_PREFETCH_DEPTH if args.prefetch_depth is None else args.prefetch_depth,
+        **({} if args.staging_slots is None else {"staging_slots": args.staging_slots}),
     ).validated()
 
 

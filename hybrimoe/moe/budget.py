@@ -7,9 +7,11 @@
     slots         = from --cache-ratio (ratio * all routed experts), --expert-cache (bytes // expert
                     bytes), --gpu-memory (whatever the dense part leaves), or the preset's ratio
 A budget that cannot hold the dense part, or a nonzero cache budget below one expert, is a
-BudgetError naming the numbers. The KV cache, activations and the cache's two staging buffers (two
-experts, allocated at the first copy the cache does not keep) are not counted (a few % at most for
-the context lengths this engine runs); leave headroom in --gpu-memory for them.
+BudgetError naming the numbers. The prefetch staging buffers (`--staging-slots`, presets that
+prefetch) are counted: --gpu-memory holds dense + staging + cache. The KV cache, activations and
+the cache's two transient buffers (two experts, allocated at the first on-demand copy the cache does
+not keep) are not (a few % at most for the context lengths this engine runs); leave headroom in
+--gpu-memory for them.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class CacheBudget:
     expert_bytes: int  # bytes of one routed expert
     dense_bytes: int  # bytes of the non-expert weights on the device
     total_experts: int  # routed experts of the model (MoE layers x experts)
+    staging_slots: int = 0  # prefetch staging buffers (experts) beside the cache
 
     @property
     def cache_bytes(self) -> int:
@@ -59,8 +62,10 @@ class CacheBudget:
 
     def describe(self) -> str:
         scope = "per layer" if self.layer_capacity is not None else "global"
+        staging = f" + {self.staging_slots} staging ({_gb(self.staging_slots * self.expert_bytes)})" \
+            if self.staging_slots else ""
         return (f"dense {_gb(self.dense_bytes)} + expert cache {self.slots}/{self.total_experts} experts "
-                f"({self.ratio:.0%}, {_gb(self.cache_bytes)}, {scope})")
+                f"({self.ratio:.0%}, {_gb(self.cache_bytes)}, {scope}){staging}")
 
 
 def split_per_layer(slots: int, layers: tuple[int, ...]) -> dict[int, int]:
@@ -71,17 +76,19 @@ def split_per_layer(slots: int, layers: tuple[int, ...]) -> dict[int, int]:
 
 def plan_budget(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions,
                 preset_ratio: float | None = None, device_free_bytes: int | None = None,
-                dense: int | None = None) -> CacheBudget:
+                dense: int | None = None, staging_slots: int = 0) -> CacheBudget:
     """Number of expert slots for `options`; BudgetError when the budget cannot work.
 
     `preset_ratio`: the policy preset's own cache ratio (used when no size is given);
     `device_free_bytes`: free memory of the device (CUDA), checked against dense + cache;
-    `dense`: precomputed dense bytes (else computed from the config).
+    `dense`: precomputed dense bytes (else computed from the config); `staging_slots`: prefetch
+    staging buffers (experts) that share the device with the cache.
     """
     dtype_bytes = torch.empty((), dtype=dtype).element_size()
     expert_bytes = config.expert_bytes(dtype_bytes)
     total = len(config.moe_layers) * config.num_experts
     dense = dense_bytes(config, dtype) if dense is None else dense
+    staging = staging_slots * expert_bytes
     gpu_memory = options.gpu_memory_bytes
     if gpu_memory is not None and gpu_memory < dense:
         raise BudgetError(f"--gpu-memory {_gb(gpu_memory)} cannot hold the dense part of the model "
@@ -95,18 +102,19 @@ def plan_budget(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions
                               f"({expert_bytes} bytes); give 0 or at least {expert_bytes}")
         slots = options.expert_cache_bytes // expert_bytes
     elif gpu_memory is not None:
-        slots = (gpu_memory - dense) // expert_bytes
+        slots = max(0, gpu_memory - dense - staging) // expert_bytes
     else:
         slots = round((DEFAULT_CACHE_RATIO if preset_ratio is None else preset_ratio) * total)
     slots = max(0, min(slots, total))
-    if gpu_memory is not None and dense + slots * expert_bytes > gpu_memory:
-        raise BudgetError(f"dense part {_gb(dense)} + expert cache {slots} x {expert_bytes} bytes "
-                          f"= {_gb(dense + slots * expert_bytes)} exceeds --gpu-memory {_gb(gpu_memory)}")
-    if device_free_bytes is not None and dense + slots * expert_bytes > device_free_bytes:
-        raise BudgetError(f"dense part {_gb(dense)} + expert cache {_gb(slots * expert_bytes)} do not fit in "
-                          f"the device's free memory {_gb(device_free_bytes)}; lower --expert-cache/--cache-ratio")
+    if gpu_memory is not None and dense + staging + slots * expert_bytes > gpu_memory:
+        raise BudgetError(f"dense part {_gb(dense)} + {staging_slots} staging + expert cache {slots} x {expert_bytes} "
+                          f"bytes = {_gb(dense + staging + slots * expert_bytes)} exceeds --gpu-memory {_gb(gpu_memory)}")
+    if device_free_bytes is not None and dense + staging + slots * expert_bytes > device_free_bytes:
+        raise BudgetError(f"dense part {_gb(dense)} + staging {_gb(staging)} + expert cache {_gb(slots * expert_bytes)} "
+                          f"do not fit in the device's free memory {_gb(device_free_bytes)}; lower "
+                          f"--expert-cache/--cache-ratio/--staging-slots")
     layer_capacity = split_per_layer(slots, tuple(config.moe_layers)) if options.per_layer_cache else None
-    budget = CacheBudget(slots, layer_capacity, expert_bytes, dense, total)
+    budget = CacheBudget(slots, layer_capacity, expert_bytes, dense, total, staging_slots)
     log.info("budget: %s", budget.describe())
     return budget
 

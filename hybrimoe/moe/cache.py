@@ -2,10 +2,13 @@
 
     pool     [S, 3*I*H]  on the compute device; slot s holds one expert laid out like the host store
                          ([gate | up | down]), so filling it is ONE copy of the expert's host buffer.
-    staging  [B, 3*I*H]  (B = 2, allocated on first use) for an expert the plan sends to the GPU but the
-                         cache may not keep (zero capacity, every slot pinned, or a static policy that
-                         refuses it); it is copied, used once and dropped. Reuse of a staging buffer
-                         waits for the main stream to finish with its previous occupant (an event).
+    staging  [B, 3*I*H]  (B = 2, allocated on first use) for an on-demand expert the plan sends to the GPU
+                         but the cache may not keep (zero capacity, every slot pinned, or a static
+                         policy that refuses it); it is copied, used once and dropped.
+    prefetch [P, 3*I*H]  (P = staging_slots, on first use) for a PREFETCHED expert the cache does not keep
+                         (hybrimoe.policy.link): held from its copy until its layer has run.
+                         Reuse of any staging buffer waits for the main stream to finish with its
+                         previous occupant (an event).
 
 Which expert sits in which slot is this file's business; which experts are resident, the capacity
 (global or per layer), victims, and the hit/miss/bytes counters are `hybrimoe.policy.CacheState`'s,
@@ -45,7 +48,7 @@ class LayerCounters:
 class GpuExpertCache:
     """Slots for `state.capacity` experts (or the sum of per-layer capacities) on `devices.compute`."""
 
-    def __init__(self, store: ExpertStore, devices: Devices, state: CacheState) -> None:
+    def __init__(self, store: ExpertStore, devices: Devices, state: CacheState, staging_slots: int = 0) -> None:
         self.store = store
         self.devices = devices
         self.state = state
@@ -63,6 +66,12 @@ class GpuExpertCache:
         self._pending: dict[ExpertKey, Any] = {}  # copy-done event of a slot not yet waited for by the main stream
         self.freeze_admitted = False  # static policy: every admitted expert joins the never-evicted hot set
         # (first-use fill of free slots when no warm-up trace gave a hot set; then the set never changes)
+        self.staging_slots = staging_slots
+        self._prefetch_buffers: list[torch.Tensor] = []  # [3*I*H] each, allocated on first use
+        self._prefetch_release: list[Any] = []  # main-stream event after the last read, per buffer
+        self._staged: dict[ExpertKey, int] = {}  # prefetched expert -> buffer index
+        # every insertion or eviction of the accounting (this class, the copy pipeline) maps slots here
+        state.on_add, state.on_remove = self._slot_taken, self._slot_freed
         log.info("expert cache: %d slots x %.1f MB on %s (%s)", self.num_slots, store.expert_nbytes / 1e6,
                  devices.compute, "per layer" if state.layer_capacity is not None else "global")
 
@@ -70,6 +79,11 @@ class GpuExpertCache:
     @property
     def capacity_bytes(self) -> int:
         return self.num_slots * self.store.expert_nbytes
+
+    @property
+    def staging_bytes(self) -> int:
+        """Device bytes of the staging buffers once all are in use (transient + prefetch)."""
+        return (STAGING_BUFFERS + self.staging_slots) * self.store.expert_nbytes
 
     def cached_experts(self, layer: int) -> set[int]:
         return self.state.cached_experts(layer)
@@ -106,35 +120,38 @@ class GpuExpertCache:
         key = (layer, expert)
         if key in self._slot_of:
             return None  # already resident (e.g. prefetched twice): nothing to copy
-        protect = set(protect)
-        victim = self.state.victim_for(key, protect)
-        if not self.state.insert(key, protect, by_value=by_value):
+        if not self.state.insert(key, set(protect), by_value=by_value):
             return None
-        if victim is not None:
-            assert victim not in self.state, f"CacheState evicted another expert than {victim}"
-            self._free.append(self._slot_of.pop(victim))
-            self._pending.pop(victim, None)
-        else:
-            assert len(self._slot_of) == len(self.state) - 1, "accounting and slots disagree"
+        return self.slot(key)
+
+    def slot(self, key: ExpertKey) -> torch.Tensor:
+        """The slot tensor [3*I*H] of a resident expert."""
+        return self.pool[self._slot_of[key]]
+
+    def _slot_taken(self, key: ExpertKey) -> None:
+        """CacheState made `key` resident: give it a free slot (its victim, if any, was freed first)."""
         assert self._free, f"no free slot for {key}: {len(self._slot_of)} of {self.num_slots} used"
-        slot = self._free.pop()
-        self._slot_of[key] = slot
+        self._slot_of[key] = self._free.pop()
         if self.freeze_admitted:  # a new StaticPolicy with the key in its never-evicted set (public API only)
             policy: Any = self.state.policy
             self.state.policy = type(policy)(hot=set(policy.hot) | {key}, frequency=policy.frequency)
-        counters = self.layers[layer]
-        counters.inserts += 1
-        counters.bytes_copied += self.store.expert_nbytes
-        self.check(layer=layer if self.state.layer_capacity is not None else None)
-        return self.pool[slot]
 
-    def copy_into_slot(self, key: ExpertKey, slot: torch.Tensor) -> Any:
+    def _slot_freed(self, key: ExpertKey) -> None:
+        self._free.append(self._slot_of.pop(key))
+        self._pending.pop(key, None)
+
+    def copy_into_slot(self, key: ExpertKey, slot: torch.Tensor | None = None) -> Any:
         """Issue the host->slot copy of `key` (call inside `devices.copy_context()`); returns the copy-done
         event, which the main stream must wait for before reading the slot (see `take_pending`)."""
+        slot = self.slot(key) if slot is None else slot
         slot.copy_(self.store.buffer(*key), non_blocking=True)
         event = self.devices.record_copy()
         if event is not None:
             self._pending[key] = event
+        counters = self.layers[key[0]]
+        counters.inserts += 1
+        counters.bytes_copied += self.store.expert_nbytes
+        self.check(layer=key[0] if self.state.layer_capacity is not None else None)
         return event
 
     def take_pending(self, key: ExpertKey) -> Any:
@@ -169,19 +186,59 @@ class GpuExpertCache:
         """Fill free slots before the run (e.g. a static hot set); returns (key, slot) to copy into."""
         before = self.state.resident()
         self.state.preload(keys)
-        out = []
-        for key in sorted(self.state.resident() - before):
-            slot = self._free.pop()
-            self._slot_of[key] = slot
-            out.append((key, self.pool[slot]))
+        out = [(key, self.slot(key)) for key in sorted(self.state.resident() - before)]
         self.check(full=True)
         return out
+
+    # -- prefetch staging: experts copied for a later layer that the cache does not keep ------------
+    def stage(self, key: ExpertKey) -> torch.Tensor:
+        """A free prefetch staging buffer [3*I*H] for `key` (call inside `devices.copy_context()`, then
+        copy and `record_staged`); the copy stream first waits until the main stream has finished
+        reading the buffer's previous occupant."""
+        used = set(self._staged.values())
+        free = [i for i in range(len(self._prefetch_buffers)) if i not in used]
+        if free:
+            index = free[0]
+        else:
+            assert len(self._prefetch_buffers) < self.staging_slots, "no free prefetch staging buffer"
+            self._prefetch_buffers.append(torch.empty(self.store.expert_numel, dtype=self.store.dtype,
+                                                      device=self.devices.compute))
+            self._prefetch_release.append(None)
+            index = len(self._prefetch_buffers) - 1
+        self.devices.copy_waits(self._prefetch_release[index])
+        self._staged[key] = index
+        counters = self.layers[key[0]]
+        counters.staged += 1
+        counters.bytes_copied += self.store.expert_nbytes
+        buffer = self._prefetch_buffers[index]
+        buffer.copy_(self.store.buffer(*key), non_blocking=True)
+        event = self.devices.record_copy()
+        if event is not None:
+            self._pending[key] = event
+        return buffer
+
+    def staged_weights(self, key: ExpertKey) -> ExpertWeights | None:
+        """gate/up/down views into the staging buffer holding `key`, or None if it is not staged."""
+        index = self._staged.get(key)
+        if index is None:
+            return None
+        return split_expert(self._prefetch_buffers[index], self.store.intermediate, self.store.hidden)
+
+    def unstage(self, keys: Iterable[ExpertKey]) -> None:
+        """The keys' layer has run: their buffers are free once the main stream is done reading them."""
+        for key in keys:
+            index = self._staged.pop(key, None)
+            if index is not None:
+                self._prefetch_release[index] = self.devices.record_main()
+                self._pending.pop(key, None)
 
     def release(self) -> None:
         """Free the device memory of slots and staging buffers now (the cache is unusable afterwards)."""
         self.devices.synchronize()
+        self.state.on_add = self.state.on_remove = None
         self.pool = self.pool.new_empty(0, self.store.expert_numel)
         self._staging, self._staging_release, self._pending = [], [], {}
+        self._prefetch_buffers, self._prefetch_release, self._staged = [], [], {}
         self._slot_of, self._free, self.num_slots = {}, [], 0
         self.state.capacity, self.state.layer_capacity = 0, None
         for key in self.state.resident():

@@ -1,9 +1,11 @@
 """The hybrid executor: runs one MoE layer's routed experts as the scheduler's Plan says.
 
-    route (done by MoEBlock) -> counts per expert -> cache lookup (hits/misses, pin) -> Plan
-      copy stream : plan.copies into cache slots (in prefill only while free slots last; then staging
-                    buffers), non_blocking from pinned host memory, one event each;
-                    then CPU-computed misses the cache policy values (fill_misses), then prefetches
+    route (done by MoEBlock) -> counts per expert -> copy pipeline's view (landed / in flight, link
+    free) + cache lookup (hits/misses, pin) -> Plan
+      copy stream : the pipeline's on-demand copies into cache slots (or, when the cache does not keep
+                    the expert, e.g. in prefill once the free slots are used, transient buffers),
+                    non_blocking from pinned host memory, one event each; after the GPU work is
+                    issued, the pipeline's prefetches (slot or staging buffer) and fills
       CPU worker  : plan.cpu_order from the host store, on x copied to the host          -> out_cpu [T,H]
       main stream : plan.gpu_order from slots; a copied expert waits for its copy event  -> out [T,H]
     combine: out + out_cpu (the block adds the shared experts)
@@ -50,43 +52,32 @@ class HybridExecutor:
         rt = self.rt
         k = expert_ids.shape[1]
         ids_host = expert_ids.to("cpu")  # [T, K]; synchronises: the plan needs the counts
-        rt.layer_started(layer)  # after the sync: the dense gap then includes the device's time for attention
+        now = rt.layer_started(layer)  # after the sync: the dense gap then includes the device's time for attention
         w_host = weights.to("cpu", torch.float32).reshape(-1)  # [T*K]
         groups = dict(group_by_expert(ids_host))  # expert -> flat indices into [T*K]
         counts = {e: int(s.numel()) for e, s in groups.items()}
         rt.observe_routing(layer, ids_host, w_host.view(ids_host.shape))
-        cached = rt.cache.begin_layer(layer, counts)
+        view = rt.pipeline.view(layer, counts, now)
+        rt.cache.begin_layer(layer, counts)
         try:
-            plan = rt.plan_layer(layer, counts, cached, prefill=x.shape[0] > 1)
+            plan = rt.plan_layer(layer, counts, view, prefill=x.shape[0] > 1)
             assert set(plan.gpu_order) | set(plan.cpu_order) == set(counts), "plan must place every expert once"
             assert len(plan.gpu_order) + len(plan.cpu_order) == len(counts)
-            return self._execute(layer, x, groups, w_host, k, plan)
+            return self._execute(layer, x, groups, w_host, k, plan, counts, now)
         finally:
             rt.cache.end_layer()
+            rt.layer_done(layer)
             rt.layer_finished(layer)
 
     def _execute(self, layer: int, x: torch.Tensor, groups: dict[int, torch.Tensor], w_host: torch.Tensor,
-                 k: int, plan: Any) -> torch.Tensor:
-        rt, dev, cache = self.rt, self.rt.devices, self.rt.cache
+                 k: int, plan: Any, counts: dict[int, int], now: float) -> torch.Tensor:
+        rt, dev = self.rt, self.rt.devices
         protect = {(layer, e) for e in groups}
-        dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
-        staged: set[int] = set()  # copied experts the cache does not keep
         prefill = x.shape[0] > 1
-        with dev.copy_context():
-            dev.copy_timer.start()
-            for e in plan.copies:
-                if prefill and not cache.state.has_room(layer):
-                    # prefill: on-demand copies that would evict go through staging buffers, as in the
-                    # simulator (hybrimoe.policy.presets): evicting for a prompt's copies drops experts
-                    # that later layers of the same forward need; free slots are still filled
-                    staged.add(e)
-                    continue
-                slot = cache.admit(layer, e, protect)
-                if slot is None:
-                    staged.add(e)
-                    continue
-                cache.copy_into_slot((layer, e), slot)  # the cache keeps its event for the GPU compute
-            dev.copy_timer.stop()
+        dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
+        demand = rt.pipeline.demand(layer, plan, now, prefill, protect)
+        rt.issue(demand)
+        staged = {c.key[1] for c in demand if c.dest == "transient"}  # copied experts the cache does not keep
 
         future = None
         if plan.cpu_order:
@@ -95,11 +86,11 @@ class HybridExecutor:
             future = rt.worker.submit(self._cpu_part, layer, x_host, jobs, w_host, k)
 
         try:
-            prepared = rt.prepare_copies(layer, x, plan)  # prefetch prediction: gates on x, before the experts
+            prepared = rt.prepare_copies(layer, x, plan, now)  # prefetch prediction: gates on x, before the experts
             out = torch.zeros_like(x)  # [T, H]
             if plan.gpu_order:
                 self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
-            rt.after_layer(layer, x, plan, protect, prepared)  # fill_misses and prefetch copies, in link idle time
+            rt.after_layer(layer, plan, protect, counts, now, prefill, prepared)  # prefetches and fills
         except BaseException:
             if future is not None and not future.cancel():
                 future.exception()  # wait: the worker must be done with this layer before the caller goes on
@@ -143,7 +134,7 @@ class HybridExecutor:
                 timer.stop()
                 dev.main_waits(event)
                 timer.start()
-            weights = cache.weights((layer, e))
+            weights = cache.staged_weights((layer, e)) or cache.weights((layer, e))
             _accumulate(out, x, tokens, w, weights.gate, weights.up, weights.down)
         timer.stop()
 

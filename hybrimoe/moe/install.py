@@ -28,7 +28,9 @@ from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
 from hybrimoe.moe.store import ExpertStore
 from hybrimoe.policy.cache_policy import StaticPolicy, hot_set, make_policy
 from hybrimoe.policy.cache_state import CacheState
+from hybrimoe.policy.pipeline import CopyPipeline
 from hybrimoe.policy.plan import ExpertCosts
+from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.presets import Preset, get_preset
 from hybrimoe.runtime_options import RuntimeOptions, dummy_config_path
 
@@ -39,13 +41,19 @@ def _preset_ratio(preset: Preset) -> float | None:
     return 1.0 if preset.initial == "all" else None
 
 
+def staging_slots(preset: Preset, options: RuntimeOptions) -> int:
+    """Prefetch staging buffers the preset uses (none without prefetching)."""
+    return options.staging_slots if preset.prefetch != "none" else 0
+
+
 def check_budget_before_load(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions) -> CacheBudget:
     """The budget for `options` from the config alone; BudgetError (with the numbers) if it cannot work."""
     preset = get_preset(options.policy)
     device = options.resolved_device()
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
-    return plan_budget(config, dtype, opts, _preset_ratio(preset), device_free_bytes(device))
+    return plan_budget(config, dtype, opts, _preset_ratio(preset), device_free_bytes(device),
+                       staging_slots=staging_slots(preset, options))
 
 
 def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16") -> Any:
@@ -129,14 +137,15 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
     budget = plan_budget(config, store.dtype, opts, _preset_ratio(preset),
-                         None if free is None else free + dense, dense)  # dense already on the device
+                         None if free is None else free + dense, dense,  # dense already on the device
+                         staging_slots=staging_slots(preset, options))
     policy_options: dict[str, Any] = {}
     keys = _initial_keys(preset, config, budget, frequency)
     if preset.cache == "static":
         policy_options = {"hot": (), "frequency": frequency or {}}
     policy = make_policy(preset.cache, top_k=config.top_k, **policy_options)
     state = CacheState(budget.slots, policy, expert_bytes=store.expert_nbytes, layer_capacity=budget.layer_capacity)
-    cache = GpuExpertCache(store, devices, state)
+    cache = GpuExpertCache(store, devices, state, budget.staging_slots)
     for key, slot in cache.preload(keys):
         slot.copy_(store.buffer(*key))
     if isinstance(policy, StaticPolicy):  # the preloaded experts are the static set
@@ -153,14 +162,16 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
             cache.release()
             raise
     fixed_costs = costs
-    runtime = HybridRuntime(model, preset, devices, cache, worker, lambda layer: fixed_costs)
+    costs_for = lambda layer: fixed_costs  # noqa: E731  (every MoE layer has the same expert shape)
+    pipeline = CopyPipeline(state, costs_for, list(config.moe_layers), options.prefetch_depth,
+                            get_prefetcher(preset.prefetch), preset.fill_misses, budget.staging_slots)
+    lookahead = Lookahead(model, options.prefetch_depth) if preset.prefetch != "none" else None
+    runtime = HybridRuntime(model, preset, devices, cache, worker, costs_for, pipeline, lookahead)
     model.routing_observer = runtime.observe
     model.set_executor(runtime.executor)
     if routing is not None:
         install_replay(model, routing, runtime)
         runtime.replay = routing
-    if preset.prefetch != "none":
-        runtime.prefetcher = Lookahead(model, preset.prefetch, options.prefetch_depth)
     log.info("hybrid runtime: policy %s on %s, %s, cpu worker %d threads", preset.name, device,
              budget.describe(), worker.thread_count)
     return runtime

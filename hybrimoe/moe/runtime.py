@@ -5,10 +5,13 @@
       -> initial cache content (preset.initial) -> CPU worker thread -> costs (calibrated or given)
       -> HybridExecutor in every MoEBlock; the routing observer feeds router scores to the cache policy
 
-Per layer the executor asks `plan_layer` for the preset's Plan (prefill scheduler when T > 1, decode
-scheduler when T = 1) given the counts and the cache's contents; `after_layer` then issues optional
-copies in the link's idle time (fill_misses, prefetch). `stats()` returns cache counters, measured
-busy seconds of cpu / gpu / copy, and the cost model's predicted seconds of the plans executed.
+Per layer the executor asks the copy pipeline (hybrimoe.policy.pipeline, the object the simulator
+drives too) what is landed and what is still in flight, `plan_layer` for the preset's Plan (prefill
+scheduler when T > 1, decode scheduler when T = 1), issues the pipeline's on-demand copies, and
+`after_layer` issues its prefetches and fills; `layer_done` frees the layer's staging buffers. The
+pipeline's clock is `time.perf_counter()` with the cost model's copy seconds; CUDA events keep every
+read after its copy whatever those estimates say. `stats()` returns cache counters, measured busy
+seconds of cpu / gpu / copy, and the cost model's predicted seconds of the plans executed.
 
 CPU worker threads: `torch.set_num_threads` is process-global in name, but with the OpenMP backend
 (the backend of the official CPU and CUDA wheels) it sets the *calling thread's* OpenMP team size and
@@ -32,6 +35,8 @@ import torch
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.devices import Devices
 from hybrimoe.moe.hybrid_executor import HybridExecutor
+from hybrimoe.policy.link import Copy
+from hybrimoe.policy.pipeline import CopyPipeline, LayerView
 from hybrimoe.policy.plan import ExpertCosts, Plan
 from hybrimoe.policy.presets import Preset
 from hybrimoe.policy.schedule import get_scheduler
@@ -89,7 +94,7 @@ class HybridRuntime:
     """Owns devices, cache, CPU worker, schedulers and counters; see the module docstring."""
 
     def __init__(self, model: Any, preset: Preset, devices: Devices, cache: GpuExpertCache, worker: CpuWorker,
-                 costs: Callable[[int], ExpertCosts], prefetcher: Any = None) -> None:
+                 costs: Callable[[int], ExpertCosts], pipeline: CopyPipeline, lookahead: Any = None) -> None:
         self.model = model
         self.config = model.config
         self.store = model.expert_store
@@ -98,7 +103,8 @@ class HybridRuntime:
         self.cache = cache
         self.worker = worker
         self.costs = costs  # layer -> ExpertCosts (seconds)
-        self.prefetcher = prefetcher
+        self.pipeline = pipeline  # link queue, staging, every copy decision (pure Python)
+        self.lookahead = lookahead  # Lookahead (predictions for prefetching) or None
         self.schedulers = {"prefill": get_scheduler(preset.prefill), "decode": get_scheduler(preset.decode)}
         self.executor = HybridExecutor(self)
         self._scores: dict[int, torch.Tensor | None] = {}  # layer -> router scores [T, E] of the pending call
@@ -109,7 +115,6 @@ class HybridRuntime:
         self.layer_calls = {"prefill": 0, "decode": 0}
         self.replay: Any = None  # TraceRouting when --replay-trace is on
         self.plan_log: list[Plan] | None = None  # set to [] to keep every plan (benchmarks, plots)
-        self.extra_copies = {"fill_misses": 0, "prefetch": 0}
         self._previous_observer = model.routing_observer
         self._previous_executors = {i: b.executor for i, b in model.moe_blocks.items()}
 
@@ -140,21 +145,24 @@ class HybridRuntime:
             policy.observe(layer, score_rows[t] if score_rows is not None else None, selected, w)
 
     # -- timing of the dense part between MoE layers ------------------------------------------------
-    def layer_started(self, layer: int) -> None:
+    def layer_started(self, layer: int) -> float:
+        """Records the dense gap before `layer`; returns now (perf_counter seconds), the pipeline's clock."""
         now = time.perf_counter()
         if self._last_end is not None and self._last_end[0] < layer:  # same forward pass
             gap = now - self._last_end[1]
             old = self.dense_gap.get(layer)
             self.dense_gap[layer] = gap if old is None else 0.8 * old + 0.2 * gap
         self._last_end = None
+        return now
 
     def layer_finished(self, layer: int) -> None:
         self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
-    def plan_layer(self, layer: int, counts: dict[int, int], cached: set[int], prefill: bool) -> Plan:
+    def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, prefill: bool) -> Plan:
         phase = "prefill" if prefill else "decode"
-        plan = self.schedulers[phase].plan(layer, counts, cached, self.costs(layer))
+        plan = self.schedulers[phase].plan(layer, counts, view.cached, self.costs(layer),
+                                           copy_free_at=view.copy_free_at, arrivals=view.arrivals)
         self.predicted[phase] += plan.makespan
         self.layer_calls[phase] += 1
         if self.plan_log is not None:
@@ -163,36 +171,40 @@ class HybridRuntime:
             log.debug("%s", plan.describe())
         return plan
 
-    def prepare_copies(self, layer: int, x: torch.Tensor, plan: Plan) -> Any:
-        """The prefetcher's prediction for `after_layer`, started before the layer's GPU work is issued."""
-        return self.prefetcher.prepare(self, layer, x, plan) if self.prefetcher is not None else None
-
-    def after_layer(self, layer: int, x: torch.Tensor, plan: Plan, protect: set[tuple[int, int]],
-                    prepared: Any = None) -> None:
-        """Optional copies after the layer's own work is issued: CPU-computed misses the policy values
-        above their victim (preset.fill_misses), then prefetches (`prepared` by `prepare_copies`). They
-        only use slots (never staging); their events are waited for at the experts' next use."""
-        state, dev = self.cache.state, self.devices
-        fill = [(layer, e) for e in plan.cpu_order if (layer, e) not in state] if self.preset.fill_misses else []
-        fetch, keep = self.prefetcher(self, layer, x, plan, protect, prepared) if self.prefetcher is not None \
-            else ([], set())
-        if not fill and not fetch:
+    def issue(self, copies: list[Copy]) -> None:
+        """Put the pipeline's slot and staging copies on the copy stream, in its order (transient
+        on-demand copies are issued by the executor when the GPU reaches them)."""
+        todo = [c for c in copies if c.dest != "transient"]
+        if not todo:
             return
+        dev = self.devices
         with dev.copy_context():
             dev.copy_timer.start()
-            for key in fill:
-                slot = self.cache.admit(key[0], key[1], protect, by_value=True)
-                if slot is not None:
-                    self.cache.copy_into_slot(key, slot)
-                    self.extra_copies["fill_misses"] += 1
-            taken: set[tuple[int, int]] = set()
-            for key in fetch:
-                slot = self.cache.admit(key[0], key[1], protect | keep | taken)
-                if slot is not None:
-                    self.cache.copy_into_slot(key, slot)
-                    self.extra_copies["prefetch"] += 1
-                    taken.add(key)
+            for c in todo:
+                if c.dest == "slot":
+                    self.cache.copy_into_slot(c.key)
+                else:
+                    self.cache.stage(c.key)
             dev.copy_timer.stop()
+
+    def prepare_copies(self, layer: int, x: torch.Tensor, plan: Plan, now: float) -> Any:
+        """The prefetch prediction for `after_layer`, started before the layer's GPU work is issued."""
+        return self.lookahead.prepare(self, layer, x, plan, now) if self.lookahead is not None else None
+
+    def after_layer(self, layer: int, plan: Plan, protect: set[tuple[int, int]], counts: dict[int, int],
+                    now: float, prefill: bool, prepared: Any = None) -> None:
+        """After the layer's own work is issued: the pipeline's prefetches (from `prepared`) and fills;
+        their events are waited for at the experts' use."""
+        future = self.pipeline.future(layer)
+        predicted = self.lookahead.predicted(prepared) if self.lookahead is not None else {}
+        next_gap = self.dense_gap.get(future[0], 0.0) if future else 0.0
+        scheduler = self.schedulers["prefill" if prefill else "decode"]
+        self.issue(self.pipeline.idle(layer, plan, now, predicted, next_gap, lambda f: self.dense_gap.get(f, 0.0),
+                                      scheduler, protect, counts))
+
+    def layer_done(self, layer: int) -> None:
+        """The layer's work is issued: its staging buffers are free once the main stream has read them."""
+        self.cache.unstage(self.pipeline.layer_done(layer))
 
     # -- results ----------------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -202,8 +214,14 @@ class HybridRuntime:
         return {"policy": self.preset.name, "device": str(self.devices.compute), "cpu_threads": self.worker.threads,
                 "cache": self.cache.counters(), "busy_seconds": self.devices.busy_seconds(),
                 "predicted_seconds": dict(self.predicted), "layer_calls": dict(self.layer_calls),
-                "extra_copies": dict(self.extra_copies),
-                "prefetch": self.prefetcher.describe(self) if self.prefetcher is not None else "none"}
+                "extra_copies": self.extra_copies, "staging_slots": self.pipeline.link.staging_slots,
+                "prefetch": self.lookahead.describe(self) if self.lookahead is not None else "none"}
+
+    @property
+    def extra_copies(self) -> dict[str, int]:
+        """Copies the plans did not ask for: fills of CPU-computed misses and prefetches."""
+        copies = self.pipeline.link.copies
+        return {"fill_misses": copies["fill"], "prefetch": copies["prefetch"]}
 
     def metrics(self) -> dict[str, float]:
         """Flat numeric counters for Engine.stats() / the server's /metrics (names prefixed `runtime_`)."""
@@ -232,5 +250,5 @@ class HybridRuntime:
         self.worker.close()
         self._final_stats = self.stats()
         self.cache.release()
-        self.prefetcher = None
+        self.lookahead = None
 

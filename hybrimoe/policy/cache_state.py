@@ -10,7 +10,7 @@ gives each layer its own number of slots instead (what the public HybriMoE code 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 from hybrimoe.errors import BudgetError
 from hybrimoe.policy.cache_policy import CachePolicy
@@ -49,6 +49,9 @@ class CacheState:
     _by_layer: dict[int, set[int]] = field(default_factory=dict)
     _pinned: set[ExpertKey] = field(default_factory=set)
     _versions: dict[int, int] = field(default_factory=dict)
+    # called after a key becomes resident / stops being resident (the runtime maps slots with them)
+    on_add: Callable[[ExpertKey], None] | None = None
+    on_remove: Callable[[ExpertKey], None] | None = None
 
     def __post_init__(self) -> None:
         if self.capacity < 0:
@@ -167,11 +170,15 @@ class CacheState:
         self._resident.add(key)
         self._by_layer.setdefault(key[0], set()).add(key[1])
         self._versions[key[0]] = self._versions.get(key[0], 0) + 1
+        if self.on_add is not None:
+            self.on_add(key)
 
     def _remove(self, key: ExpertKey) -> None:
         self._resident.discard(key)
         self._by_layer[key[0]].discard(key[1])
         self._versions[key[0]] = self._versions.get(key[0], 0) + 1
+        if self.on_remove is not None:
+            self.on_remove(key)
 
     @property
     def hit_rate(self) -> float:

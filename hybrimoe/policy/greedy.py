@@ -24,7 +24,19 @@ class GreedyHybridScheduler:
     name = "hybrid-greedy"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
+        inflight = {e: a for e, a in (arrivals or {}).items() if e in counts and e not in cached}
+        if inflight:  # the single pass is defined without them: plan the rest, then add them by _landed
+            from hybrimoe.policy.schedule import _landed
+
+            rest = self.plan(layer, {e: n for e, n in counts.items() if e not in inflight}, cached, costs,
+                             copy_free_at, gpu_free_at, cpu_free_at)
+            landed = _landed(counts, cached, costs, inflight)
+            gpu = list(rest.gpu_order) + sorted(landed, key=lambda e: (landed[e], e))
+            cpu = list(rest.cpu_order) + sorted(set(inflight) - set(landed), key=lambda e: (counts[e], e))
+            return build_plan(layer, counts, gpu, rest.copies, cpu, costs, copy_free_at, gpu_free_at, cpu_free_at,
+                              landed)
         g = {e: costs.gpu(n) for e, n in counts.items()}  # seconds per expert
         c = {e: costs.cpu(n, False) for e, n in counts.items()}
         cf = {e: costs.cpu(n, True) for e, n in counts.items()}

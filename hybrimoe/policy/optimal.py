@@ -3,7 +3,8 @@
 Search space: each activated expert goes to the CPU or the GPU (a GPU expert that is not cached
 is copied first). For a fixed assignment the best orders are known, so only 2^A assignments are
 enumerated (A <= `max_experts`):
-- GPU: cached experts first (they are available at once), then copied experts in copy order;
+- GPU: cached experts first (they are available at once), then experts in flight (`arrivals`, by
+  arrival: the link is FIFO, so they land before any new copy), then copied experts in copy order;
   with equal copy durations, copying in descending GPU time minimises the GPU finish
   (exchange argument: finish = max_j (ready_j + sum of GPU times from j on), ready_j = j * copy).
 - CPU: the order changes only which expert pays the `first` surcharge; the best first expert is
@@ -27,11 +28,14 @@ class OptimalScheduler:
     name: str = "optimal"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
         if len(counts) > self.max_experts:
             if self.fallback is None:
                 raise ValueError(f"optimal search is limited to {self.max_experts} experts, got {len(counts)}")
-            return self.fallback.plan(layer, counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at)
+            return self.fallback.plan(layer, counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at,
+                                      arrivals)
+        arrivals = {e: a for e, a in (arrivals or {}).items() if e in counts and e not in cached}
         experts = sorted(counts, key=lambda e: (-counts[e], e))
         gpu_t = {e: costs.gpu(counts[e]) for e in experts}
         cpu_t = {e: costs.cpu(counts[e], False) for e in experts}
@@ -41,8 +45,10 @@ class OptimalScheduler:
 
         def gpu_finish(on_gpu: list[int]) -> float:
             t = gpu_free_at + sum(gpu_t[e] for e in on_gpu if e in cached)
+            for e in sorted((e for e in on_gpu if e in arrivals), key=lambda e: (arrivals[e], e)):
+                t = max(t, arrivals[e]) + gpu_t[e]  # in flight: the link is FIFO, so they land before any copy
             ready = copy_free_at
-            for e in sorted((e for e in on_gpu if e not in cached), key=lambda e: (-gpu_t[e], e)):
+            for e in sorted((e for e in on_gpu if e not in cached and e not in arrivals), key=lambda e: (-gpu_t[e], e)):
                 ready += copy_s
                 t = max(t, ready) + gpu_t[e]
             return t
@@ -66,9 +72,10 @@ class OptimalScheduler:
 
         search(0, [], [], 0.0, 0.0)
         _, on_gpu, on_cpu = best
-        copies = sorted((e for e in on_gpu if e not in cached), key=lambda e: (-gpu_t[e], e))
-        gpu_order = [e for e in on_gpu if e in cached] + copies
+        copies = sorted((e for e in on_gpu if e not in cached and e not in arrivals), key=lambda e: (-gpu_t[e], e))
+        landed = sorted((e for e in on_gpu if e in arrivals), key=lambda e: (arrivals[e], e))
+        gpu_order = [e for e in on_gpu if e in cached] + landed + copies
         cpu_order = sorted(on_cpu, key=lambda e: (surcharge[e], counts[e], e))
         cpu_order = cpu_order[:1] + sorted(cpu_order[1:], key=lambda e: (counts[e], e))
         return build_plan(layer, counts, gpu_order, copies, cpu_order, costs,
-                          copy_free_at, gpu_free_at, cpu_free_at)
+                          copy_free_at, gpu_free_at, cpu_free_at, {e: arrivals[e] for e in landed})

@@ -114,17 +114,19 @@ def cpu_times(counts: dict[int, int], order: list[int] | tuple[int, ...], costs:
 def build_plan(layer: int, counts: dict[int, int], gpu_order: list[int] | tuple[int, ...],
                copies: list[int] | tuple[int, ...], cpu_order: list[int] | tuple[int, ...],
                costs: ExpertCosts, copy_free_at: float = 0.0, gpu_free_at: float = 0.0,
-               cpu_free_at: float = 0.0) -> Plan:
+               cpu_free_at: float = 0.0, arrivals: dict[int, float] | None = None) -> Plan:
     """Time a given assignment and ordering on the three timelines (no decisions are made here).
 
-    copy i starts when the link is free; GPU expert j starts at max(GPU free, end of its copy);
-    the CPU runs its list back to back. `*_free_at` are the seconds at which each resource becomes
-    available (e.g. the link still busy with a prefetch).
+    copy i starts when the link is free; GPU expert j starts at max(GPU free, end of its copy, its
+    arrival if it is already in flight); the CPU runs its list back to back. `*_free_at` are the
+    seconds at which each resource becomes available (e.g. the link still busy with a prefetch);
+    `arrivals` {expert: seconds} are copies issued before this layer (prefetches) still in flight.
     """
     assert set(copies) <= set(gpu_order), "every copied expert must be computed on the GPU"
     assert not set(gpu_order) & set(cpu_order), "an expert runs on one device only"
+    assert not set(copies) & set(arrivals or ()), "an expert in flight is not copied again"
     tasks: list[Task] = []
-    ready: dict[int, float] = {}
+    ready: dict[int, float] = dict(arrivals or {})
     t_copy = copy_free_at
     for e in copies:
         start, t_copy = t_copy, t_copy + costs.copy()

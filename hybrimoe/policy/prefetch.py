@@ -1,17 +1,19 @@
-"""Inter-layer prefetchers: which experts of later layers to copy while the link would idle.
+"""Inter-layer prefetchers: which expert of a later layer the link should copy next.
 
-`Prefetcher.step(layer, predicted, cache, link_idle_seconds, costs, scheduler, protect)` is called
-once per MoE layer after its plan is fixed, with the predicted per-expert token counts of the next
-layers {future layer: {expert: tokens}}, the seconds the link has free before it is needed again,
-`costs(layer) -> ExpertCosts`, the scheduler that will plan those layers, and `protect`, keys that
-must not be evicted (the current layer's experts are pinned in `cache` as well). It returns the
-keys to copy now, in order; the caller copies them only into that idle time, so an on-demand copy
-is never delayed, and inserts them with `cache.insert(key, protect)`, which never overfills.
+`Prefetcher.pick(ctx) -> (key, gain) | None` is asked by the copy pipeline (hybrimoe.policy.pipeline)
+once per copy it could issue after a MoE layer's plan is fixed; `ctx` (`PrefetchContext`) carries the
+predicted per-expert token counts of the next layers, the cache, the REAL link state (when the link
+is free, which experts of those layers are already in flight and when they land), the estimated start
+of each later layer's MoE part, the costs and the scheduler that will plan those layers. The pipeline
+issues the pick (into a cache slot, else a staging buffer), updates the link state and asks again,
+while a copy would still start before the next MoE layer starts (a copy may cross the boundary).
+
+Registry: `get_prefetcher(name)`; an unknown name raises ConfigError listing the known ones.
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from hybrimoe.errors import ConfigError
@@ -22,132 +24,118 @@ from hybrimoe.policy.schedule import Scheduler
 CostsFor = Callable[[int], ExpertCosts]
 
 
+@dataclass
+class PrefetchContext:
+    """What a prefetcher sees (absolute seconds on the caller's clock)."""
+
+    layer: int  # the MoE layer whose plan was just fixed
+    predicted: dict[int, dict[int, int]]  # {later MoE layer: {expert: predicted tokens}}
+    cache: CacheState
+    link_free: float  # when a copy issued now would start
+    window_end: float  # estimated start of the next MoE layer: copies must start before it
+    starts: dict[int, float]  # estimated start of each predicted layer's MoE part
+    arrivals: dict[int, dict[int, float]]  # {later layer: {expert: arrival}} for copies already issued
+    # (cache slots or staging buffers, picks of this round included: the pipeline adds each pick)
+    costs: CostsFor
+    scheduler: Scheduler
+    admissible: Callable[[ExpertKey], bool]  # whether the pick could land (slot or staging buffer)
+    taken: set[ExpertKey] = field(default_factory=set)  # picked so far (in flight now)
+
+
 class Prefetcher(Protocol):
     name: str
+    crosses_layers: bool  # may its copies still be on the link when the next layer starts?
 
-    def step(self, layer: int, predicted: dict[int, dict[int, int]], cache: CacheState,
-             link_idle_seconds: float, costs: CostsFor, scheduler: Scheduler,
-             protect: set[ExpertKey] | None = None) -> list[ExpertKey]: ...
-
-
-def _slots(link_idle_seconds: float, costs: CostsFor, layer: int) -> int:
-    """Whole expert copies that fit in the idle window."""
-    copy = costs(layer).copy()
-    return int(math.floor(link_idle_seconds / copy + 1e-9)) if copy > 0 else 0
-
-
-def _protected(predicted: dict[int, dict[int, int]], cache: CacheState, protect: set[ExpertKey] | None
-               ) -> set[ExpertKey]:
-    """Caller's keys plus every predicted expert already cached (do not evict what we will use)."""
-    keep = set(protect or ())
-    for f, counts in predicted.items():
-        keep.update((f, e) for e in counts if (f, e) in cache)
-    return keep
+    def pick(self, ctx: PrefetchContext) -> tuple[ExpertKey, float] | None: ...
 
 
 class NoPrefetch:
     name = "none"
+    crosses_layers = False
 
-    def step(self, layer: int, predicted: dict[int, dict[int, int]], cache: CacheState,
-             link_idle_seconds: float, costs: CostsFor, scheduler: Scheduler,
-             protect: set[ExpertKey] | None = None) -> list[ExpertKey]:
-        return []
+    def pick(self, ctx: PrefetchContext) -> tuple[ExpertKey, float] | None:
+        return None
+
+
+def _candidates(ctx: PrefetchContext, f: int) -> list[int]:
+    """Predicted experts of layer f with nothing on the GPU side yet, most loaded first."""
+    counts = ctx.predicted[f]
+    return sorted((e for e in counts if (f, e) not in ctx.cache and e not in ctx.arrivals.get(f, {})
+                   and (f, e) not in ctx.taken), key=lambda e: (-counts[e], e))
 
 
 class ImpactPrefetcher:
-    """Impact-driven prefetching (PAPER.md (ii)).
+    """Impact-driven prefetching (PAPER.md (ii)), priced on the real link.
 
-    For each predicted-but-uncached candidate (f, e), its impact is the reduction of layer f's
-    simulated makespan (the scheduler's plan on the predicted counts) if e were already cached.
-    Candidates are taken greedily by impact (highest first); after each pick that layer's impacts
-    are recomputed with the pick counted as cached, so two experts whose gains overlap are not both
-    over-valued. Only candidates with positive impact, that the cache can admit without evicting a
-    protected or pinned expert, and that fit in the idle link time are returned. To bound the cost
-    in prefill, only the `max_candidates` most loaded candidates per layer are evaluated, and layers
-    with more than `recompute_limit` activated experts are not re-ranked after a pick.
+    A copy issued now starts at `link_free` and lands at a = link_free + copy. For a candidate (f, e)
+    its gain is the drop in the predicted makespans of the later layers g (each planned by the
+    scheduler on its predicted counts, its cached experts, the experts already in flight with their
+    arrivals, and the link busy until max(0, link_free - start_g)) when e is added to f's arrivals at a
+    and the link is busy one copy longer: sum over g of makespan_g(before) - makespan_g(after). The
+    second term is what the copy costs the on-demand copies of the layers it delays; so a prefetch that
+    lands after its layer would have finished anyway, or that pushes the next layer's own copies back
+    by more than it saves, has no positive gain. The best admissible candidate with a positive gain
+    is picked; the pipeline asks again with the pick in flight (gains that overlap are not counted
+    twice). Only the `max_candidates` most loaded candidates per layer are evaluated.
     """
 
     name = "impact"
+    crosses_layers = True
 
-    def __init__(self, max_candidates: int = 8, recompute_limit: int = 16) -> None:
-        self.max_candidates = max_candidates  # most loaded candidates evaluated per future layer
-        self.recompute_limit = recompute_limit  # re-rank a layer after a pick only up to this many experts
+    def __init__(self, max_candidates: int = 8) -> None:
+        self.max_candidates = max_candidates
 
-    def step(self, layer: int, predicted: dict[int, dict[int, int]], cache: CacheState,
-             link_idle_seconds: float, costs: CostsFor, scheduler: Scheduler,
-             protect: set[ExpertKey] | None = None) -> list[ExpertKey]:
-        slots = _slots(link_idle_seconds, costs, layer)
-        if slots <= 0 or not predicted:
-            return []
-        keep = _protected(predicted, cache, protect)
-        cached = {f: cache.cached_experts(f) & set(c) for f, c in predicted.items()}
-        impacts: dict[int, list[tuple[float, int]]] = {f: self._impacts(f, predicted[f], cached[f], costs,
-                                                                       scheduler) for f in predicted}
-        chosen: list[ExpertKey] = []
-        while len(chosen) < slots:
-            best = max(((gain, -f, e) for f, lst in impacts.items() for gain, e in lst[:1]), default=None)
-            if best is None or best[0] <= 0.0:
-                break
-            f, e = -best[1], best[2]
-            key = (f, e)
-            if cache.can_insert(key, keep | set(chosen)) and self._fits(cache, chosen, key, keep):
-                chosen.append(key)
-                cached[f].add(e)
-                if len(predicted[f]) <= self.recompute_limit:
-                    impacts[f] = self._impacts(f, predicted[f], cached[f], costs, scheduler)
-                else:
-                    impacts[f] = [(g, x) for g, x in impacts[f] if x != e]
-            else:
-                impacts[f] = [(g, x) for g, x in impacts[f] if x != e]
-        return chosen
-
-    def _impacts(self, f: int, counts: dict[int, int], cached: set[int], costs: CostsFor,
-                 scheduler: Scheduler) -> list[tuple[float, int]]:
-        """[(makespan reduction in seconds, expert)], best first, for uncached predicted experts."""
-        if not counts:
-            return []
-        c = costs(f)
-        base = scheduler.plan(f, counts, cached, c).makespan
-        cands = sorted((e for e in counts if e not in cached), key=lambda e: (-counts[e], e))
-        out = [(base - scheduler.plan(f, counts, cached | {e}, c).makespan, e)
-               for e in cands[: self.max_candidates]]
-        return sorted(out, key=lambda x: (-x[0], x[1]))
+    def pick(self, ctx: PrefetchContext) -> tuple[ExpertKey, float] | None:
+        copy = ctx.costs(ctx.layer).copy()
+        if copy <= 0 or ctx.link_free >= ctx.window_end or not ctx.predicted:
+            return None
+        land = ctx.link_free + copy
+        before = {f: self._makespan(ctx, f, ctx.link_free) for f in ctx.predicted}
+        delayed = {f: self._makespan(ctx, f, land) for f in ctx.predicted}  # the link one copy busier
+        delay_cost = sum(delayed[f] - before[f] for f in ctx.predicted)
+        best: tuple[float, int, int] | None = None
+        for f in ctx.predicted:
+            others = delay_cost - (delayed[f] - before[f])
+            for e in _candidates(ctx, f)[: self.max_candidates]:
+                gain = before[f] - self._makespan(ctx, f, land, (e, land)) - others
+                if gain > 1e-12 and (best is None or (gain, -f, -e) > (best[0], -best[1], -best[2])) \
+                        and ctx.admissible((f, e)):
+                    best = (gain, f, e)
+        return None if best is None else ((best[1], best[2]), best[0])
 
     @staticmethod
-    def _fits(cache: CacheState, chosen: list[ExpertKey], key: ExpertKey, keep: set[ExpertKey]) -> bool:
-        """Enough free or evictable slots for every chosen key plus this one, so that inserting
-        them in order never makes one chosen key evict another."""
-        per_layer = cache.layer_capacity is not None
-        same = lambda k: not per_layer or k[0] == key[0]  # noqa: E731  (keys sharing the budget)
-        wanted = sum(1 for k in chosen if same(k)) + 1
-        used = len(cache.cached_experts(key[0])) if per_layer else len(cache)
-        blocked = sum(1 for k in keep | cache.pinned() if k in cache and same(k))
-        return wanted <= cache.limit(key[0]) - used + (used - blocked)
+    def _makespan(ctx: PrefetchContext, f: int, link_free: float, extra: tuple[int, float] | None = None) -> float:
+        counts = ctx.predicted[f]
+        if not counts:
+            return 0.0
+        start = ctx.starts[f]
+        arrivals = {e: max(0.0, a - start) for e, a in ctx.arrivals.get(f, {}).items() if e in counts}
+        if extra is not None:
+            arrivals[extra[0]] = max(0.0, extra[1] - start)
+        cached = {e for e in ctx.cache.cached_experts(f) if e in counts} - set(arrivals)
+        landed = {e for e, a in arrivals.items() if a <= 0.0}
+        arrivals = {e: a for e, a in arrivals.items() if a > 0.0}
+        return ctx.scheduler.plan(f, counts, cached | landed, ctx.costs(f), copy_free_at=max(0.0, link_free - start),
+                                  arrivals=arrivals).makespan
 
 
 class NextLayerScorePrefetcher:
     """What the public HybriMoE code does: prefetch the next layer's predicted experts with the
-    highest cache score (the policy's `score`, e.g. MRS priority; ties by predicted count)."""
+    highest cache score (the policy's `score`, e.g. MRS priority; ties by predicted count), only while
+    the copy ends before the next layer starts (its copies never cross a layer boundary)."""
 
     name = "next-layer-score"
+    crosses_layers = False
 
-    def step(self, layer: int, predicted: dict[int, dict[int, int]], cache: CacheState,
-             link_idle_seconds: float, costs: CostsFor, scheduler: Scheduler,
-             protect: set[ExpertKey] | None = None) -> list[ExpertKey]:
-        slots = _slots(link_idle_seconds, costs, layer)
-        if slots <= 0 or not predicted:
-            return []
-        f = min(predicted)
-        keep = _protected({f: predicted[f]}, cache, protect)
-        ranked = sorted((e for e in predicted[f] if (f, e) not in cache),
-                        key=lambda e: (-cache.policy.score((f, e)), -predicted[f][e], e))
-        chosen: list[ExpertKey] = []
-        for e in ranked:
-            if len(chosen) >= slots:
-                break
-            if cache.can_insert((f, e), keep | set(chosen)) and ImpactPrefetcher._fits(cache, chosen, (f, e), keep):
-                chosen.append((f, e))
-        return chosen
+    def pick(self, ctx: PrefetchContext) -> tuple[ExpertKey, float] | None:
+        if not ctx.predicted:
+            return None
+        f = min(ctx.predicted)
+        score = ctx.cache.policy.score
+        for e in sorted(_candidates(ctx, f), key=lambda e: (-score((f, e)), -ctx.predicted[f][e], e)):
+            if ctx.admissible((f, e)):
+                return (f, e), score((f, e))
+        return None
 
 
 PREFETCHERS = {"impact": ImpactPrefetcher, "next-layer-score": NextLayerScorePrefetcher, "none": NoPrefetch}

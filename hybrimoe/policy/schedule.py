@@ -3,7 +3,10 @@
 Every scheduler has the same call (`Scheduler.plan`) and returns a `Plan` (see plan.py). Inputs:
 `counts` {expert: tokens routed to it in this forward pass} (only activated experts), `cached` the
 experts of this layer resident on the GPU (others live in host memory), `costs` the layer's
-`ExpertCosts`, and when each resource becomes free (seconds from the layer's MoE start).
+`ExpertCosts`, when each resource becomes free (seconds from the layer's MoE start), and
+`arrivals` {expert: seconds}: uncached experts whose copy was issued before this layer (a prefetch
+still in flight on the link, hybrimoe.policy.link). Such an expert runs on the GPU once it has
+arrived, or on the CPU when that finishes sooner; it is never copied again.
 
 Shared experts are NOT part of a plan: they are dense GPU work, charged with attention in the
 layer's dense time before the routed experts start (simulator and runtime alike).
@@ -23,7 +26,8 @@ class Scheduler(Protocol):
     name: str
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
         ...
 
 
@@ -34,6 +38,13 @@ def _desc(experts, counts: dict[int, int]) -> list[int]:
 
 def _asc(experts, counts: dict[int, int]) -> list[int]:
     return sorted(experts, key=lambda e: (counts[e], e))
+
+
+def _landed(counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+            arrivals: dict[int, float] | None) -> dict[int, float]:
+    """In-flight experts that finish sooner on the GPU after their arrival than on the CPU."""
+    return {e: a for e, a in (arrivals or {}).items()
+            if e in counts and e not in cached and a + costs.gpu(counts[e]) < costs.cpu(counts[e], False)}
 
 
 class HybridScheduler:
@@ -53,6 +64,8 @@ class HybridScheduler:
     tail, whose finish from a start s is max(s + its GPU time, max_j ready_j + GPU time from j on)). A copied expert
     never starts before its copy ends. The simulation stops when every expert is placed. The
     plan with the smallest simulated makespan wins (ties: fewer copies, i.e. less PCIe traffic).
+    Experts in flight (`arrivals`) head the uncached list with their arrival as ready time and no
+    link time: the first splits send them to the GPU, smaller ones leave the late ones to the CPU.
     Every split is tried when U <= 16; above, a ternary search over the copy count (the makespan is
     the max of a falling CPU finish and a rising GPU finish) plus a local scan, O(A log U).
     Works for prefill and decode alike.
@@ -64,15 +77,20 @@ class HybridScheduler:
         self.full_search_limit = full_search_limit  # above: ternary search on the copy count
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
-        uncached = _desc([e for e in counts if e not in cached], counts)
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
+        arrivals = arrivals or {}
+        inflight = sorted((e for e in counts if e not in cached and e in arrivals),
+                          key=lambda e: (arrivals[e], -counts[e], e))
+        # in-flight experts first (their copy costs the link nothing more), then the others by load
+        uncached = inflight + _desc([e for e in counts if e not in cached and e not in arrivals], counts)
         gpu_cached = _desc([e for e in counts if e in cached], counts)
         memo: dict[int, tuple[float, list[int], list[int]]] = {}
         g = {e: costs.gpu(n) for e, n in counts.items()}  # seconds, per expert
         c = {e: costs.cpu(n, False) for e, n in counts.items()}
         cf = {e: costs.cpu(n, True) for e, n in counts.items()}  # as the CPU's first expert
-        ready, t = [], copy_free_at
-        for _ in uncached:  # the link copies back to back, highest count first
+        ready, t = [arrivals[e] for e in inflight], copy_free_at
+        for _ in uncached[len(inflight):]:  # the link copies back to back, highest count first
             t += costs.copy()
             ready.append(t)
 
@@ -96,8 +114,8 @@ class HybridScheduler:
             candidates = range(max(0, lo - 2), min(n, hi + 2) + 1)
         best = min(candidates, key=lambda k: (span(k), k))
         _, gpu_order, cpu_order = memo[best]
-        return build_plan(layer, counts, gpu_order, uncached[:best], cpu_order, costs,
-                          copy_free_at, gpu_free_at, cpu_free_at)
+        return build_plan(layer, counts, gpu_order, uncached[len(inflight):best], cpu_order, costs,
+                          copy_free_at, gpu_free_at, cpu_free_at, {e: arrivals[e] for e in inflight})
 
     @staticmethod
     def _simulate(g: dict[int, float], c: dict[int, float], cf: dict[int, float], gpu_cached_desc: list[int],
@@ -159,10 +177,13 @@ class GpuOnlyScheduler:
     name = "gpu-only"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
-        copies = _desc([e for e in counts if e not in cached], counts)
-        gpu = _desc([e for e in counts if e in cached], counts) + copies
-        return build_plan(layer, counts, gpu, copies, [], costs, copy_free_at, gpu_free_at, cpu_free_at)
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
+        arrivals = {e: a for e, a in (arrivals or {}).items() if e in counts and e not in cached}
+        copies = _desc([e for e in counts if e not in cached and e not in arrivals], counts)
+        gpu = _desc([e for e in counts if e in cached], counts) + sorted(arrivals, key=lambda e: (arrivals[e], e)) \
+            + copies
+        return build_plan(layer, counts, gpu, copies, [], costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals)
 
 
 class CpuOnMissScheduler:
@@ -171,10 +192,12 @@ class CpuOnMissScheduler:
     name = "cpu-on-miss"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
-        gpu = _desc([e for e in counts if e in cached], counts)
-        cpu = _asc([e for e in counts if e not in cached], counts)
-        return build_plan(layer, counts, gpu, [], cpu, costs, copy_free_at, gpu_free_at, cpu_free_at)
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
+        landed = _landed(counts, cached, costs, arrivals)
+        gpu = _desc([e for e in counts if e in cached], counts) + sorted(landed, key=lambda e: (landed[e], e))
+        cpu = _asc([e for e in counts if e not in cached and e not in landed], counts)
+        return build_plan(layer, counts, gpu, [], cpu, costs, copy_free_at, gpu_free_at, cpu_free_at, landed)
 
 
 class StaticLayerScheduler:
@@ -184,7 +207,8 @@ class StaticLayerScheduler:
     name = "static-layer"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
         if all(e in cached for e in counts):
             return build_plan(layer, counts, _desc(counts, counts), [], [], costs,
                               copy_free_at, gpu_free_at, cpu_free_at)
@@ -200,16 +224,18 @@ class FiddlerPrefillScheduler:
     name = "fiddler-prefill"
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
-             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0) -> Plan:
+             copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+             arrivals: dict[int, float] | None = None) -> Plan:
+        landed = _landed(counts, cached, costs, arrivals)
         copies, cpu = [], []
-        for e in _desc([e for e in counts if e not in cached], counts):
+        for e in _desc([e for e in counts if e not in cached and e not in landed], counts):
             if costs.copy() + costs.gpu(counts[e]) < costs.cpu(counts[e], False):
                 copies.append(e)
             else:
                 cpu.append(e)
-        gpu = _desc([e for e in counts if e in cached], counts) + copies
+        gpu = _desc([e for e in counts if e in cached], counts) + sorted(landed, key=lambda e: (landed[e], e)) + copies
         return build_plan(layer, counts, gpu, copies, _asc(cpu, counts), costs,
-                          copy_free_at, gpu_free_at, cpu_free_at)
+                          copy_free_at, gpu_free_at, cpu_free_at, landed)
 
 
 def _greedy() -> Scheduler:

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from hybrimoe.errors import ConfigError
 from hybrimoe.policy.cache_policy import activation_frequency, hot_set, make_policy
 from hybrimoe.policy.cache_state import CacheState
-from hybrimoe.policy.plan import ExpertKey, Plan
+from hybrimoe.policy.pipeline import CopyPipeline
+from hybrimoe.policy.plan import Plan
 from hybrimoe.policy.predictor import NoPredictor, Predictor, TruthWithNoise
 from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.presets import Preset
@@ -47,6 +48,7 @@ class SimConfig:
     predictor_accuracy: float = 0.8  # TruthWithNoise accuracy for prefetching presets
     predictor: Predictor | None = None  # overrides predictor_accuracy (e.g. CrossLayerStats)
     horizon: int = 3  # MoE layers looked ahead by the prefetcher (L)
+    staging_slots: int = 4  # device buffers for prefetched experts the cache does not keep
     mrs_alpha: float = 0.5
     per_layer_cache: bool = False  # per-layer slot budgets instead of one global budget
     seed: int = 0
@@ -58,13 +60,9 @@ class _Run:
     """Mutable state of one simulation."""
 
     cache: CacheState
-    link_free: float = 0.0  # absolute seconds at which the link is free
     clock: float = 0.0
     busy: dict[str, float] = field(default_factory=lambda: {"cpu": 0.0, "gpu": 0.0, "copy": 0.0})
-    copies: int = 0
-    prefetch_copies: int = 0
-    prefetched: set[ExpertKey] = field(default_factory=set)  # prefetched, not yet used
-    prefetch_useful: int = 0
+    pipeline: CopyPipeline | None = None  # the link queue and every copy decision
     spans: list[Span] = field(default_factory=list)
     forwards: list[ForwardLog] = field(default_factory=list)  # per forward: counts and residency per layer
 
@@ -122,7 +120,10 @@ class Simulator:
             raise ConfigError(f"trace of {trace.header.model} ({trace.header.num_experts} experts, MoE layers "
                               f"{trace.header.moe_layers[:3]}...) does not fit model shape {self.shape.name} "
                               f"({self.shape.num_experts} experts)")
-        run = _Run(cache=self._new_cache(trace))
+        cache = self._new_cache(trace)
+        pipeline = CopyPipeline(cache, self.costs.experts, self.moe_layers, self.config.horizon, self.prefetcher,
+                                self.preset.fill_misses, self.config.staging_slots)
+        run = _Run(cache=cache, pipeline=pipeline)
         steps = ([workload.prefill] if workload.prefill else []) + [[t] for t in workload.decode]
         prefill_time = None
         decode_times: list[float] = []
@@ -151,8 +152,8 @@ class Simulator:
             prompt_tokens=len(workload.prefill), decode_steps=len(decode_times), ttft_seconds=prefill_time,
             tbt_seconds=sum(decode_times) / len(decode_times) if decode_times else None,
             hit_rate=run.cache.hit_rate, prefill_hit_rate=rate(*hm["prefill"]), decode_hit_rate=rate(*hm["decode"]),
-            bytes_copied=run.copies * int(self.costs.expert_bytes), prefetch_copies=run.prefetch_copies,
-            prefetch_useful=run.prefetch_useful, cpu_busy=run.busy["cpu"] / total,
+            bytes_copied=sum(run.pipeline.link.copies.values()) * int(self.costs.expert_bytes),
+            prefetch_copies=run.pipeline.link.copies["prefetch"], prefetch_useful=run.pipeline.prefetched_used, cpu_busy=run.busy["cpu"] / total,
             gpu_busy=run.busy["gpu"] / total, link_busy=run.busy["copy"] / total,
             predictor=self.predictor.name, total_seconds=run.clock,
             trace=trace.header.source or trace.header.model, model=getattr(self.shape, "name", ""),
@@ -167,6 +168,7 @@ class Simulator:
         n = len(tokens)
         scheduler = self.prefill_scheduler if phase == "prefill" else self.decode_scheduler
         dense = [self.costs.dense(layer, n, context) for layer in range(self.shape.num_layers)]
+        self._dense_gap = self._gaps(dense)
         log_ = ForwardLog(phase, n, context, sum(dense) + self.costs.lm_head(n), 0.0)
         run.forwards.append(log_)
         t = start
@@ -177,8 +179,8 @@ class Simulator:
             t += dense[layer]
             if layer not in self.moe_layers:
                 continue
-            next_dense = dense[layer + 1] if layer + 1 < len(dense) else self.costs.lm_head(n)
-            t = self._moe_layer(run, tokens, layer, t, start, next_dense, scheduler, record)
+            tail = sum(dense[layer + 1:]) + self.costs.lm_head(n)  # after the last MoE layer: to the forward's end
+            t = self._moe_layer(run, tokens, layer, t, start, tail, scheduler, record)
         head = self.costs.lm_head(n)
         if record:
             run.spans.append(Span("gpu", self.shape.num_layers, -1, t - start, t + head - start, "dense"))
@@ -187,9 +189,18 @@ class Simulator:
         log_.seconds = run.clock - start
         return run.clock - start
 
+    def _gaps(self, dense: list[float]) -> dict[int, float]:
+        """{MoE layer: dense seconds since the previous MoE layer ended} (the first: since the forward began)."""
+        gaps, acc = {}, 0.0
+        for layer, seconds in enumerate(dense):
+            acc += seconds
+            if layer in self.moe_layers:
+                gaps[layer], acc = acc, 0.0
+        return gaps
+
     def _moe_layer(self, run: _Run, tokens: list[TokenRouting], layer: int, t: float, step_start: float,
-                   next_dense: float, scheduler: Scheduler, record: bool) -> float:
-        cache, policy = run.cache, run.cache.policy
+                   tail: float, scheduler: Scheduler, record: bool) -> float:
+        cache, policy, pipeline = run.cache, run.cache.policy, run.pipeline
         counts: dict[int, int] = {}
         for token in tokens:
             routing = token.layers.get(layer)
@@ -200,73 +211,38 @@ class Simulator:
                 counts[e] = counts.get(e, 0) + 1
         if not counts:
             return t
-        run.forwards[-1].layers.append(LayerLog(layer, dict(counts),
-                                                frozenset(e for e in counts if (layer, e) in cache)))
+        view = pipeline.view(layer, counts, t)
+        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(view.cached | set(view.arrivals))))
         for e in counts:
-            key = (layer, e)
-            if cache.access(key) and key in run.prefetched:
-                run.prefetch_useful += 1
-            run.prefetched.discard(key)
-        cached = cache.cached_experts(layer) & set(counts)
-        costs = self.costs.experts(layer)
-        plan: Plan = scheduler.plan(layer, counts, cached, costs, copy_free_at=max(0.0, run.link_free - t))
+            cache.access((layer, e))
+        plan: Plan = scheduler.plan(layer, counts, view.cached, self.costs.experts(layer),
+                                    copy_free_at=view.copy_free_at, arrivals=view.arrivals)
         current = {(layer, e) for e in counts}
         cache.pin(current)
-        for e in plan.copies:
-            # prefill copies that would evict stream through a transient buffer (no cache churn within
-            # the prompt's forward); free slots are filled, as the runtime does
-            if len(tokens) == 1 or cache.has_room(layer):
-                cache.insert((layer, e), protect=current)
-        run.copies += len(plan.copies)
+        copies = pipeline.demand(layer, plan, t, len(tokens) > 1, current)
         for task in plan.tasks:
+            if task.resource == "copy":
+                continue  # charged from the link's own record below
             run.busy[task.resource] += task.end - task.start
             if record:
                 run.spans.append(Span(task.resource, layer, task.expert, t + task.start - step_start,
-                                      t + task.end - step_start, "copy" if task.resource == "copy" else "expert"))
+                                      t + task.end - step_start, "expert"))
         end = t + plan.makespan
-        link = max(run.link_free, t + plan.copy_finish)
-        window_end = end + next_dense  # the next MoE layer's copies cannot start before this
-        link = self._idle_copies(run, tokens, layer, plan, counts, link, window_end, current, scheduler,
-                                 step_start, record)
-        run.link_free = link
+        predicted: dict[int, dict[int, int]] = {}
+        future = pipeline.future(layer)
+        if future and self.preset.prefetch != "none":
+            predicted = self.predictor.predict(tokens, layer, future)
+        next_gap = self._gap(future[0]) if future else tail
+        copies += pipeline.idle(layer, plan, t, predicted, next_gap, self._gap, scheduler, current, counts)
+        for c in copies:
+            run.busy["copy"] += c.end - c.start
+            if record:
+                kind = {"demand": "copy", "prefetch": "prefetch", "fill": "fill"}[c.kind]
+                run.spans.append(Span("copy", c.key[0], c.key[1], c.start - step_start, c.end - step_start, kind))
         cache.unpin_all()
+        pipeline.layer_done(layer)
         return end
 
-    def _idle_copies(self, run: _Run, tokens: list[TokenRouting], layer: int, plan: Plan, counts: dict[int, int],
-                     link: float, window_end: float, current: set[ExpertKey], scheduler: Scheduler,
-                     step_start: float, record: bool) -> float:
-        """Prefetch, then fill, in the link's idle window [link, window_end); returns link free time."""
-        cache = run.cache
-        copy = self.costs.experts(layer).copy()
-        i = self.moe_layers.index(layer)
-        future = self.moe_layers[i + 1: i + 1 + self.config.horizon]
-        protect = set(current)
-        if future and self.preset.prefetch != "none" and window_end - link >= copy:
-            predicted = self.predictor.predict(tokens, layer, future)
-            keys = self.prefetcher.step(layer, predicted, cache, window_end - link, self.costs.experts,
-                                        scheduler, protect)
-            protect |= {(f, e) for f, c in predicted.items() for e in c if (f, e) in cache}
-            for key in keys:
-                if link + copy > window_end + 1e-12 or not cache.insert(key, protect=protect):
-                    continue
-                protect.add(key)
-                run.prefetched.add(key)
-                link = self._copy(run, key, link, copy, step_start, record, "prefetch")
-                run.prefetch_copies += 1
-        if self.preset.fill_misses:
-            for e in sorted(plan.cpu_order, key=lambda x: (-counts[x], x)):
-                key = (layer, e)
-                if link + copy > window_end + 1e-12:
-                    break
-                if key not in cache and cache.insert(key, protect=protect, by_value=True):
-                    link = self._copy(run, key, link, copy, step_start, record, "fill")
-        return link
-
-    @staticmethod
-    def _copy(run: _Run, key: ExpertKey, link: float, copy: float, step_start: float, record: bool,
-              kind: str) -> float:
-        run.busy["copy"] += copy
-        run.copies += 1
-        if record:
-            run.spans.append(Span("copy", key[0], key[1], link - step_start, link + copy - step_start, kind))
-        return link + copy
+    def _gap(self, layer: int) -> float:
+        """Dense seconds from the previous MoE layer's end to `layer`'s router output (this forward)."""
+        return self._dense_gap[layer]
