@@ -14,6 +14,7 @@ Registry: `make_policy(name, top_k=..., ...)`; unknown name -> ConfigError listi
 
 from __future__ import annotations
 
+import bisect
 import heapq
 from collections import OrderedDict
 from typing import Iterable, Protocol
@@ -60,7 +61,7 @@ class MRSPolicy:
         self._raw: dict[int, dict[int, float]] = {}
         self._scale: dict[int, float] = {}
         self._observed: dict[int, int] = {}  # per layer, observations so far (invalidates _order)
-        self._order: dict[int, tuple[tuple[int, int], list[int]]] = {}  # layer -> (stamp, residents by S)
+        self._order: dict[int, tuple[int, list[tuple[float, int]]]] = {}  # layer -> (version, sorted (raw, e))
 
     def observe(self, layer: int, scores: list[float] | None, selected: list[int],
                 weights: list[float] | None = None) -> None:
@@ -76,8 +77,17 @@ class MRSPolicy:
             for e in raw:
                 raw[e] *= scale
             scale = 1.0
+            self._order.pop(layer, None)  # stored raw values changed: re-sort at the next victim
+        order = self._order.get(layer)
         for e, s in known.items():
-            raw[e] = raw.get(e, 0.0) + self.alpha * s / scale
+            old = raw.get(e, 0.0)
+            raw[e] = old + self.alpha * s / scale
+            if order is not None:  # keep the layer's sorted residents sorted: O(log n) find, O(n) move
+                lst = order[1]
+                i = bisect.bisect_left(lst, (old, e))
+                if i < len(lst) and lst[i] == (old, e):
+                    del lst[i]
+                    bisect.insort(lst, (raw[e], e))
         self._scale[layer] = scale
         self._observed[layer] = self._observed.get(layer, 0) + 1
 
@@ -91,6 +101,24 @@ class MRSPolicy:
     def touch(self, key: ExpertKey) -> None:
         pass  # MRS ranks by router scores only
 
+    def resident_changed(self, key: ExpertKey, added: bool, version: int) -> None:
+        """CacheState's notice that `key` joined or left the residents (now at `version` for its
+        layer): the layer's sorted order is patched in O(log n + n) instead of re-sorted."""
+        layer, e = key
+        cached = self._order.get(layer)
+        if cached is None or cached[0] != version - 1:
+            self._order.pop(layer, None)  # not in step: rebuilt at the next victim
+            return
+        item = (self._raw.get(layer, {}).get(e, 0.0), e)
+        lst = cached[1]
+        if added:
+            bisect.insort(lst, item)
+        else:
+            i = bisect.bisect_left(lst, item)
+            assert i < len(lst) and lst[i] == item, (key, item)
+            del lst[i]
+        self._order[layer] = (version, lst)
+
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey | None:
         if hasattr(candidates, "by_layer"):  # CandidateView: per-layer sorted residents, O(layers)
             return self._victim_view(candidates)
@@ -102,15 +130,16 @@ class MRSPolicy:
             resident = view.by_layer.get(layer)
             if not resident:
                 continue
-            stamp = (view.versions.get(layer, 0), self._observed.get(layer, 0))
+            stamp = view.versions.get(layer, 0)  # residents changed without added/removed: re-sort
             cached = self._order.get(layer)
             if cached is None or cached[0] != stamp:
                 raw = self._raw.get(layer, {})
-                cached = (stamp, sorted(resident, key=lambda e: (raw.get(e, 0.0), e)))
+                cached = (stamp, sorted((raw.get(e, 0.0), e) for e in resident))
                 self._order[layer] = cached
-            for e in cached[1]:
+            scale = self._scale.get(layer, 1.0)
+            for raw_score, e in cached[1]:
                 if (layer, e) not in view.excluded:
-                    cand = (self.priority(layer, e), layer, e)
+                    cand = (scale * raw_score, layer, e)
                     if best is None or cand < best:
                         best = cand
                     break

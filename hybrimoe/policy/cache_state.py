@@ -169,16 +169,24 @@ class CacheState:
     def _add(self, key: ExpertKey) -> None:
         self._resident.add(key)
         self._by_layer.setdefault(key[0], set()).add(key[1])
-        self._versions[key[0]] = self._versions.get(key[0], 0) + 1
+        self._bump(key, True)
         if self.on_add is not None:
             self.on_add(key)
 
     def _remove(self, key: ExpertKey) -> None:
         self._resident.discard(key)
         self._by_layer[key[0]].discard(key[1])
-        self._versions[key[0]] = self._versions.get(key[0], 0) + 1
+        self._bump(key, False)
         if self.on_remove is not None:
             self.on_remove(key)
+
+    def _bump(self, key: ExpertKey, added: bool) -> None:
+        """A new version of the layer's resident set; policies that keep a sorted view patch it."""
+        version = self._versions.get(key[0], 0) + 1
+        self._versions[key[0]] = version
+        notice = getattr(self.policy, "resident_changed", None)
+        if notice is not None:
+            notice(key, added, version)
 
     @property
     def hit_rate(self) -> float:

@@ -33,7 +33,7 @@ from typing import Callable
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.link import Copy, LinkQueue
 from hybrimoe.policy.plan import ExpertCosts, ExpertKey, Plan
-from hybrimoe.policy.prefetch import NoPrefetch, PrefetchContext, Prefetcher
+from hybrimoe.policy.prefetch import NoPrefetch, PrefetchContext, Prefetcher, makespan
 from hybrimoe.policy.schedule import Scheduler
 
 CostsFor = Callable[[int], ExpertCosts]
@@ -130,9 +130,8 @@ class CopyPipeline:
                 t += gap(f)
             starts[f] = t
             cached = (self.cache.cached_experts(f) & set(predicted[f])) - set(arrivals[f])
-            t += scheduler.plan(f, predicted[f], cached, self.costs(f),
-                                copy_free_at=max(0.0, self.link.free_at - t),
-                                arrivals={e: max(0.0, a - starts[f]) for e, a in arrivals[f].items()}).makespan
+            t += makespan(scheduler, f, predicted[f], cached, self.costs(f), max(0.0, self.link.free_at - t),
+                          {e: max(0.0, a - starts[f]) for e, a in arrivals[f].items()})
         keep = current | self.pending | {(f, e) for f in future for e in predicted[f] if (f, e) in self.cache}
         copy = self.costs(layer).copy()
 

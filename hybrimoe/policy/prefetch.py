@@ -40,6 +40,7 @@ class PrefetchContext:
     scheduler: Scheduler
     admissible: Callable[[ExpertKey], bool]  # whether the pick could land (slot or staging buffer)
     taken: set[ExpertKey] = field(default_factory=set)  # picked so far (in flight now)
+    memo: dict = field(default_factory=dict)  # prefetcher's scratch: plans already priced this round
 
 
 class Prefetcher(Protocol):
@@ -76,7 +77,9 @@ class ImpactPrefetcher:
     lands after its layer would have finished anyway, or that pushes the next layer's own copies back
     by more than it saves, has no positive gain. The best admissible candidate with a positive gain
     is picked; the pipeline asks again with the pick in flight (gains that overlap are not counted
-    twice). Only the `max_candidates` most loaded candidates per layer are evaluated.
+    twice). Only the `max_candidates` most loaded candidates per layer are evaluated, and of those with
+    the same predicted load only one (they are interchangeable: same costs, none on the GPU side);
+    plans are memoised within a round (one layer's prefetch decisions).
     """
 
     name = "impact"
@@ -93,18 +96,25 @@ class ImpactPrefetcher:
         before = {f: self._makespan(ctx, f, ctx.link_free) for f in ctx.predicted}
         delayed = {f: self._makespan(ctx, f, land) for f in ctx.predicted}  # the link one copy busier
         delay_cost = sum(delayed[f] - before[f] for f in ctx.predicted)
-        best: tuple[float, int, int] | None = None
+        ranked: list[tuple[float, int, int]] = []
         for f in ctx.predicted:
             others = delay_cost - (delayed[f] - before[f])
+            seen: dict[int, float] = {}  # token count -> gain: candidates of equal load are interchangeable
             for e in _candidates(ctx, f)[: self.max_candidates]:
-                gain = before[f] - self._makespan(ctx, f, land, (e, land)) - others
-                if gain > 1e-12 and (best is None or (gain, -f, -e) > (best[0], -best[1], -best[2])) \
-                        and ctx.admissible((f, e)):
-                    best = (gain, f, e)
-        return None if best is None else ((best[1], best[2]), best[0])
+                n = ctx.predicted[f][e]
+                if n not in seen:
+                    seen[n] = before[f] - self._makespan(ctx, f, land, (e, land)) - others
+                if seen[n] > 1e-12:
+                    ranked.append((-seen[n], f, e))
+        for neg_gain, f, e in sorted(ranked):  # best gain first; ties: earlier layer, lower id
+            if ctx.admissible((f, e)):
+                return (f, e), -neg_gain
+        return None
 
     @staticmethod
     def _makespan(ctx: PrefetchContext, f: int, link_free: float, extra: tuple[int, float] | None = None) -> float:
+        """Predicted makespan of later layer f with the link free at `link_free` (absolute) and, if
+        given, one more expert `extra` = (expert, absolute arrival) in flight (memoised per round)."""
         counts = ctx.predicted[f]
         if not counts:
             return 0.0
@@ -113,10 +123,22 @@ class ImpactPrefetcher:
         if extra is not None:
             arrivals[extra[0]] = max(0.0, extra[1] - start)
         cached = {e for e in ctx.cache.cached_experts(f) if e in counts} - set(arrivals)
-        landed = {e for e, a in arrivals.items() if a <= 0.0}
+        cached |= {e for e, a in arrivals.items() if a <= 0.0}  # landed before the layer starts
         arrivals = {e: a for e, a in arrivals.items() if a > 0.0}
-        return ctx.scheduler.plan(f, counts, cached | landed, ctx.costs(f), copy_free_at=max(0.0, link_free - start),
-                                  arrivals=arrivals).makespan
+        copy_free_at = max(0.0, link_free - start)
+        key = (f, frozenset(cached), frozenset(arrivals.items()), copy_free_at)
+        if key not in ctx.memo:
+            ctx.memo[key] = makespan(ctx.scheduler, f, counts, cached, ctx.costs(f), copy_free_at, arrivals)
+        return ctx.memo[key]
+
+
+def makespan(scheduler: Scheduler, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+             copy_free_at: float, arrivals: dict[int, float]) -> float:
+    """The scheduler's predicted makespan (its fast `makespan` when it has one, else its plan's)."""
+    fast = getattr(scheduler, "makespan", None)
+    if fast is not None:
+        return fast(layer, counts, cached, costs, copy_free_at=copy_free_at, arrivals=arrivals)
+    return scheduler.plan(layer, counts, cached, costs, copy_free_at=copy_free_at, arrivals=arrivals).makespan
 
 
 class NextLayerScorePrefetcher:

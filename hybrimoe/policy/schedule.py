@@ -80,6 +80,21 @@ class HybridScheduler:
              copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
              arrivals: dict[int, float] | None = None) -> Plan:
         arrivals = arrivals or {}
+        _, gpu_order, cpu_order, copies, inflight = self._search(counts, cached, costs, copy_free_at, gpu_free_at,
+                                                                 cpu_free_at, arrivals)
+        return build_plan(layer, counts, gpu_order, copies, cpu_order, costs,
+                          copy_free_at, gpu_free_at, cpu_free_at, {e: arrivals[e] for e in inflight})
+
+    def makespan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
+                 copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
+                 arrivals: dict[int, float] | None = None) -> float:
+        """`plan(...).makespan` without building the Plan (the prefetcher prices many what-ifs)."""
+        return self._search(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals or {})[0]
+
+    def _search(self, counts: dict[int, int], cached: set[int], costs: ExpertCosts, copy_free_at: float,
+                gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float]
+                ) -> tuple[float, list[int], list[int], list[int], list[int]]:
+        """-> (makespan, GPU order, CPU order, copies, in-flight experts) of the best split."""
         inflight = sorted((e for e in counts if e not in cached and e in arrivals),
                           key=lambda e: (arrivals[e], -counts[e], e))
         # in-flight experts first (their copy costs the link nothing more), then the others by load
@@ -89,9 +104,9 @@ class HybridScheduler:
         g = {e: costs.gpu(n) for e, n in counts.items()}  # seconds, per expert
         c = {e: costs.cpu(n, False) for e, n in counts.items()}
         cf = {e: costs.cpu(n, True) for e, n in counts.items()}  # as the CPU's first expert
-        ready, t = [arrivals[e] for e in inflight], copy_free_at
+        ready, t, copy = [arrivals[e] for e in inflight], copy_free_at, costs.copy()
         for _ in uncached[len(inflight):]:  # the link copies back to back, highest count first
-            t += costs.copy()
+            t += copy
             ready.append(t)
 
         def span(n_copy: int) -> float:
@@ -113,9 +128,8 @@ class HybridScheduler:
                     lo = m1
             candidates = range(max(0, lo - 2), min(n, hi + 2) + 1)
         best = min(candidates, key=lambda k: (span(k), k))
-        _, gpu_order, cpu_order = memo[best]
-        return build_plan(layer, counts, gpu_order, uncached[len(inflight):best], cpu_order, costs,
-                          copy_free_at, gpu_free_at, cpu_free_at, {e: arrivals[e] for e in inflight})
+        makespan, gpu_order, cpu_order = memo[best]
+        return makespan, gpu_order, cpu_order, uncached[len(inflight):best], inflight
 
     @staticmethod
     def _simulate(g: dict[int, float], c: dict[int, float], cf: dict[int, float], gpu_cached_desc: list[int],
