@@ -60,7 +60,7 @@ class HybridExecutor:
         view = rt.pipeline.view(layer, counts, now)
         rt.cache.begin_layer(layer, counts)
         try:
-            plan = rt.plan_layer(layer, counts, view, prefill=x.shape[0] > 1)
+            plan = rt.plan_layer(layer, counts, view, prefill=x.shape[0] > 1, now=now)
             assert set(plan.gpu_order) | set(plan.cpu_order) == set(counts), "plan must place every expert once"
             assert len(plan.gpu_order) + len(plan.cpu_order) == len(counts)
             return self._execute(layer, x, groups, w_host, k, plan, counts, now)

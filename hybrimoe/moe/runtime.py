@@ -27,6 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
@@ -90,6 +91,23 @@ def default_cpu_threads() -> int:
     return max(1, usable_cores() - 1)
 
 
+@dataclass
+class VirtualClock:
+    """The pipeline's clock on the cost model instead of the wall: each MoE layer starts `dense_seconds`
+    after the previous one's predicted end (its plan's makespan), as in the simulator with uniform
+    dense costs and no LM head. For tests and benchmarks that compare the runtime's copy decisions
+    with the simulator's (wall-clock estimates would make them differ)."""
+
+    dense_seconds: float
+    last_end: float = 0.0
+
+    def start(self) -> float:
+        return self.last_end + self.dense_seconds
+
+    def planned(self, now: float, plan: Plan) -> None:
+        self.last_end = now + plan.makespan
+
+
 class HybridRuntime:
     """Owns devices, cache, CPU worker, schedulers and counters; see the module docstring."""
 
@@ -114,6 +132,7 @@ class HybridRuntime:
         self.predicted = {"prefill": 0.0, "decode": 0.0}  # sum of plan makespans (s), cost model
         self.layer_calls = {"prefill": 0, "decode": 0}
         self.replay: Any = None  # TraceRouting when --replay-trace is on
+        self.virtual_clock: VirtualClock | None = None  # set: the pipeline runs on the cost model's clock
         self.plan_log: list[Plan] | None = None  # set to [] to keep every plan (benchmarks, plots)
         self._previous_observer = model.routing_observer
         self._previous_executors = {i: b.executor for i, b in model.moe_blocks.items()}
@@ -145,8 +164,15 @@ class HybridRuntime:
             policy.observe(layer, score_rows[t] if score_rows is not None else None, selected, w)
 
     # -- timing of the dense part between MoE layers ------------------------------------------------
+    def use_virtual_clock(self, dense_seconds: float) -> None:
+        """Decide copies on `VirtualClock(dense_seconds)` (dense gaps fixed to it) instead of the wall."""
+        self.virtual_clock = VirtualClock(dense_seconds)
+        self.dense_gap = {layer: dense_seconds for layer in self.model.moe_blocks}
+
     def layer_started(self, layer: int) -> float:
         """Records the dense gap before `layer`; returns now (perf_counter seconds), the pipeline's clock."""
+        if self.virtual_clock is not None:
+            return self.virtual_clock.start()
         now = time.perf_counter()
         if self._last_end is not None and self._last_end[0] < layer:  # same forward pass
             gap = now - self._last_end[1]
@@ -159,10 +185,12 @@ class HybridRuntime:
         self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
-    def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, prefill: bool) -> Plan:
+    def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, prefill: bool, now: float) -> Plan:
         phase = "prefill" if prefill else "decode"
         plan = self.schedulers[phase].plan(layer, counts, view.cached, self.costs(layer),
                                            copy_free_at=view.copy_free_at, arrivals=view.arrivals)
+        if self.virtual_clock is not None:
+            self.virtual_clock.planned(now, plan)
         self.predicted[phase] += plan.makespan
         self.layer_calls[phase] += 1
         if self.plan_log is not None:

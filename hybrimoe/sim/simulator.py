@@ -123,6 +123,7 @@ class Simulator:
         cache = self._new_cache(trace)
         pipeline = CopyPipeline(cache, self.costs.experts, self.moe_layers, self.config.horizon, self.prefetcher,
                                 self.preset.fill_misses, self.config.staging_slots)
+        pipeline.link.log = []
         run = _Run(cache=cache, pipeline=pipeline)
         steps = ([workload.prefill] if workload.prefill else []) + [[t] for t in workload.decode]
         prefill_time = None
@@ -160,6 +161,7 @@ class Simulator:
             notes=list(workload.notes))
         self.spans = run.spans
         self.forwards = run.forwards
+        self.link_log = run.pipeline.link.log  # every copy in link order (key, kind, destination, times)
         return result
 
     def _forward(self, run: _Run, tokens: list[TokenRouting], context: int, phase: str, record: bool) -> float:
