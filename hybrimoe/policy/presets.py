@@ -7,18 +7,18 @@ Then: "static" caches never change (copied experts run from a transient buffer);
 admit copied experts (victim by their policy) and, with `fill_misses`, also copy experts that the
 CPU computed on a miss into the cache in link idle time, if the policy values them above the victim.
 
-How an executor (the simulator, or the GPU runtime) drives one MoE layer with a preset:
+How an executor (the simulator, or the GPU runtime) drives one MoE layer with a preset, through the
+copy pipeline (hybrimoe.policy.pipeline) built from it:
     counts = {expert: tokens}; cache.policy.observe(layer, scores, experts, weights) per token
+    view = pipeline.view(layer, counts, now)                       # landed / in flight / link free
     for e in counts: cache.access((layer, e))                      # hit / miss counters
-    plan = scheduler.plan(layer, counts, cache.cached_experts(layer) & set(counts), costs,
-                          copy_free_at=seconds the link is still busy)
-    cache.pin(current keys); run plan.copies / plan.gpu_order / plan.cpu_order on the three timelines
-    cache.insert((layer, e), protect=current) for e in plan.copies (prefill: only into free slots,
-    else a transient buffer)
-    keys = prefetcher.step(layer, predicted, cache, link idle seconds, costs_for_layer, scheduler, current)
-    copy + cache.insert(key, protect=current | already prefetched) each key in the idle window; then,
-    with fill_misses, cache.insert((layer, e), protect, by_value=True) for CPU-computed misses
-    cache.unpin_all()
+    plan = scheduler.plan(layer, counts, view.cached, costs, view.copy_free_at, arrivals=view.arrivals)
+    cache.pin(current keys); pipeline.demand(layer, plan, now, prefill, current) -> on-demand copies
+    run the plan on the three timelines
+    pipeline.idle(layer, plan, now, predicted, gaps, scheduler, current, counts) -> prefetches (the
+    preset's prefetcher, on the real link state), then fills (fill_misses: CPU-computed misses the
+    policy values above their victim)
+    cache.unpin_all(); pipeline.layer_done(layer)
 """
 
 from __future__ import annotations

@@ -3,18 +3,19 @@
 Per forward (the prompt in one prefill forward, then one forward per decoded token), per layer:
 1. dense GPU work (attention, router, shared experts; `SimCosts.dense`); the router's output is
    known at its end, so the MoE part starts there;
-2. MoE layers: the cache policy observes every token's router scores; each activated expert is a
-   hit or a miss; the preset's scheduler plans the layer (the link may still be busy with earlier
-   prefetches: `copy_free_at`); the plan runs on the three timelines; in decode, copied experts
-   are offered to the cache (a static cache keeps them in a transient buffer instead); in prefill
-   an on-demand copy enters the cache only while it has free slots, else it goes through a
-   transient buffer, for all presets, because evicting for the prompt's stream of copies drops
-   experts that later layers of the same forward need (measured on dev traces: hit rate of the
-   prefill fell to ~1%); the runtime's executor does the same;
-3. the link's idle time from the end of this layer's on-demand copies to the start of the next
-   MoE layer's copies is used for prefetches (predicted experts of the next `horizon` MoE layers),
-   then, with `fill_misses`, to copy CPU-computed misses into the cache. Only copies that fit in
-   that window are issued, so they never delay an on-demand copy.
+2. MoE layers: the cache policy observes every token's router scores; the copy pipeline
+   (hybrimoe.policy.pipeline, the object the runtime drives too) says which activated experts have
+   landed on the GPU side, which are still in flight (and when they land), and when the link is free;
+   each activated expert is a cache hit or miss; the preset's scheduler plans the layer with that
+   knowledge; the pipeline issues the plan's on-demand copies (decode: into the cache; prefill: only
+   into free slots, else a transient buffer, because evicting for the prompt's stream of copies drops
+   experts that later layers of the same forward need: measured on dev traces), the plan runs on the
+   three timelines;
+3. the pipeline then issues prefetches for the next `horizon` MoE layers (the preset's prefetcher,
+   priced on the real link state; they may still be on the link when the next layer starts) and,
+   with `fill_misses`, copies CPU-computed misses into the cache if they end before the next layer.
+The link is one FIFO queue across layers; its busy time is charged from the copies it carried.
+Planning takes no simulated time (the runtime's cost of it: benchmarks/bench_planning.py).
 The forward ends with the LM head. TTFT = prefill forward; TBT = mean decode forward.
 """
 
