@@ -14,9 +14,11 @@ from hybrimoe.data import packaged_traces
 from hybrimoe.policy.optimal import OptimalScheduler
 from hybrimoe.policy.plan import LinearCosts, build_plan
 from hybrimoe.policy.presets import PRESETS, get_preset
+from hybrimoe.sim.bench import BenchConfig, _setups, main_block, summarise
 from hybrimoe.sim.bound import fluid_bound, forward_bound, forward_items, layer_point
 from hybrimoe.sim.costs import UniformCosts
 from hybrimoe.sim.metrics import ForwardLog, LayerLog
+from hybrimoe.sim.report import markdown
 from hybrimoe.sim.runner import make_setup, simulate_one
 from hybrimoe.trace.format import RoutingTrace
 
@@ -264,3 +266,20 @@ def test_oracle_is_a_deprecated_alias_not_a_limit(caplog):
     with caplog.at_level(logging.WARNING, logger="hybrimoe.policy.presets"):
         assert get_preset("oracle") is PRESETS["hybrimoe-oracle"]
     assert "deprecated" in caplog.text
+
+
+def test_bench_tables_show_each_rows_bound_share_and_the_bound_rows():
+    config = BenchConfig(policies=("hybrimoe", "ktransformers"), ratios=(0.25,), prompts=(16,), max_decode=3,
+                         models=("qwen1.5-moe-a2.7b",), traces_per_model=1)
+    (model, setups), = _setups(config).items()
+    rows = main_block(config, model, setups)
+    assert [(r["policy"], r["phase"]) for r in rows][-2:] == [("bound", "prefill"), ("bound", "decode")]
+    doc = {"profile": "paper-a6000", "config": {"prompts": [16], "ratios": [0.25], "ablation_prompt": 16},
+           "tuned": {}, "rows": rows, "summary": summarise(rows)}
+    text = markdown(doc)
+    kt = next(r for r in rows if r["policy"] == "ktransformers" and r["phase"] == "decode")
+    share = kt["bound_tbt_seconds"] / kt["tbt_seconds"]
+    assert f"| {kt['tbt_seconds'] * 1e3:.1f} (1.00x, {share:.0%}) |" in text
+    bound = next(r for r in rows if r["policy"] == "bound" and r["phase"] == "decode")
+    assert f"| {bound['tbt_seconds'] * 1e3:.1f} ({kt['tbt_seconds'] / bound['tbt_seconds']:.2f}x) |" in text
+    assert "| bound | " in text and f"{doc['summary']['hybrimoe']['decode_bound_share']:.0%}" in text

@@ -41,6 +41,7 @@ C = G), which gives a supporting line of phi; the outer maximisation over lam is
 plane in one dimension (intersect the supporting lines at both ends of the bracket), which ends on
 a breakpoint of the piecewise linear phi in finitely many steps. `upper` is the primal value of a
 feasible fractional point, so the LP value lies in [seconds, upper] (equal to ~1e-12 in practice).
+All of it holds up to floating-point rounding (~1e-15 relative).
 """
 
 from __future__ import annotations
@@ -66,13 +67,13 @@ class FluidBound:
 
 
 @dataclass(frozen=True)
-class _LayerPoint:
+class LayerPoint:
     dual: float  # H(p) = max_beta Q(beta), a lower bound of min_y max(C, G) + p K
     span: float  # max(C, G) of the recovered minimiser y
     copied: float  # K of y (copied experts, fractional)
 
 
-def layer_point(items: list[Item] | tuple[Item, ...], p: float) -> _LayerPoint:
+def layer_point(items: list[Item] | tuple[Item, ...], p: float) -> LayerPoint:
     """H(p) for one layer (p = link price per copied expert, seconds; math.inf = no copies) and the
     minimiser y's (max(C, G), K)."""
     total_cpu = sum(a for a, _, _ in items)
@@ -110,7 +111,7 @@ def layer_point(items: list[Item] | tuple[Item, ...], p: float) -> _LayerPoint:
         cpu -= a * y
         gpu += g * y
         copied += y if miss else 0.0
-    return _LayerPoint(dual, max(cpu, gpu), copied)
+    return LayerPoint(dual, max(cpu, gpu), copied)
 
 
 def forward_items(forward: ForwardLog, costs: SimCosts) -> list[tuple[float, tuple[Item, ...]]]:
