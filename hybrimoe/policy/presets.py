@@ -23,9 +23,12 @@ copy pipeline (hybrimoe.policy.pipeline) built from it:
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from hybrimoe.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -60,12 +63,20 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            description="static hot set; per-miss CPU vs copy+GPU choice by cost estimate"),
     Preset("resident", "gpu-only", "gpu-only", "static", "none", initial="all",
            description="every expert on the GPU (upper bound; ignores the cache ratio)"),
-    Preset("oracle", "optimal", "optimal", "mrs", "impact", fill_misses=True, oracle=True,
-           description="true future routing for prefetch, optimal plans (<= 10 experts, else hybrid)"),
+    Preset("hybrimoe-oracle", "optimal", "optimal", "mrs", "impact", fill_misses=True, oracle=True,
+           description="hybrimoe with the true future routing for prefetch and optimal per-layer plans "
+                       "(<= 10 experts, else hybrid); a policy, not a limit: other schedules can beat it "
+                       "(the limit is the fluid bound, hybrimoe.sim.bound)"),
 ]}
+# old name -> new name; the old name still works and logs a warning
+DEPRECATED = {"oracle": "hybrimoe-oracle"}
 
 
 def get_preset(name: str) -> Preset:
+    if name in DEPRECATED:
+        log.warning("policy %r is deprecated (it is not a limit: other schedules beat it); use %r",
+                    name, DEPRECATED[name])
+        name = DEPRECATED[name]
     try:
         return PRESETS[name]
     except KeyError:

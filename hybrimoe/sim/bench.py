@@ -2,7 +2,9 @@
 
 Blocks (each row is also written to bench.json):
 1. main: TTFT at several prompt lengths and TBT (mean decode step) for every policy and cache
-   ratio, as speedups over kTransformers;
+   ratio, as speedups over kTransformers; every row also carries its fluid lower bound for the
+   cache content that row's run held (`bound_ttft_seconds` / `bound_tbt_seconds`,
+   hybrimoe.sim.bound), and a `bound` row per setting gives the bound of the `hybrimoe` run;
 2. ablation at the smallest cache ratio: each HybriMoE technique alone on the kTransformers baseline;
 3. caching: decode hit rate of MRS vs LRU (same scheduling, same miss filling);
 4. prefetching: HybriMoE decode with predictor accuracies, a dev-trained cross-layer predictor,
@@ -24,7 +26,7 @@ from statistics import mean
 from hybrimoe.data import packaged_traces
 from hybrimoe.policy.predictor import CrossLayerStats
 from hybrimoe.policy.presets import get_preset
-from hybrimoe.sim.runner import Setup, make_setup, simulate_one
+from hybrimoe.sim.runner import BOUND, BOUND_NOTE, BOUND_OF, Setup, make_setup, simulate_one
 from hybrimoe.trace.format import RoutingTrace
 
 log = logging.getLogger(__name__)
@@ -37,7 +39,8 @@ ABLATION = ("ktransformers", "hybrimoe-sched-only", "hybrimoe-prefetch-only", "h
 
 @dataclass(frozen=True)
 class BenchConfig:
-    policies: tuple[str, ...] = ("hybrimoe", "ktransformers", "llamacpp", "gpu-lru", "fiddler", "oracle")
+    # `bound` rows are added from the `hybrimoe` runs (no simulation of their own)
+    policies: tuple[str, ...] = ("hybrimoe", "ktransformers", "llamacpp", "gpu-lru", "fiddler", "hybrimoe-oracle")
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75)
     prompts: tuple[int, ...] = (32, 128, 512, 1024)
     max_decode: int = 64  # decode steps per eval trace
@@ -80,11 +83,49 @@ def _decode(setups: list[Setup], policy, ratio: float, config: BenchConfig, **kw
     results = [simulate_one(s, policy, ratio, None, config.max_decode, **{**TUNED, **kw})[0] for s in setups]
     steps = sum(r.decode_steps for r in results)
     tbt = sum(r.tbt_seconds * r.decode_steps for r in results) / steps
+    bound = sum(r.bound_tbt_seconds * r.decode_steps for r in results) / steps
     hits = [r.decode_hit_rate for r in results for _ in range(r.decode_steps)]
     pf = sum(r.prefetch_copies for r in results)
-    return {"tbt_seconds": tbt, "decode_hit_rate": mean(hits), "decode_steps": steps, "prefetch_copies": pf,
+    return {"tbt_seconds": tbt, "bound_tbt_seconds": bound, "decode_hit_rate": mean(hits), "decode_steps": steps, "prefetch_copies": pf,
             "prefetch_useful": sum(r.prefetch_useful for r in results), "predictor": results[0].predictor,
             "traces": [s.name for s in setups]}
+
+
+def main_block(config: BenchConfig, model: str, setups: list[Setup], progress: "_Progress | None" = None
+               ) -> list[dict]:
+    """The main block's rows of one model: per cache ratio and policy, one prefill row per prompt
+    length and one decode row, each with its own fluid bound; after each cache ratio's rows, the
+    `bound` rows (the bound of the `hybrimoe` rows) when hybrimoe is among the policies."""
+    rows: list[dict] = []
+    first = setups[0]
+    for ratio in config.ratios:
+        here: list[dict] = []
+        for policy in config.policies:
+            for n in config.prompts:
+                r, _ = simulate_one(first, policy, ratio, n, 0, **TUNED)
+                here.append({"block": "main", "phase": "prefill", "model": model, "policy": policy,
+                             "cache_ratio": ratio, "prompt_tokens": n, "trace": first.name,
+                             "ttft_seconds": r.ttft_seconds, "bound_ttft_seconds": r.bound_ttft_seconds,
+                             "hit_rate": r.hit_rate, "prompt_wrapped": bool(
+                                 [x for x in r.notes if "cycles" in x]), "predictor": r.predictor})
+                if progress:
+                    progress.tick(f"{model} prefill {n} {policy} cache {ratio}")
+            here.append({"block": "main", "phase": "decode", "model": model, "policy": policy,
+                         "cache_ratio": ratio, **_decode(setups, policy, ratio, config)})
+            if progress:
+                progress.tick(f"{model} decode {policy} cache {ratio}")
+        rows += here + bound_rows(here)
+    return rows
+
+
+def bound_rows(rows: list[dict]) -> list[dict]:
+    """A `bound` row for every main-block row of `hybrimoe`: its time is that row's bound."""
+    out = []
+    for r in rows:
+        if r["block"] == "main" and r["policy"] == BOUND_OF:
+            key = "ttft_seconds" if r["phase"] == "prefill" else "tbt_seconds"
+            out.append({**r, "policy": BOUND, key: r["bound_" + key], "note": BOUND_NOTE})
+    return out
 
 
 def run_bench(config: BenchConfig, out: Path) -> dict:
@@ -98,18 +139,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
     rows: list[dict] = []
     for model, setups in models.items():
         first = setups[0]
-        for ratio in config.ratios:
-            for policy in config.policies:
-                for n in config.prompts:
-                    r, _ = simulate_one(first, policy, ratio, n, 0, **TUNED)
-                    rows.append({"block": "main", "phase": "prefill", "model": model, "policy": policy,
-                                 "cache_ratio": ratio, "prompt_tokens": n, "trace": first.name,
-                                 "ttft_seconds": r.ttft_seconds, "hit_rate": r.hit_rate, "prompt_wrapped": bool(
-                                     [x for x in r.notes if "cycles" in x]), "predictor": r.predictor})
-                    progress.tick(f"{model} prefill {n} {policy} cache {ratio}")
-                rows.append({"block": "main", "phase": "decode", "model": model, "policy": policy,
-                             "cache_ratio": ratio, **_decode(setups, policy, ratio, config)})
-                progress.tick(f"{model} decode {policy} cache {ratio}")
+        rows += main_block(config, model, setups, progress)
         ratio = min(config.ratios)
         for policy in ABLATION:
             r, _ = simulate_one(first, policy, ratio, config.ablation_prompt, 0, **TUNED)
@@ -157,13 +187,24 @@ def _speedup(rows: list[dict], policy: str, phase: str, key: str) -> list[tuple[
             if r["block"] == "main" and r["phase"] == phase and r["policy"] == policy]
 
 
+def bound_share(row: dict, key: str) -> float:
+    """The fraction of its bound's speedup over kTransformers that a row reaches: (kT / time) /
+    (kT / own bound) = own bound / time, in (0, 1] (the bound is for the row's own cache content)."""
+    return row["bound_" + key] / row[key]
+
+
 def summarise(rows: list[dict]) -> dict:
-    """Mean (arithmetic, like the paper) speedup over kTransformers per policy and phase."""
+    """Mean (arithmetic, like the paper) speedup over kTransformers per policy and phase, and the mean
+    fraction of the bound's speedup reached (`bound_share`)."""
     out: dict = {}
     for policy in sorted({r["policy"] for r in rows if r["block"] == "main"}):
         out[policy] = {
             "prefill_speedup": mean(s for _, s in _speedup(rows, policy, "prefill", "ttft_seconds")),
-            "decode_speedup": mean(s for _, s in _speedup(rows, policy, "decode", "tbt_seconds"))}
+            "decode_speedup": mean(s for _, s in _speedup(rows, policy, "decode", "tbt_seconds")),
+            "prefill_bound_share": mean(bound_share(r, "ttft_seconds")
+                                        for r, _ in _speedup(rows, policy, "prefill", "ttft_seconds")),
+            "decode_bound_share": mean(bound_share(r, "tbt_seconds")
+                                       for r, _ in _speedup(rows, policy, "decode", "tbt_seconds"))}
     return out
 
 
@@ -174,7 +215,8 @@ def _plots(config: BenchConfig, models: dict[str, list[Setup]], rows: list[dict]
     labels = [f"{m.split('-')[0]} {ratio:g}" for m, ratio in groups]
     for phase, key in (("prefill", "ttft_seconds"), ("decode", "tbt_seconds")):
         series = {}
-        for policy in config.policies:
+        shown = list(config.policies) + ([BOUND] if BOUND_OF in config.policies else [])
+        for policy in shown:
             if policy == BASELINE:
                 continue
             sp = _speedup(rows, policy, phase, key)

@@ -1,16 +1,19 @@
 """Glue shared by `hybrimoe simulate` and `hybrimoe bench`: load a trace's model shape, profile and
-warm-up traces, and run a grid of (policy, cache ratio) simulations."""
+warm-up traces, and run a grid of (policy, cache ratio) simulations. Every result carries the fluid
+lower bound (hybrimoe.sim.bound) for the cache content its own run held; the pseudo-policy `bound`
+is the `hybrimoe` run's bound, reported as a row of its own."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hybrimoe.errors import TraceError
 from hybrimoe.policy.cost import CostModel
 from hybrimoe.policy.presets import Preset, get_preset
 from hybrimoe.policy.shape import ModelShape
+from hybrimoe.sim.bound import phase_bounds
 from hybrimoe.sim.costs import ProfileCosts
 from hybrimoe.sim.metrics import SimResult
 from hybrimoe.sim.prompt import build_workload
@@ -18,6 +21,9 @@ from hybrimoe.sim.simulator import SimConfig, Simulator
 from hybrimoe.trace.format import RoutingTrace
 
 log = logging.getLogger(__name__)
+BOUND = "bound"  # pseudo-policy: the fluid lower bound for the cache content `hybrimoe` held
+BOUND_OF = "hybrimoe"
+BOUND_NOTE = f"fluid lower bound for the cache content {BOUND_OF} held (hybrimoe.sim.bound), not a policy"
 
 
 @dataclass
@@ -64,6 +70,13 @@ def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_
                  max_decode: int | None = None, predictor_accuracy: float = 0.8, timeline_step: int | None = None,
                  horizon: int = 3, mrs_alpha: float = 0.5, predictor=None,
                  per_layer_cache: bool = False) -> tuple[SimResult, Simulator]:
+    """Simulate `policy` (a preset name, a Preset, or `bound`) on `setup`'s trace; the result carries
+    `bound_ttft_seconds` / `bound_tbt_seconds` of its own run. For `bound` the row is the `hybrimoe`
+    run with TTFT and TBT replaced by that run's bounds (its other fields are the hybrimoe run's)."""
+    if policy == BOUND:
+        result, sim = simulate_one(setup, BOUND_OF, cache_ratio, prompt_tokens, max_decode, predictor_accuracy,
+                                   timeline_step, horizon, mrs_alpha, predictor, per_layer_cache)
+        return as_bound_row(result), sim
     workload = build_workload(setup.trace, prompt_tokens, max_decode)
     preset = get_preset(policy) if isinstance(policy, str) else policy
     config = SimConfig(preset, cache_ratio, predictor_accuracy=predictor_accuracy, predictor=predictor,
@@ -73,4 +86,17 @@ def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_
     result = sim.run(setup.trace, workload)
     result.trace, result.profile = setup.name, setup.profile
     result.notes.append(setup.warmup_note)
+    result.bound_ttft_seconds, result.bound_tbt_seconds = phase_bounds(sim.forwards, setup.costs)
     return result, sim
+
+
+def as_bound_row(result: SimResult) -> SimResult:
+    """The `bound` row made from the `hybrimoe` run's result: TTFT / TBT are its bounds."""
+    return replace(result, policy=BOUND, ttft_seconds=result.bound_ttft_seconds,
+                   tbt_seconds=result.bound_tbt_seconds,
+                   notes=[BOUND_NOTE + f"; TTFT {_ms(result.ttft_seconds)} ms and TBT {_ms(result.tbt_seconds)} ms "
+                          f"under {result.policy}; the other fields are that run's"] + list(result.notes))
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
