@@ -57,7 +57,7 @@ class HybridExecutor:
         rt.observe_routing(layer, ids_host, w_host.view(ids_host.shape))
         cached = rt.cache.begin_layer(layer, counts)
         try:
-            plan = rt.plan_layer(layer, counts, cached, prefill=x.shape[0] > 1)
+            plan = rt.plan_layer(layer, counts, cached, tokens=x.shape[0])
             assert set(plan.gpu_order) | set(plan.cpu_order) == set(counts), "plan must place every expert once"
             assert len(plan.gpu_order) + len(plan.cpu_order) == len(counts)
             return self._execute(layer, x, groups, w_host, k, plan)

@@ -5,9 +5,9 @@
       -> initial cache content (preset.initial) -> CPU worker thread -> costs (calibrated or given)
       -> HybridExecutor in every MoEBlock; the routing observer feeds router scores to the cache policy
 
-Per layer the executor asks `plan_layer` for the preset's Plan (prefill scheduler when T > 1, decode
-scheduler when T = 1) given the counts and the cache's contents; `after_layer` then issues optional
-copies in the link's idle time (fill_misses, prefetch). `stats()` returns cache counters, measured
+Per layer the executor asks `plan_layer` for the preset's Plan (prefill scheduler when T >=
+preset.prefill_min_tokens, 2 for most presets and 32 for llama.cpp, else the decode scheduler) given
+the counts and the cache's contents; `after_layer` then issues optional copies in the link's idle time (fill_misses, prefetch). `stats()` returns cache counters, measured
 busy seconds of cpu / gpu / copy, and the cost model's predicted seconds of the plans executed.
 
 CPU worker threads: `torch.set_num_threads` is process-global in name, but with the OpenMP backend
@@ -152,9 +152,12 @@ class HybridRuntime:
         self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
-    def plan_layer(self, layer: int, counts: dict[int, int], cached: set[int], prefill: bool) -> Plan:
-        phase = "prefill" if prefill else "decode"
-        plan = self.schedulers[phase].plan(layer, counts, cached, self.costs(layer))
+    def plan_layer(self, layer: int, counts: dict[int, int], cached: set[int], tokens: int) -> Plan:
+        """The preset's plan for a call of `tokens` tokens: its prefill scheduler for at least
+        `preset.prefill_min_tokens` tokens, else its decode scheduler (llama.cpp: 32, op offload)."""
+        phase = "prefill" if tokens > 1 else "decode"
+        scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
+        plan = scheduler.plan(layer, counts, cached, self.costs(layer))
         self.predicted[phase] += plan.makespan
         self.layer_calls[phase] += 1
         if self.plan_log is not None:
