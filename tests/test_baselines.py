@@ -35,10 +35,11 @@ def test_llamacpp_puts_the_experts_of_the_last_layers_on_the_gpu():
     assert llamacpp_placement(mixtral, 8, 7) == (32, [])  # nothing fits: every layer's experts on the CPU
     deepseek = list(range(1, 27))  # DeepSeek-V2-Lite: layer 0 is dense
     assert llamacpp_placement(deepseek, 64, 5 * 64) == (22, [22, 23, 24, 25, 26])
-    keys, capacity = initial_content(get_preset("llamacpp"), mixtral, 8, 71, {})
-    assert capacity == 64 and keys == [(layer, e) for layer in range(24, 32) for e in range(8)]
-    with pytest.raises(ConfigError, match="whole layers"):
-        initial_content(get_preset("llamacpp"), mixtral, 8, 64, {}, {layer: 2 for layer in mixtral})
+    keys, capacity, per_layer = initial_content(get_preset("llamacpp"), mixtral, 8, 71, {})
+    assert capacity == 64 and keys == [(layer, e) for layer in range(24, 32) for e in range(8)] and per_layer is None
+    # per-layer budgets (2 experts per layer) cannot hold a whole layer: their total is the budget
+    keys, capacity, per_layer = initial_content(get_preset("llamacpp"), mixtral, 8, 71, {}, {l: 2 for l in mixtral})
+    assert capacity == 64 and keys[0] == (24, 0) and per_layer is None
 
 
 def _run(preset, prompt: int, ratio: float = 0.5, costs=None, decode: int | None = 4):

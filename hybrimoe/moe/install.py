@@ -121,16 +121,16 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
                          None if free is None else free + dense, dense)  # dense already on the device
     policy_options: dict[str, Any] = {}
     # no warm-up trace: a "hot" static cache fills on first use, then freezes
-    keys, capacity = initial_content(preset, list(config.moe_layers), config.num_experts, budget.slots,
-                                     frequency or {}, budget.layer_capacity)
+    keys, capacity, layer_capacity = initial_content(preset, list(config.moe_layers), config.num_experts,
+                                                     budget.slots, frequency or {}, budget.layer_capacity)
     if preset.initial == "last-layers":
-        n_cpu_moe, gpu_layers = llamacpp_placement(list(config.moe_layers), config.num_experts, budget.slots)
+        n_cpu_moe, gpu_layers = llamacpp_placement(list(config.moe_layers), config.num_experts, capacity)
         log.info("%s: routed experts of MoE layers %s on the GPU (llama.cpp -ngl 99 --n-cpu-moe %d)",
                  preset.name, gpu_layers, n_cpu_moe)
     if preset.cache == "static":
         policy_options = {"hot": (), "frequency": frequency or {}}
     policy = make_policy(preset.cache, top_k=config.top_k, **policy_options)
-    state = CacheState(capacity, policy, expert_bytes=store.expert_nbytes, layer_capacity=budget.layer_capacity)
+    state = CacheState(capacity, policy, expert_bytes=store.expert_nbytes, layer_capacity=layer_capacity)
     cache = GpuExpertCache(store, devices, state)
     for key, slot in cache.preload(keys):
         slot.copy_(store.buffer(*key))

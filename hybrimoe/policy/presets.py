@@ -83,8 +83,10 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            description="every miss copied to the GPU, LRU cache (AdapMoE-like without prefetch)"),
     Preset("fiddler", "fiddler-prefill", "cpu-on-miss", "static", "none",
            description="static hot set; per-miss CPU vs copy+GPU choice by cost estimate"),
-    Preset("resident", "gpu-only", "gpu-only", "static", "none", initial="all",
-           description="every expert on the GPU (upper bound; ignores the cache ratio)"),
+    Preset("resident", "hybrid", "hybrid", "static", "none", initial="all",
+           description="every expert on the GPU (ignores the cache ratio), planned by the hybrid scheduler, "
+                       "so the CPU still takes experts when that ends a layer sooner: no policy without "
+                       "prefetch beats it at the same execution mode"),
     Preset("oracle", "optimal", "optimal", "mrs", "impact", fill_misses=True, oracle=True,
            description="true future routing for prefetch, optimal plans (<= 10 experts, else hybrid)"),
 ]}
@@ -110,26 +112,26 @@ def llamacpp_placement(moe_layers: list[int], num_experts: int, slots: int) -> t
 
 def initial_content(preset: Preset, moe_layers: list[int], num_experts: int, slots: int,
                     frequency: dict[ExpertKey, float], layer_capacity: dict[int, int] | None = None
-                    ) -> tuple[list[ExpertKey], int]:
-    """(experts to preload, most valuable first; cache capacity in experts) for `preset` with a budget
-    of `slots` experts; the simulator and the runtime both start from it.
+                    ) -> tuple[list[ExpertKey], int, dict[int, int] | None]:
+    """(experts to preload, most valuable first; cache capacity in experts; per-layer budgets or None)
+    for `preset` with a budget of `slots` experts (`layer_capacity`: per-layer budgets asked for);
+    the simulator and the runtime both start from it.
 
     hot: the `slots` most frequent experts of `frequency` (per layer with `layer_capacity`);
     last-layers: llama.cpp's placement (`llamacpp_placement`), capacity = the whole layers it holds
-    (the remainder of the budget stays unused, as in llama.cpp); all: every expert (the budget is
+    (the remainder of the budget stays unused, as in llama.cpp); per-layer budgets do not apply to
+    whole layers, so the total of `layer_capacity` is its budget; all: every expert (the budget is
     ignored). `slots` is the budget already resolved from the cache ratio or bytes.
     """
     every = [(layer, e) for layer in sorted(moe_layers) for e in range(num_experts)]
     if preset.initial == "all":
-        return every, len(every)
+        return every, len(every), layer_capacity
     if preset.initial == "last-layers":
-        if layer_capacity is not None:
-            raise ConfigError(f"policy {preset.name} places whole layers, as llama.cpp does: per-layer "
-                              "cache budgets do not apply")
-        _, gpu = llamacpp_placement(moe_layers, num_experts, slots)
-        return [(layer, e) for layer in gpu for e in range(num_experts)], len(gpu) * num_experts
+        budget = slots if layer_capacity is None else min(slots, sum(layer_capacity.values()))
+        _, gpu = llamacpp_placement(moe_layers, num_experts, budget)
+        return [(layer, e) for layer in gpu for e in range(num_experts)], len(gpu) * num_experts, None
     if preset.initial == "hot":
-        return hot_set(frequency, slots, layer_capacity), slots
+        return hot_set(frequency, slots, layer_capacity), slots, layer_capacity
     raise ConfigError(f"preset {preset.name}: unknown initial cache content {preset.initial!r} "
                       "(hot | last-layers | all)")
 

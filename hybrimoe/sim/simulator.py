@@ -105,7 +105,8 @@ class Simulator:
         sources = self.warmup or [trace]
         freq = activation_frequency((l, r.experts) for t in sources for tok in t.tokens
                                     for l, r in tok.layers.items())
-        hot, capacity = initial_content(self.preset, self.moe_layers, self.shape.num_experts, slots, freq, per_layer)
+        hot, capacity, per_layer = initial_content(self.preset, self.moe_layers, self.shape.num_experts, slots,
+                                                   freq, per_layer)
         policy = make_policy(self.preset.cache, top_k=self.shape.top_k, alpha=self.config.mrs_alpha,
                              hot=hot, frequency=freq)
         cache = CacheState(capacity, policy, int(self.costs.expert_bytes), per_layer)
