@@ -16,6 +16,9 @@ Per forward (the prompt in one prefill forward, then one forward per decoded tok
    then, with `fill_misses`, to copy CPU-computed misses into the cache. Only copies that fit in
    that window are issued, so they never delay an on-demand copy.
 The forward ends with the LM head. TTFT = prefill forward; TBT = mean decode forward.
+A forward of fewer than `preset.prefill_min_tokens` tokens is planned by the decode scheduler
+(llama.cpp: 32); decode forwards of a `preset.cuda_graphs` preset are priced by
+`costs.with_cuda_graphs()` (graph-captured launch overheads), everything else by `costs`.
 """
 
 from __future__ import annotations
