@@ -8,7 +8,8 @@
 Per layer the executor asks `plan_layer` for the preset's Plan (prefill scheduler when T >=
 preset.prefill_min_tokens, 2 for most presets and 32 for llama.cpp, else the decode scheduler) given
 the counts and the cache's contents; `after_layer` then issues optional copies in the link's idle
-time (fill_misses, prefetch). `stats()` returns cache counters, measured busy seconds of cpu / gpu / copy, and the cost model's predicted seconds of the plans executed.
+time (fill_misses, prefetch). `stats()` returns cache counters, measured busy seconds of cpu / gpu /
+copy, and the cost model's predicted seconds of the plans executed.
 
 CPU worker threads: `torch.set_num_threads` is process-global in name, but with the OpenMP backend
 (the backend of the official CPU and CUDA wheels) it sets the *calling thread's* OpenMP team size and
