@@ -156,3 +156,19 @@ def test_ktransformers_eager_and_graph_decode_differ_only_in_launch_costs():
     assert g.ttft_seconds == e.ttft_seconds  # prefill is eager in both
     assert g.decode_hit_rate == e.decode_hit_rate and g.bytes_copied == e.bytes_copied
     assert g.tbt_seconds < e.tbt_seconds
+
+
+def test_simulate_cli_applies_the_cpu_rate_scale(capsys):
+    import json
+
+    from hybrimoe.cli import main
+    from hybrimoe.data import packaged_traces
+
+    trace = str(packaged_traces("qwen1.5-moe-a2.7b", "eval")[0].path)
+    rows = {}
+    for scale in ("1", "2.47"):
+        assert main(["simulate", "--trace", trace, "--policy", "ktransformers", "--prompt-tokens", "8",
+                     "--max-decode", "3", "--cpu-rate-scale", scale, "--json"]) == 0
+        rows[scale] = [json.loads(l) for l in capsys.readouterr().out.splitlines() if l.startswith("{")][0]
+    assert rows["2.47"]["profile"] == "paper-a6000, CPU rate /2.47" and rows["1"]["profile"] == "paper-a6000"
+    assert rows["2.47"]["tbt_seconds"] > rows["1"]["tbt_seconds"]  # its decode misses run on the CPU
