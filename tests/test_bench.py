@@ -38,7 +38,6 @@ def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
     doc = json.loads((tmp_path / "bench.json").read_text())
     assert doc["simulated"] and doc["profile"] == "paper-a6000"
     assert {"main", "ablation", "cache", "prefetch"} <= {r["block"] for r in doc["rows"]}
-    assert doc["summary"]["ktransformers"]["decode_speedup"] == 1.0
     # docs/BENCH.md: the summary is the arithmetic mean, over models, cache ratios (and prompt lengths),
     # of kTransformers' time / the policy's time; recompute it from the rows
     main_rows = [r for r in doc["rows"] if r["block"] == "main"]
@@ -48,9 +47,10 @@ def test_bench_quick_writes_table_json_and_plots(tmp_path, capsys):
             return next(x[key] for x in main_rows if x["phase"] == phase and x["policy"] == policy and
                         (x["model"], x["cache_ratio"], x.get("prompt_tokens")) ==
                         (r["model"], r["cache_ratio"], r.get("prompt_tokens")))
-        mine = [r for r in main_rows if r["phase"] == phase and r["policy"] == "hybrimoe"]
-        expected = sum(time_of("ktransformers", r) / r[key] for r in mine) / len(mine)
-        assert doc["summary"]["hybrimoe"][summary_key] == pytest.approx(expected)
+        for policy in ("hybrimoe", "llamacpp", "gpu-lru", "fiddler"):
+            mine = [r for r in main_rows if r["phase"] == phase and r["policy"] == policy]
+            expected = sum(time_of("ktransformers", r) / r[key] for r in mine) / len(mine)
+            assert doc["summary"][policy][summary_key] == pytest.approx(expected)
     decode = next(r for r in main_rows if r["phase"] == "decode" and r["policy"] == "hybrimoe")
     assert decode["decode_steps"] == 6  # --quick: 6 decode steps of the one eval trace
     for name in ("speedup_prefill.png", "speedup_decode.png", "hit_rates.png", "timeline_hybrimoe.png"):

@@ -64,7 +64,7 @@ def _random_run(policy_name: str, per_layer: bool, seed: int):
                 cache.insert(key, protect=keys)
                 assert resident_pinned <= cache.resident()  # a pinned expert is never evicted
             cache.unpin_all()
-            assert len(cache) <= cache.capacity
+            assert len(cache) == 2 + cache.inserts - cache.evictions  # (CacheState asserts the capacity itself)
             if per_layer:
                 assert all(len(cache.cached_experts(l)) <= 2 for l in range(layers))
     return cache, activations

@@ -37,7 +37,7 @@ def reuse_fraction(trace: RoutingTrace) -> float:
 def test_mixtral_gsm8k_facts() -> None:
     path = SHARED / "mixtral-8x7b" / "gsm8k.jsonl"
     assert sum(1 for _ in path.open()) == 7889
-    trace = import_mixtral_jsonl(path)
+    trace = import_mixtral_jsonl(path, keep_incomplete=True)  # the file's facts, every record as it is
     assert detect_format(path) == "mixtral-jsonl"
     assert trace.header.model == "mixtral-8x7b" and trace.header.top_k == 2
     assert sorted(trace.sequences()) == [0, 1]
@@ -50,12 +50,31 @@ def test_mixtral_gsm8k_facts() -> None:
 
 @needs_shared
 def test_mixtral_restarting_positions_become_decode_steps() -> None:
-    trace = import_mixtral_jsonl(SHARED / "mixtral-8x7b" / "humaneval_alt.jsonl")
+    trace = import_mixtral_jsonl(SHARED / "mixtral-8x7b" / "humaneval_alt.jsonl", keep_incomplete=True)
     tokens = trace.sequences()[0]
     assert [t.pos for t in tokens] == list(range(len(tokens)))
     assert sum(t.phase == "prefill" for t in tokens) == 135
     assert all(t.phase == "decode" for t in tokens[135:])
     assert sum(len(t.layers) for t in tokens) == 6777
+
+
+@needs_shared
+def test_tokens_lacking_a_moe_layer_are_dropped_and_counted() -> None:
+    """humaneval_alt lacks 199 of its 218 x 32 (token, layer) records, spread over 124 tokens; kept,
+    their missing layers would cost no expert work in a simulation. The importer drops exactly those
+    tokens and says so in the header."""
+    path = SHARED / "mixtral-8x7b" / "humaneval_alt.jsonl"
+    full = import_mixtral_jsonl(path, keep_incomplete=True)
+    assert 218 * 32 - sum(len(t.layers) for t in full.tokens) == 199
+    trace = import_mixtral_jsonl(path)
+    assert len(trace.tokens) == 94 and all(len(t.layers) == 32 for t in trace.tokens)
+    assert sum(t.phase == "prefill" for t in trace.tokens) == 59
+    complete = [(t.pos, t.phase) for t in full.tokens if len(t.layers) == 32]
+    assert [(t.pos, t.phase) for t in trace.tokens] == complete  # the complete ones, in order, unchanged
+    assert "124 of 218 tokens lacking a MoE layer dropped" in trace.header.source
+    packaged = RoutingTrace.load(next(t.path for t in packaged_traces("mixtral-8x7b", "eval")
+                                      if t.path.name.startswith("humaneval_alt")))
+    assert [(t.pos, t.phase) for t in packaged.tokens] == complete
 
 
 @needs_shared
@@ -89,9 +108,11 @@ def test_mixtral_out_of_order_lines(tmp_path: Path) -> None:
              for l in (1, 0) for t in (2, 0, 1)]
     path = tmp_path / "r.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    trace = load_any_trace(path)
+    trace = import_mixtral_jsonl(path, keep_incomplete=True)  # layers 0 and 1 of Mixtral's 32
     assert [t.pos for t in trace.tokens] == [0, 1, 2]
     assert trace.tokens[2].layers[1].experts[0] == 2
+    with pytest.raises(TraceError, match="every token lacks routing"):
+        load_any_trace(path)
 
 
 @pytest.mark.parametrize("bad, message", [
@@ -175,7 +196,7 @@ def test_packaged_traces_manifest() -> None:
     with pytest.raises(TraceError, match="mixtral-8x7b"):
         packaged_traces(model="gpt-4")
     gsm = RoutingTrace.load(packaged_traces("mixtral-8x7b", "dev")[0].path)
-    assert round(reuse_fraction(gsm), 2) == 0.34 and len(gsm.tokens) == 247
+    assert round(reuse_fraction(gsm), 2) == 0.34 and len(gsm.tokens) == 244  # 3 incomplete tokens dropped
 
 
 def test_packaged_roles_are_the_readmes_dev_eval_split() -> None:

@@ -62,21 +62,49 @@ def test_plans_are_consistent(name):
         _check_plan(scheduler.plan(3, counts, cached, costs, **free), counts, cached, costs, **free)
 
 
-def test_hybrid_within_10_percent_of_optimal_on_95_percent_of_small_layers():
-    rng = random.Random(0)
-    hybrid, greedy, optimal = get_scheduler("hybrid"), get_scheduler("hybrid-greedy"), get_scheduler("optimal")
-    ratios, greedy_ratios = [], []
-    for _ in range(400):
+def _ratios_to_optimal(name: str, layers: int = 400, seed: int = 0) -> list[float]:
+    rng = random.Random(seed)
+    scheduler, optimal = get_scheduler(name), get_scheduler("optimal")
+    ratios = []
+    for _ in range(layers):
         counts, cached, costs = _random_layer(rng)
-        best = optimal.plan(0, counts, cached, costs).makespan
-        ratios.append(hybrid.plan(0, counts, cached, costs).makespan / best)
-        greedy_ratios.append(greedy.plan(0, counts, cached, costs).makespan / best)
-    for name, r in (("hybrid", ratios), ("hybrid-greedy", greedy_ratios)):
-        r.sort()
-        print("\n%s/optimal makespan: median %.3f, p95 %.3f, p99 %.3f, max %.3f, within 10%%: %.1f%%"
-              % (name, r[200], r[379], r[395], r[-1], 100 * sum(x <= 1.10 for x in r) / len(r)))
-    assert min(ratios) >= 1.0 - 1e-9  # nothing beats the exhaustive optimum
-    assert sum(r <= 1.10 for r in ratios) / len(ratios) >= 0.95
+        ratios.append(scheduler.plan(0, counts, cached, costs).makespan / optimal.plan(0, counts, cached, costs).makespan)
+    ratios.sort()
+    print("\n%s/optimal makespan: median %.3f, p95 %.3f, p99 %.3f, max %.3f, within 5%%: %.1f%%, within 10%%: %.1f%%"
+          % (name, ratios[layers // 2], ratios[int(0.95 * layers) - 1], ratios[int(0.99 * layers) - 1], ratios[-1],
+             100 * sum(r <= 1.05 for r in ratios) / layers, 100 * sum(r <= 1.10 for r in ratios) / layers))
+    assert ratios[0] >= 1.0 - 1e-9  # nothing beats the exhaustive optimum
+    return ratios
+
+
+def test_hybrid_within_5_percent_of_optimal_on_95_percent_of_layers_and_never_beyond_1_2x():
+    """400 random layers (1-10 experts, random loads, cache state and affine costs). Measured:
+    99.2% within 5%, max 1.075. Caught: the first CPU expert's penalty ignored by the planner
+    (max 1.5x); no hand-over of the GPU's cached experts to a faster CPU (1.499x on a 1-expert layer)."""
+    ratios = _ratios_to_optimal("hybrid")
+    assert sum(r <= 1.05 for r in ratios) / len(ratios) >= 0.95
+    assert ratios[-1] <= 1.2
+
+
+@pytest.mark.parametrize("name", ["hybrid", "hybrid-greedy"])
+def test_the_first_cpu_experts_penalty_decides_the_split(name):
+    """One uncached expert of 1 token: on the CPU it is the layer's first CPU expert, 1 + 1 = 2 s;
+    copied and run on the GPU, 1.2 + 0.5 = 1.7 s. A planner that ignores the penalty sees 1 s on the
+    CPU and keeps it there (2 s). With a cached expert the GPU is busy with (0.9 s) the copy still wins."""
+    costs = LinearCosts(cpu_per_token=1.0, gpu_fixed=0.5, copy_seconds=1.2, cpu_first_extra=1.0)
+    plan = get_scheduler(name).plan(0, {7: 1}, set(), costs)
+    assert plan.copies == (7,) and plan.cpu_order == () and plan.makespan == pytest.approx(1.7)
+    plan = get_scheduler(name).plan(0, {7: 1, 3: 9}, {3}, costs)
+    assert plan.copies == (7,) and plan.makespan == pytest.approx(1.7)
+
+
+def test_hybrid_greedy_honest_figures():
+    """The paper's single greedy pass cannot meet the 5% / 1.2x target: it commits to copy/CPU
+    decisions as it goes. Measured on the same 400 layers: 86.0% within 5%, 17 layers above 1.2x,
+    max 1.499 (docs/BENCH.md); these bounds pin that figure so a regression shows."""
+    ratios = _ratios_to_optimal("hybrid-greedy")
+    assert sum(r <= 1.05 for r in ratios) / len(ratios) >= 0.85
+    assert sum(r > 1.2 for r in ratios) <= 17 and ratios[-1] <= 1.5
 
 
 def test_optimal_is_never_beaten_and_fast_for_ten_experts():

@@ -15,6 +15,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", default="bench-out", metavar="DIR", help="where bench.json, bench.md and PNGs go")
     p.add_argument("--quick", action="store_true", help="one model, one cache ratio, few steps (~10 s)")
     p.add_argument("--profile", default="paper-a6000", metavar="NAME", help="cost profile (default paper-a6000)")
+    p.add_argument("--cpu-rate-scale", type=float, default=1.0, metavar="S",
+                   help="make the profile's CPU S times slower (bandwidth and FLOP rate / S, per-expert overhead "
+                        "x S); docs/BENCH.md's sensitivity table uses the rate fitted to the paper's measured "
+                        "kTransformers (benchmarks/fit_cpu_rate.py)")
     p.set_defaults(func=run)
 
 
@@ -25,9 +29,9 @@ def run(args: argparse.Namespace) -> int:
     from hybrimoe.sim.bench import BenchConfig, run_bench
     from hybrimoe.sim.report import markdown
 
-    CostModel.load(args.profile)  # a bad name fails before any work
+    CostModel.load(args.profile).with_cpu_rate_scale(args.cpu_rate_scale)  # bad values fail before any work
     config = BenchConfig.quick() if args.quick else BenchConfig()
-    config = dataclasses.replace(config, profile=args.profile)
+    config = dataclasses.replace(config, profile=args.profile, cpu_rate_scale=args.cpu_rate_scale)
     out = Path(args.out)
     doc = run_bench(config, out)
     text = markdown(doc)

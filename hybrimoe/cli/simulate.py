@@ -31,6 +31,8 @@ def register(subparsers) -> None:
     p.add_argument("--model-shape", default=None, metavar="NAME",
                    help="named model shape or config.json path (default: the trace's model)")
     p.add_argument("--profile", default="paper-a6000", metavar="NAME", help="cost profile (default paper-a6000)")
+    p.add_argument("--cpu-rate-scale", type=float, default=1.0, metavar="S",
+                   help="make the profile's CPU S times slower (sensitivity; default 1)")
     p.add_argument("--policy", type=_names, default=["hybrimoe", "ktransformers"], metavar="NAME[,NAME...]",
                    help="presets: hybrimoe, ktransformers, llamacpp, gpu-lru, fiddler, resident, hybrimoe-oracle "
                         "(true future routing + optimal plans; a policy, not a limit), the hybrimoe-* ablations; "
@@ -87,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
               f"{'cpu/gpu/link busy':>18s}")
     plotted = False
     for path, trace in traces:
-        setup = make_setup(trace, Path(path).name, args.model_shape, args.profile, Path(path))
+        setup = make_setup(trace, Path(path).name, args.model_shape, args.profile, Path(path), args.cpu_rate_scale)
         predictor = None
         if args.predictor == "cross-layer":
             if not setup.warmup:

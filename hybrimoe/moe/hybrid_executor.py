@@ -60,7 +60,7 @@ class HybridExecutor:
         view = rt.pipeline.view(layer, counts, now)
         rt.cache.begin_layer(layer, counts)
         try:
-            plan = rt.plan_layer(layer, counts, view, prefill=x.shape[0] > 1, now=now)
+            plan = rt.plan_layer(layer, counts, view, tokens=x.shape[0], now=now)
             assert set(plan.gpu_order) | set(plan.cpu_order) == set(counts), "plan must place every expert once"
             assert len(plan.gpu_order) + len(plan.cpu_order) == len(counts)
             return self._execute(layer, x, groups, w_host, k, plan, counts, now)
@@ -90,7 +90,7 @@ class HybridExecutor:
             out = torch.zeros_like(x)  # [T, H]
             if plan.gpu_order:
                 self._gpu_part(layer, x, out, groups, w_host, k, plan.gpu_order, staged)
-            rt.after_layer(layer, plan, protect, counts, now, prefill, prepared)  # prefetches and fills
+            rt.after_layer(layer, plan, protect, counts, now, x.shape[0], prepared)  # prefetches and fills
         except BaseException:
             if future is not None and not future.cancel():
                 future.exception()  # wait: the worker must be done with this layer before the caller goes on

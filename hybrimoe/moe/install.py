@@ -26,12 +26,12 @@ from hybrimoe.moe.lookahead import Lookahead
 from hybrimoe.moe.replay import TraceRouting, install_replay
 from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
 from hybrimoe.moe.store import ExpertStore
-from hybrimoe.policy.cache_policy import StaticPolicy, hot_set, make_policy
+from hybrimoe.policy.cache_policy import StaticPolicy, make_policy
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.pipeline import CopyPipeline
 from hybrimoe.policy.plan import ExpertCosts
 from hybrimoe.policy.prefetch import get_prefetcher
-from hybrimoe.policy.presets import Preset, get_preset
+from hybrimoe.policy.presets import Preset, get_preset, initial_content, llamacpp_placement
 from hybrimoe.runtime_options import RuntimeOptions, dummy_config_path
 
 log = logging.getLogger(__name__)
@@ -99,17 +99,6 @@ def pin_store(store: ExpertStore) -> None:
     store.pin()
 
 
-def _initial_keys(preset: Preset, config: ModelConfig, budget: CacheBudget,
-                  frequency: dict[tuple[int, int], float] | None) -> list[tuple[int, int]]:
-    """Experts to place in the cache before the run, per preset.initial (all | layers | hot)."""
-    every = [(layer, e) for layer in config.moe_layers for e in range(config.num_experts)]
-    if preset.initial in ("all", "layers"):
-        return every  # CacheState.preload stops at the capacity: whole layers in order for "layers"
-    if frequency:
-        return hot_set(frequency, budget.slots, budget.layer_capacity)
-    return []  # no warm-up trace: a static cache fills on first use, then freezes
-
-
 def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | None = None,
                     frequency: dict[tuple[int, int], float] | None = None) -> HybridRuntime:
     """Swap the hybrid executor into every MoE block of `model`; returns the runtime (stats(), close()).
@@ -140,11 +129,17 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
                          None if free is None else free + dense, dense,  # dense already on the device
                          staging_slots=staging_slots(preset, options))
     policy_options: dict[str, Any] = {}
-    keys = _initial_keys(preset, config, budget, frequency)
+    # no warm-up trace: a "hot" static cache fills on first use, then freezes
+    keys, capacity, layer_capacity = initial_content(preset, list(config.moe_layers), config.num_experts,
+                                                     budget.slots, frequency or {}, budget.layer_capacity)
+    if preset.initial == "last-layers":
+        n_cpu_moe, gpu_layers = llamacpp_placement(list(config.moe_layers), config.num_experts, capacity)
+        log.info("%s: routed experts of MoE layers %s on the GPU (llama.cpp -ngl 99 --n-cpu-moe %d)",
+                 preset.name, gpu_layers, n_cpu_moe)
     if preset.cache == "static":
         policy_options = {"hot": (), "frequency": frequency or {}}
     policy = make_policy(preset.cache, top_k=config.top_k, **policy_options)
-    state = CacheState(budget.slots, policy, expert_bytes=store.expert_nbytes, layer_capacity=budget.layer_capacity)
+    state = CacheState(capacity, policy, expert_bytes=store.expert_nbytes, layer_capacity=layer_capacity)
     cache = GpuExpertCache(store, devices, state, budget.staging_slots)
     for key, slot in cache.preload(keys):
         slot.copy_(store.buffer(*key))

@@ -7,7 +7,8 @@
 
 Per layer the executor asks the copy pipeline (hybrimoe.policy.pipeline, the object the simulator
 drives too) what is landed and what is still in flight, `plan_layer` for the preset's Plan (prefill
-scheduler when T > 1, decode scheduler when T = 1), issues the pipeline's on-demand copies, and
+scheduler when T >= preset.prefill_min_tokens, 2 for most presets and 32 for llama.cpp, else the
+decode scheduler), issues the pipeline's on-demand copies, and
 `after_layer` issues its prefetches and fills; `layer_done` frees the layer's staging buffers. The
 pipeline's clock is `time.perf_counter()` with the cost model's copy seconds; CUDA events keep every
 read after its copy whatever those estimates say. `stats()` returns cache counters, measured busy
@@ -185,10 +186,13 @@ class HybridRuntime:
         self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
-    def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, prefill: bool, now: float) -> Plan:
-        phase = "prefill" if prefill else "decode"
-        plan = self.schedulers[phase].plan(layer, counts, view.cached, self.costs(layer),
-                                           copy_free_at=view.copy_free_at, arrivals=view.arrivals)
+    def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, tokens: int, now: float) -> Plan:
+        """The preset's plan for a call of `tokens` tokens: its prefill scheduler for at least
+        `preset.prefill_min_tokens` tokens, else its decode scheduler (llama.cpp: 32, op offload)."""
+        phase = "prefill" if tokens > 1 else "decode"
+        scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
+        plan = scheduler.plan(layer, counts, view.cached, self.costs(layer), copy_free_at=view.copy_free_at,
+                              arrivals=view.arrivals)
         if self.virtual_clock is not None:
             self.virtual_clock.planned(now, plan)
         self.predicted[phase] += plan.makespan
@@ -220,13 +224,13 @@ class HybridRuntime:
         return self.lookahead.prepare(self, layer, x, plan, now) if self.lookahead is not None else None
 
     def after_layer(self, layer: int, plan: Plan, protect: set[tuple[int, int]], counts: dict[int, int],
-                    now: float, prefill: bool, prepared: Any = None) -> None:
+                    now: float, tokens: int, prepared: Any = None) -> None:
         """After the layer's own work is issued: the pipeline's prefetches (from `prepared`) and fills;
         their events are waited for at the experts' use."""
         future = self.pipeline.future(layer)
         predicted = self.lookahead.predicted(prepared) if self.lookahead is not None else {}
         next_gap = self.dense_gap.get(future[0], 0.0) if future else 0.0
-        scheduler = self.schedulers["prefill" if prefill else "decode"]
+        scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
         self.issue(self.pipeline.idle(layer, plan, now, predicted, next_gap, lambda f: self.dense_gap.get(f, 0.0),
                                       scheduler, protect, counts))
 

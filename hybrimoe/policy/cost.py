@@ -9,6 +9,7 @@ Every time is a roofline: max(bytes moved / bandwidth, FLOPs / FLOP rate) + a fi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,14 @@ PARAMETERS: dict[str, str] = {
     "pcie_bandwidth": "B/s",  # achieved pinned host -> device copy rate
     "pcie_latency": "s",  # fixed cost per copy
 }
+# Optional parameters: the launch overheads when a forward replays a captured CUDA graph (no Python
+# dispatch, no per-kernel host launch). A profile without them (e.g. one `hybrimoe calibrate` wrote:
+# our runtime is eager, so it measures eager launches) prices graph replays at 0 launch overhead,
+# the most favourable case for a baseline that uses graphs.
+GRAPH_PARAMETERS: dict[str, str] = {
+    "gpu_graph_kernel_overhead": "s",  # fixed cost per GPU expert inside a replayed CUDA graph
+    "gpu_graph_layer_overhead": "s",  # fixed cost of one layer's dense part inside a replayed CUDA graph
+}
 
 
 @dataclass(frozen=True)
@@ -57,19 +66,42 @@ class CostModel:
     gpu_layer_overhead: float
     pcie_bandwidth: float
     pcie_latency: float
+    gpu_graph_kernel_overhead: float = 0.0
+    gpu_graph_layer_overhead: float = 0.0
     description: str = ""
     derivations: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)  # e.g. calibration samples
 
     def __post_init__(self) -> None:
-        for name in PARAMETERS:
+        for name in (*PARAMETERS, *GRAPH_PARAMETERS):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or value != value or value < 0:
                 raise ConfigError(f"profile {self.name!r}: {name} = {value!r} must be a number >= 0")
-            if name not in ("cpu_expert_overhead", "gpu_kernel_overhead", "gpu_layer_overhead", "pcie_latency") and value == 0:
+            if name not in ("cpu_expert_overhead", "gpu_kernel_overhead", "gpu_layer_overhead", "pcie_latency",
+                            *GRAPH_PARAMETERS) and value == 0:
                 raise ConfigError(f"profile {self.name!r}: {name} must be > 0")
         if self.cpu_first_expert_penalty < 1.0:
             raise ConfigError(f"profile {self.name!r}: cpu_first_expert_penalty {self.cpu_first_expert_penalty} < 1")
+
+    # ------------------------------------------------------------------ variants
+    def with_cuda_graphs(self) -> "CostModel":
+        """The same machine when forwards replay a captured CUDA graph: gpu_kernel_overhead and
+        gpu_layer_overhead become gpu_graph_kernel_overhead and gpu_graph_layer_overhead."""
+        return dataclasses.replace(self, name=f"{self.name}+cuda-graphs",
+                                   gpu_kernel_overhead=self.gpu_graph_kernel_overhead,
+                                   gpu_layer_overhead=self.gpu_graph_layer_overhead)
+
+    def with_cpu_rate_scale(self, scale: float) -> "CostModel":
+        """The same machine with a CPU `scale` times slower: cpu_stream_bandwidth and cpu_flops divided
+        by `scale`, cpu_expert_overhead multiplied by it, so every CPU expert time is `scale` x."""
+        if not scale > 0:
+            raise ConfigError(f"CPU rate scale must be > 0, got {scale}")
+        if scale == 1.0:
+            return self
+        return dataclasses.replace(self, name=f"{self.name}, CPU rate /{scale:g}",
+                                   cpu_stream_bandwidth=self.cpu_stream_bandwidth / scale,
+                                   cpu_flops=self.cpu_flops / scale,
+                                   cpu_expert_overhead=self.cpu_expert_overhead * scale)
 
     # ------------------------------------------------------------------ experts
     def cpu_expert_shape(self, model: ModelShape) -> ExpertShape:
@@ -143,10 +175,11 @@ class CostModel:
             raise ConfigError(f"{where}: expected an object with 'name' and 'params'")
         params = d["params"]
         missing = [p for p in PARAMETERS if p not in params]
-        unknown = [p for p in params if p not in PARAMETERS]
+        unknown = [p for p in params if p not in PARAMETERS and p not in GRAPH_PARAMETERS]
         if missing or unknown:
             raise ConfigError(f"{where}: missing parameters {missing}, unknown {unknown}; "
-                              f"a profile gives exactly: {', '.join(PARAMETERS)}")
+                              f"a profile gives exactly: {', '.join(PARAMETERS)} "
+                              f"(and optionally {', '.join(GRAPH_PARAMETERS)})")
         values, derivations = {}, {}
         for name, entry in params.items():
             if not isinstance(entry, dict) or "value" not in entry:
@@ -160,6 +193,8 @@ class CostModel:
     def to_dict(self) -> dict[str, Any]:
         params = {name: {"value": getattr(self, name), "unit": unit, "_derivation": self.derivations.get(name, "")}
                   for name, unit in PARAMETERS.items()}
+        params.update({name: {"value": getattr(self, name), "unit": unit, "_derivation": self.derivations[name]}
+                       for name, unit in GRAPH_PARAMETERS.items() if name in self.derivations})
         return {"name": self.name, "description": self.description, "params": params, **self.extra}
 
     def save(self, path: str | os.PathLike) -> None:
@@ -312,5 +347,5 @@ def fit_penalty(predicted: list[float], measured: list[float]) -> float:
     return max(1.0, sum(m / p for m, p in zip(measured, predicted)) / len(predicted))
 
 
-__all__ = ["CostModel", "ExpertCostTable", "ExpertShape", "ModelShape", "PARAMETERS", "RooflineFit",
+__all__ = ["CostModel", "ExpertCostTable", "ExpertShape", "GRAPH_PARAMETERS", "ModelShape", "PARAMETERS", "RooflineFit",
            "fit_affine", "fit_penalty", "fit_roofline", "known_profiles"]

@@ -49,6 +49,7 @@ class BenchConfig:
     traces_per_model: int | None = None  # None: all eval traces of a model
     ablation_prompt: int = 128
     profile: str = "paper-a6000"
+    cpu_rate_scale: float = 1.0  # the profile's CPU this many times slower (sensitivity; docs/BENCH.md)
 
     @classmethod
     def quick(cls) -> "BenchConfig":
@@ -73,7 +74,8 @@ def _setups(config: BenchConfig) -> dict[str, list[Setup]]:
             continue
         if config.traces_per_model is not None and len(by_model.get(t.model, [])) >= config.traces_per_model:
             continue
-        setup = make_setup(RoutingTrace.load(t.path), t.path.name.split(".")[0], t.model, config.profile, t.path)
+        setup = make_setup(RoutingTrace.load(t.path), t.path.name.split(".")[0], t.model, config.profile, t.path,
+                           config.cpu_rate_scale)
         by_model.setdefault(t.model, []).append(setup)
     return by_model
 
@@ -171,7 +173,7 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
             rows.append({"block": "prefetch", "phase": "decode", "model": model, "variant": label,
                          "cache_ratio": ratio, **_decode(setups, policy, ratio, config, **kw)})
             progress.tick(f"{model} prefetch {label}")
-    doc = {"profile": config.profile, "simulated": True, "config": dataclasses.asdict(config), "tuned": TUNED,
+    doc = {"profile": config.profile, "cpu_rate_scale": config.cpu_rate_scale, "simulated": True, "config": dataclasses.asdict(config), "tuned": TUNED,
            "rows": rows,
            "summary": summarise(rows)}
     (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")

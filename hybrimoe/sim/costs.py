@@ -2,7 +2,8 @@
 
 `SimCosts` is a protocol; `ProfileCosts` adapts the project's `CostModel` (a named hardware
 profile such as paper-a6000) and a `ModelShape`; `UniformCosts` is a hand-set version for tests
-and small experiments. All results in seconds.
+and small experiments. All results in seconds. `with_cuda_graphs()` gives the costs of forwards
+that replay a captured CUDA graph (a preset's `cuda_graphs`: kTransformers' decode).
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ class SimCosts(Protocol):
         """GPU seconds of the final norm + LM head (logits of the last token only in prefill)."""
         ...
 
+    def with_cuda_graphs(self) -> "SimCosts":
+        """The costs of forwards that replay a captured CUDA graph (graph-captured launch overheads)."""
+        ...
+
 
 @dataclass(frozen=True)
 class UniformCosts:
@@ -38,6 +43,7 @@ class UniformCosts:
     dense_seconds: float = 0.0
     lm_head_seconds: float = 0.0
     expert_bytes: int = 1
+    graph: "UniformCosts | None" = None  # the costs under CUDA graphs (None: the same)
 
     def experts(self, layer: int) -> ExpertCosts:
         return self.expert
@@ -47,6 +53,10 @@ class UniformCosts:
 
     def lm_head(self, tokens: int) -> float:
         return self.lm_head_seconds
+
+    def with_cuda_graphs(self) -> "UniformCosts":
+        """`graph` (hand-set costs under CUDA graphs) when given, else the same costs."""
+        return self.graph if self.graph is not None else self
 
 
 class _Memo:
@@ -85,6 +95,7 @@ class ProfileCosts:
         self._experts = _Memo(cost_model.expert_costs(shape))
         self.expert_bytes = int(round(shape.expert_bytes(cost_model.gpu_bits)))
         self._dense: dict[tuple[int, int, int], float] = {}
+        self._graph: ProfileCosts | None = None
 
     def experts(self, layer: int) -> ExpertCosts:
         return self._experts
@@ -97,3 +108,9 @@ class ProfileCosts:
 
     def lm_head(self, tokens: int) -> float:
         return self.cost_model.lm_head_time(self.shape, 1)  # only the last position's logits are needed
+
+    def with_cuda_graphs(self) -> "ProfileCosts":
+        """The profile's graph-captured launch overheads (`CostModel.with_cuda_graphs`)."""
+        if self._graph is None:
+            self._graph = ProfileCosts(self.cost_model.with_cuda_graphs(), self.shape)
+        return self._graph

@@ -7,6 +7,9 @@
   tokens it is cycled and `wrapped` says so (the routing of a repeated token is a real routing,
   but the per-expert counts of such a prompt are those of the trace repeated). Decode steps are
   still the trace's decode-phase tokens.
+Tokens that lack routing for one of the trace's MoE layers are left out of the workload (a note says
+how many): the importers drop them already, this guards traces written elsewhere, which would
+otherwise make the missing layers free (dense time only).
 Traces without phase markers (Mixtral files recorded in one call per problem; see
 `import_mixtral_jsonl`) mark every token "decode", so their decode steps are all
 tokens, and an N-token prompt takes the first N of them.
@@ -31,6 +34,14 @@ class Workload:
 def build_workload(trace: RoutingTrace, prompt_tokens: int | None = None,
                    max_decode: int | None = None) -> Workload:
     seqs = trace.sequences()
+    layers = set(trace.header.moe_layers)
+    skipped = 0
+    for seq in seqs:
+        complete = [t for t in seqs[seq] if layers <= t.layers.keys()]
+        skipped += len(seqs[seq]) - len(complete)
+        seqs[seq] = complete
+    seqs = {s: toks for s, toks in seqs.items() if toks}
+    skip_notes = [f"{skipped} trace tokens lacking routing for some MoE layer left out"] if skipped else []
     ordered: list[TokenRouting] = []
     for seq in sorted(seqs):
         toks = seqs[seq]
@@ -42,7 +53,7 @@ def build_workload(trace: RoutingTrace, prompt_tokens: int | None = None,
         first = next((s for s in sorted(seqs) if any(t.phase == "prefill" for t in seqs[s])), None)
         prefill = [] if first is None else [t for t in seqs[first] if t.phase == "prefill"]
         notes = [] if prefill else ["trace has no prefill tokens: no prefill forward simulated"]
-        return Workload(prefill, decode, False, notes)
+        return Workload(prefill, decode, False, skip_notes + notes)
     if prompt_tokens < 1:
         raise ConfigError(f"--prompt-tokens must be >= 1, got {prompt_tokens}")
     if not ordered:
@@ -50,4 +61,4 @@ def build_workload(trace: RoutingTrace, prompt_tokens: int | None = None,
     wrapped = prompt_tokens > len(ordered)
     prefill = [ordered[i % len(ordered)] for i in range(prompt_tokens)]
     notes = [f"prompt of {prompt_tokens} tokens cycles the trace's {len(ordered)} tokens"] if wrapped else []
-    return Workload(prefill, decode, wrapped, notes)
+    return Workload(prefill, decode, wrapped, skip_notes + notes)

@@ -21,7 +21,9 @@ def markdown(doc: dict) -> str:
     rows = doc["rows"]
     cfg = doc["config"]
     tuned = doc.get("tuned", {})
-    lines = [f"Simulated with cost profile `{doc['profile']}` on the packaged eval traces (not measured); "
+    scale = doc.get("cpu_rate_scale", 1.0)
+    cpu = "" if scale == 1.0 else f" with its CPU {scale:g}x slower (--cpu-rate-scale {scale:g})"
+    lines = [f"Simulated with cost profile `{doc['profile']}`{cpu} on the packaged eval traces (not measured); "
              f"MRS alpha {tuned.get('mrs_alpha', 0.5)}, prefetch look-ahead L = {tuned.get('horizon', 3)} "
              "(chosen on dev traces); prefetch predictor accuracy 0.8 unless stated.", ""]
     lines += ["### Mean speedup over kTransformers", "",

@@ -57,9 +57,10 @@ def dev_traces(model: str, exclude: Path | None = None) -> list[RoutingTrace]:
 
 
 def make_setup(trace: RoutingTrace, name: str, shape_name: str | None, profile: str,
-               trace_path: Path | None = None) -> Setup:
+               trace_path: Path | None = None, cpu_rate_scale: float = 1.0) -> Setup:
+    """`cpu_rate_scale`: the profile's CPU made that many times slower (`CostModel.with_cpu_rate_scale`)."""
     shape = ModelShape.named(shape_name or trace.header.model)
-    cost_model = CostModel.load(profile)
+    cost_model = CostModel.load(profile).with_cpu_rate_scale(cpu_rate_scale)
     warmup = dev_traces(shape.name, trace_path)
     note = (f"hot set from {len(warmup)} dev trace(s) of {shape.name}" if warmup
             else "no dev trace of this model: hot set from the simulated trace itself")

@@ -17,6 +17,9 @@ Per forward (the prompt in one prefill forward, then one forward per decoded tok
 The link is one FIFO queue across layers; its busy time is charged from the copies it carried.
 Planning takes no simulated time (the runtime's cost of it: benchmarks/bench_planning.py).
 The forward ends with the LM head. TTFT = prefill forward; TBT = mean decode forward.
+A forward of fewer than `preset.prefill_min_tokens` tokens is planned by the decode scheduler
+(llama.cpp: 32); decode forwards of a `preset.cuda_graphs` preset are priced by
+`costs.with_cuda_graphs()` (graph-captured launch overheads), everything else by `costs`.
 """
 
 from __future__ import annotations
@@ -25,13 +28,13 @@ import logging
 from dataclasses import dataclass, field
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.policy.cache_policy import activation_frequency, hot_set, make_policy
+from hybrimoe.policy.cache_policy import activation_frequency, make_policy
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.pipeline import CopyPipeline
 from hybrimoe.policy.plan import Plan
 from hybrimoe.policy.predictor import NoPredictor, Predictor, TruthWithNoise
 from hybrimoe.policy.prefetch import get_prefetcher
-from hybrimoe.policy.presets import Preset
+from hybrimoe.policy.presets import Preset, initial_content
 from hybrimoe.policy.shape import ModelShape
 from hybrimoe.policy.schedule import Scheduler, get_scheduler
 from hybrimoe.sim.costs import SimCosts
@@ -80,6 +83,10 @@ class Simulator:
         self.shape, self.costs, self.config, self.preset = shape, costs, config, config.preset
         self.moe_layers = sorted(shape.moe_layers)
         self.warmup = warmup or []
+        # costs hook: decode forwards of a preset that replays CUDA graphs pay graph-captured launch
+        # overheads (`SimCosts.with_cuda_graphs`); everything else pays eager ones
+        self._eager_costs = costs
+        self._decode_costs = costs.with_cuda_graphs() if self.preset.cuda_graphs else costs
         self.prefill_scheduler = get_scheduler(self.preset.prefill)
         self.decode_scheduler = get_scheduler(self.preset.decode)
         self.prefetcher = get_prefetcher(self.preset.prefetch)
@@ -101,16 +108,11 @@ class Simulator:
         sources = self.warmup or [trace]
         freq = activation_frequency((l, r.experts) for t in sources for tok in t.tokens
                                     for l, r in tok.layers.items())
-        if self.preset.initial == "layers":  # llama.cpp: whole layers, first ones first
-            n = slots // self.shape.num_experts
-            hot = [(l, e) for l in self.moe_layers[:n] for e in range(self.shape.num_experts)]
-        elif self.preset.initial == "all":
-            hot = [(l, e) for l in self.moe_layers for e in range(self.shape.num_experts)]
-        else:
-            hot = hot_set(freq, slots, per_layer)
+        hot, capacity, per_layer = initial_content(self.preset, self.moe_layers, self.shape.num_experts, slots,
+                                                   freq, per_layer)
         policy = make_policy(self.preset.cache, top_k=self.shape.top_k, alpha=self.config.mrs_alpha,
                              hot=hot, frequency=freq)
-        cache = CacheState(slots, policy, int(self.costs.expert_bytes), per_layer)
+        cache = CacheState(capacity, policy, int(self.costs.expert_bytes), per_layer)
         cache.preload(hot)
         return cache
 
@@ -169,7 +171,8 @@ class Simulator:
         """Simulate one forward; returns its seconds and advances `run.clock`."""
         start = run.clock
         n = len(tokens)
-        scheduler = self.prefill_scheduler if phase == "prefill" else self.decode_scheduler
+        self.costs = self._decode_costs if phase == "decode" else self._eager_costs  # costs hook (above)
+        scheduler = self.prefill_scheduler if self.preset.uses_prefill_scheduler(n) else self.decode_scheduler
         dense = [self.costs.dense(layer, n, context) for layer in range(self.shape.num_layers)]
         self._dense_gap = self._gaps(dense)
         log_ = ForwardLog(phase, n, context, sum(dense) + self.costs.lm_head(n), 0.0)
