@@ -191,8 +191,7 @@ class HybridRuntime:
         `preset.prefill_min_tokens` tokens, else its decode scheduler (llama.cpp: 32, op offload)."""
         phase = "prefill" if tokens > 1 else "decode"
         scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
-        plan = scheduler.plan(layer, counts, view.cached, self.costs(layer), copy_free_at=view.copy_free_at,
-                              arrivals=view.arrivals)
+        plan = self.pipeline.plan(layer, counts, view, scheduler, self.costs(layer))
         if self.virtual_clock is not None:
             self.virtual_clock.planned(now, plan)
         self.predicted[phase] += plan.makespan

@@ -5,7 +5,7 @@ accounting (`CacheState`) for copies. An executor (the simulator on its virtual 
 `time.perf_counter()`) calls, per MoE layer whose router output is known at `now`:
 
     view = pipeline.view(layer, counts, now)             # cached / in flight (arrival) / link free
-    plan = scheduler.plan(layer, counts, view.cached, costs, view.copy_free_at, arrivals=view.arrivals)
+    plan = pipeline.plan(layer, counts, view, scheduler, costs)   # the scheduler's, priced on the link
     pipeline.demand(layer, plan, now, prefill, current)  # on-demand copies: slot, else transient
     ... run the plan ...
     pipeline.idle(layer, plan, now, predicted, gap, scheduler, current)   # prefetches, then fills
@@ -13,6 +13,8 @@ accounting (`CacheState`) for copies. An executor (the simulator on its virtual 
 
 Copies returned by `demand` and `idle` are in link order; the executor performs exactly those (the
 runtime on its copy stream, one event each). Rules:
+- the plan is the scheduler's, except that its on-demand copies must buy the layer at least what the
+  link has recently earned per second prefetching (`link_value`); else the plan without them;
 - on-demand copies go first in their layer (they were chosen by the plan, which knew the link's
   state); in prefill one that would evict goes to a transient buffer (evicting for a prompt's stream
   of copies drops experts later layers of the same forward need: measured on dev traces);
@@ -32,11 +34,13 @@ from typing import Callable
 
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.link import Copy, LinkQueue
-from hybrimoe.policy.plan import ExpertCosts, ExpertKey, Plan
+from hybrimoe.policy.plan import ExpertCosts, ExpertKey, Plan, build_plan
 from hybrimoe.policy.prefetch import NoPrefetch, PrefetchContext, Prefetcher, makespan
 from hybrimoe.policy.schedule import Scheduler
 
 CostsFor = Callable[[int], ExpertCosts]
+LINK_VALUE_EMA = 0.1  # weight of the newest prefetch gain in `link_value`
+_NEVER = 1e30  # a link free time no copy can wait for: plans without on-demand copies
 
 
 @dataclass(frozen=True)
@@ -60,6 +64,9 @@ class CopyPipeline:
         self.link = LinkQueue(staging_slots)
         self.pending: set[ExpertKey] = set()  # prefetched into a slot, not yet used by its layer
         self.prefetched_used = 0  # prefetched experts that their layer activated
+        # what a second of link time has recently bought when spent on prefetches (seconds saved per
+        # link second, EMA over prefetch rounds; 0 while the prefetcher found nothing worth copying)
+        self.link_value = 0.0
 
     def future(self, layer: int) -> list[int]:
         """The MoE layers a prefetch after `layer` may serve."""
@@ -81,6 +88,22 @@ class CopyPipeline:
                 if key in self.pending or self.link.staged(key):
                     self.prefetched_used += 1
         return LayerView(cached, arrivals, max(0.0, self.link.free_at - now))
+
+    def plan(self, layer: int, counts: dict[int, int], view: LayerView, scheduler: Scheduler,
+             costs: ExpertCosts) -> Plan:
+        """The scheduler's plan, unless its on-demand copies buy this layer less than the link earns
+        prefetching: then the plan without on-demand copies (the link stays free for prefetches).
+        The scheduler sees one layer; the link is shared by all (an on-demand copy that saves 1.3 ms
+        of a Mixtral layer takes the 3.6 ms in which a prefetch would save 2.2-2.9 ms of a later one)."""
+        plan = scheduler.plan(layer, counts, view.cached, costs, copy_free_at=view.copy_free_at,
+                              arrivals=view.arrivals)
+        if not plan.copies or self.link_value <= 0.0:
+            return plan
+        no_copy = scheduler.plan(layer, counts, view.cached, costs, copy_free_at=_NEVER, arrivals=view.arrivals)
+        if no_copy.copies or no_copy.makespan - plan.makespan >= self.link_value * costs.copy() * len(plan.copies):
+            return plan
+        return build_plan(layer, counts, no_copy.gpu_order, (), no_copy.cpu_order, costs, view.copy_free_at,
+                          arrivals={e: a for e, a in view.arrivals.items() if e in no_copy.gpu_order})
 
     def demand(self, layer: int, plan: Plan, now: float, prefill: bool, current: set[ExpertKey]) -> list[Copy]:
         """Issue the plan's on-demand copies: into a cache slot, or a transient buffer when the cache
@@ -146,7 +169,10 @@ class CopyPipeline:
                 break
             picked = self.prefetcher.pick(ctx)
             if picked is None:
+                if not out:  # the link was free and nothing was worth copying
+                    self.link_value *= 1.0 - LINK_VALUE_EMA
                 break
+            self.link_value += LINK_VALUE_EMA * (picked[1] / copy - self.link_value)
             key = picked[0]
             if self.stage_first and self.link.staging_free() > 0:
                 issued = self.link.issue(key, "prefetch", "staging", now, copy)

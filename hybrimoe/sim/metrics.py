@@ -36,6 +36,9 @@ class ForwardLog:
     dense_seconds: float  # sum of dense GPU work of every layer + LM head
     seconds: float  # simulated duration of the forward under the policy
     layers: list[LayerLog] = field(default_factory=list)
+    # layer of every expert that was on the GPU side at its access in this forward but not when the
+    # forward began: holding that cache content took one copy each over the link during the forward
+    entered: list[int] = field(default_factory=list)
 
 
 @dataclass

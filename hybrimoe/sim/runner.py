@@ -87,7 +87,11 @@ def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_
     result = sim.run(setup.trace, workload)
     result.trace, result.profile = setup.name, setup.profile
     result.notes.append(setup.warmup_note)
-    result.bound_ttft_seconds, result.bound_tbt_seconds = phase_bounds(sim.forwards, setup.costs)
+    # each phase's bound with the costs that phase ran with (kTransformers' decode: CUDA-graph launches)
+    result.bound_ttft_seconds = phase_bounds([f for f in sim.forwards if f.phase == "prefill"],
+                                             sim.phase_costs("prefill"))[0]
+    result.bound_tbt_seconds = phase_bounds([f for f in sim.forwards if f.phase == "decode"],
+                                            sim.phase_costs("decode"))[1]
     return result, sim
 
 

@@ -69,6 +69,7 @@ class _Run:
     pipeline: CopyPipeline | None = None  # the link queue and every copy decision
     spans: list[Span] = field(default_factory=list)
     forwards: list[ForwardLog] = field(default_factory=list)  # per forward: counts and residency per layer
+    held_at_start: set = field(default_factory=set)  # experts on the GPU side when the forward began
 
 
 class Simulator:
@@ -177,6 +178,7 @@ class Simulator:
         self._dense_gap = self._gaps(dense)
         log_ = ForwardLog(phase, n, context, sum(dense) + self.costs.lm_head(n), 0.0)
         run.forwards.append(log_)
+        run.held_at_start = run.cache.resident() | run.pipeline.link.staged_keys()
         t = start
         for layer in range(self.shape.num_layers):
             if record:
@@ -194,6 +196,10 @@ class Simulator:
         run.clock = t + head
         log_.seconds = run.clock - start
         return run.clock - start
+
+    def phase_costs(self, phase: str) -> SimCosts:
+        """The costs this preset's forwards of `phase` ran with (kTransformers' decode: CUDA graphs)."""
+        return self._decode_costs if phase == "decode" else self._eager_costs
 
     def _gaps(self, dense: list[float]) -> dict[int, float]:
         """{MoE layer: dense seconds since the previous MoE layer ended} (the first: since the forward began)."""
@@ -218,11 +224,12 @@ class Simulator:
         if not counts:
             return t
         view = pipeline.view(layer, counts, t)
-        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(view.cached | set(view.arrivals))))
+        held = view.cached | set(view.arrivals)
+        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(held)))
+        run.forwards[-1].entered += [layer for e in held if (layer, e) not in run.held_at_start]
         for e in counts:
             cache.access((layer, e))
-        plan: Plan = scheduler.plan(layer, counts, view.cached, self.costs.experts(layer),
-                                    copy_free_at=view.copy_free_at, arrivals=view.arrivals)
+        plan: Plan = pipeline.plan(layer, counts, view, scheduler, self.costs.experts(layer))
         current = {(layer, e) for e in counts}
         cache.pin(current)
         copies = pipeline.demand(layer, plan, t, len(tokens) > 1, current)
