@@ -173,6 +173,10 @@ class Engine:
         params.validate()
         prompt_ids = [int(t) for t in prompt_ids]
         self._check_prompt(prompt_ids)
+        vocab = int(self.model.config.vocab_size)
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        if outside:
+            raise PromptError(f"logit_bias names token ids {outside[:5]} outside the vocabulary 0..{vocab - 1}")
         return self._run(prompt_ids, params)
 
     def _run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
@@ -189,7 +193,7 @@ class Engine:
         try:
             start = time.perf_counter()
             with torch.inference_mode():
-                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator)
+                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator, generated)
             prefill_seconds = time.perf_counter() - start
             while True:
                 produced += 1
@@ -208,7 +212,7 @@ class Engine:
                 start = time.perf_counter()
                 with torch.inference_mode():
                     logits = self._forward([token], n_prompt + produced - 1, kv, "decode")
-                    token = sample_next(logits, params, generator)
+                    token = sample_next(logits, params, generator, generated)
                 decode_seconds += time.perf_counter() - start
             if not stops.stopped:
                 text += stops.push(detok.flush())
