@@ -279,12 +279,7 @@ class EngineWorker:
             self._loop()
         except BaseException:  # noqa: BLE001 -- the thread is dying: nobody else would answer the waiting clients
             log.critical("the engine worker died; the server answers 503 from now on", exc_info=True)
-            error = Unavailable("the engine worker died")
-            current = self._current
-            if current is not None and not current.cancelled:
-                current.push(Failed(error))
-                current.cancel()
-            self._fail_queued(error)
+            self._fail_queued(Unavailable("the engine worker died"))
 
     def _loop(self) -> None:
         while True:
@@ -305,6 +300,11 @@ class EngineWorker:
                 self._serve(job)
             except Exception:  # never let one request kill the worker
                 log.exception("unexpected error while serving a request")
+            except BaseException:  # the thread dies (see _run): its client still gets an answer
+                if not job.cancelled:
+                    job.push(Failed(Unavailable("the engine worker died")))
+                    job.cancel()
+                raise
             finally:
                 self._current = None
                 self._refresh_stats(force=True)
