@@ -122,7 +122,7 @@ def create_app(engine: Any, options: ServerOptions | None = None, model_name: st
         """Parse and check, take a place in the queue, tokenise, queue the job, answer whole or streamed."""
         req = await parse_body(request, schema)
         check_common(req, state.model_name)
-        prepare = prepare_for(req, max_prompt_chars)
+        prepare = prepare_for(req, context, max_prompt_chars)  # may refuse a prompt that surely cannot fit
         try:
             ticket = state.worker.admit()
         except (QueueFull, Unavailable) as exc:

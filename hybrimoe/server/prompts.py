@@ -121,13 +121,21 @@ def check_supported(req: AnyRequest) -> None:
                             "or send null)", param=name, code="unsupported_parameter")
 
 
-def prepare_chat(req: ChatCompletionRequest, max_prompt_chars: int | None) -> PrepareFn:
+def check_prompt_chars(chars: int, context: int, max_prompt_chars: int | None, param: str) -> None:
+    """A prompt longer in characters than any context-full of tokens spans: refused without tokenising."""
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise _too_long(context, 0, param, f"{chars} characters, more than any {context - 1} tokens span")
+
+
+def prepare_chat(req: ChatCompletionRequest, context: int, max_prompt_chars: int | None) -> PrepareFn:
+    """The prepare step of a chat request (APIError now if the prompt surely cannot fit)."""
     messages = [m.as_template_message() for m in req.messages]
-    chars = sum(len(m["content"]) for m in messages)
-    return _prepare(lambda engine: engine.encode_chat(messages), chars, req, "messages", max_prompt_chars)
+    check_prompt_chars(sum(len(m["content"]) for m in messages), context, max_prompt_chars, "messages")
+    return _prepare(lambda engine: engine.encode_chat(messages), req, "messages")
 
 
-def prepare_completion(req: CompletionRequest, max_prompt_chars: int | None) -> PrepareFn:
+def prepare_completion(req: CompletionRequest, context: int, max_prompt_chars: int | None) -> PrepareFn:
+    """The prepare step of a completion request (APIError now if the prompt surely cannot fit)."""
     prompt = req.prompt
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
         if len(prompt) != 1:
@@ -136,9 +144,10 @@ def prepare_completion(req: CompletionRequest, max_prompt_chars: int | None) -> 
         prompt = prompt[0]
     if isinstance(prompt, str):
         text = prompt
-        return _prepare(lambda engine: engine.encode(text), len(text), req, "prompt", max_prompt_chars)
+        check_prompt_chars(len(text), context, max_prompt_chars, "prompt")
+        return _prepare(lambda engine: engine.encode(text), req, "prompt")
     ids = list(prompt)
-    return _prepare(lambda engine: ids, 0, req, "prompt", None)
+    return _prepare(lambda engine: ids, req, "prompt")
 
 
 def _too_long(context: int, tokens: int, param: str, detail: str = "") -> APIError:
@@ -147,15 +156,12 @@ def _too_long(context: int, tokens: int, param: str, detail: str = "") -> APIErr
                     param=param, code="context_length_exceeded")
 
 
-def _prepare(encode: Callable[[Any], list[int]], chars: int, req: AnyRequest, prompt_param: str,
-             max_prompt_chars: int | None) -> PrepareFn:
+def _prepare(encode: Callable[[Any], list[int]], req: AnyRequest, prompt_param: str) -> PrepareFn:
     """Tokenise and size the request (on a tokenizer thread); APIError for what cannot run."""
     max_tokens = req.requested_max_tokens
 
     def prepare(engine: Any) -> tuple[list[int], SamplingParams]:
         context = int(engine.max_context)
-        if max_prompt_chars is not None and chars > max_prompt_chars:  # surely too long: skip tokenising
-            raise _too_long(context, 0, prompt_param, f"{chars} characters, more than any {context - 1} tokens span")
         try:
             ids = encode(engine)
         except HybrimoeError as exc:  # e.g. PromptError: a chat the model's template refuses
