@@ -55,6 +55,11 @@ class _NoText:
         return ""
 
 
+# A checkpoint's tokenizer comes in one of these files (transformers builds an empty one without them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tiktoken.model", "sentencepiece.bpe.model")
+
+
 def _first_line(exc: BaseException) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     return lines[0] if lines else type(exc).__name__
@@ -114,6 +119,10 @@ class Engine:
         path = Path(model_dir)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.gguf")):
+            # checked before any weight is read (a GGUF file carries its own tokenizer)
+            raise CheckpointError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])} ...): copy the "
+                                  "model's tokenizer files there, or use --dummy-weights with --prompt-ids")
         runtime = None
         if hybrid:
             from hybrimoe.moe.install import load_with_runtime
@@ -129,8 +138,7 @@ class Engine:
         except (OSError, ValueError) as exc:
             if runtime is not None:
                 runtime.close()
-            raise CheckpointError(f"cannot load a tokenizer from {path} ({_first_line(exc)}): the checkpoint needs "
-                                  "its tokenizer files (tokenizer.json or tokenizer.model, tokenizer_config.json)") from None
+            raise CheckpointError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from None
         engine = cls(model, tokenizer, path.resolve().name, options, model_dir=path)
         engine.runtime = runtime
         return engine
