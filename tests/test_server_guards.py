@@ -170,3 +170,16 @@ def test_405_names_the_allowed_methods_and_health_answers_head() -> None:
         assert error_of(wrong, 405)["type"] == "invalid_request_error"
         head = http.head("/health")
         assert head.status_code == 200 and head.content == b""
+
+
+def test_the_default_body_limit_follows_the_context_length() -> None:
+    from hybrimoe.server.options import BODY_BYTES_BASE, BODY_BYTES_PER_TOKEN
+
+    limit = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * 64  # the fake model's context: 64 tokens
+    with served() as http:
+        padding = lambda size: {**BODY, "user": "x" * (size - len(json.dumps({**BODY, "user": ""})))}
+        over = post(http, body=padding(limit + 1))
+        assert error_of(over, 413)["code"] == "request_too_large" and str(limit) in error_of(over, 413)["message"]
+        assert post(http, body=padding(limit)).status_code == 200
+    with served(max_body_bytes=limit + 10) as http:  # --max-body-bytes overrides it
+        assert post(http, body=padding(limit + 1)).status_code == 200
