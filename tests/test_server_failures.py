@@ -144,4 +144,5 @@ def test_shutdown_refuses_the_queued_and_gives_the_running_one_its_grace(finishe
             assert events[-2]["choices"][0]["finish_reason"] == "length"
         else:
             assert events[-2]["error"]["code"] == "shutting_down"
+            engine.release(3)  # the worker, stopped after its current token, can now notice and end
 
