@@ -14,7 +14,6 @@ import pytest
 from server_fakes import Crash, fake_engine, served
 from test_server_worker import GatedEngine
 
-from hybrimoe.engine.types import SamplingParams
 
 BODY = {"model": "fake", "prompt": "hello world", "max_tokens": 6, "temperature": 0}
 

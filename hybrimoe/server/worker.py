@@ -22,104 +22,28 @@ import math
 import queue
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
+from hybrimoe.engine.types import GenerationResult, StreamChunk
 from hybrimoe.errors import HybrimoeError
+from hybrimoe.server.events import (  # noqa: F401  (re-exported: the worker's public face)
+    BuildFn,
+    Failed,
+    Finished,
+    Job,
+    QueueFull,
+    Started,
+    Ticket,
+    Unavailable,
+)
 from hybrimoe.server.metrics import ServerMetrics
 
 log = logging.getLogger(__name__)
 
-# Runs on the worker thread: tokenises and validates the request, returns (prompt ids, params).
-# Raising (APIError, HybrimoeError, ...) rejects the request before any token is generated.
-BuildFn = Callable[[Any], tuple[list[int], SamplingParams]]
-
 STATS_REFRESH_SECONDS = 0.5  # how often a running job refreshes the engine stats snapshot
 RETRY_AFTER_RANGE = (1, 60)  # seconds a 429 tells the client to wait: queue depth x mean service time
-
-
-class Unavailable(RuntimeError):
-    """The worker takes no more jobs: closed, shutting down, or dead (HTTP 503)."""
-
-
-class QueueFull(Exception):
-    """`max_queue` requests already wait (HTTP 429)."""
-
-    def __init__(self, waiting: int, retry_after: int) -> None:
-        super().__init__(f"the server is busy: {waiting} requests are already waiting for the engine; "
-                         f"retry in {retry_after} s")
-        self.waiting = waiting
-        self.retry_after = retry_after
-
-
-@dataclass
-class Ticket:
-    """A place among the waiting requests; released once (when its job leaves the queue, or is not sent)."""
-
-    worker: "EngineWorker"
-    released: bool = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.worker._release_place()
-
-
-@dataclass
-class Started:
-    """First event of an accepted job: the prompt was tokenised and fits."""
-
-    prompt_tokens: int
-    max_new_tokens: int
-
-
-@dataclass
-class Failed:
-    """The job failed: `error` is what the build step or the engine raised."""
-
-    error: BaseException
-
-
-@dataclass
-class Finished:
-    """Last event of every job that was not cancelled."""
-
-
-Event = Started | StreamChunk | Failed | Finished
-
-
-@dataclass
-class Job:
-    """One request's place in the queue and its private channel of events back to the event loop."""
-
-    build: BuildFn
-    loop: asyncio.AbstractEventLoop
-    ticket: Ticket | None = None
-    events: asyncio.Queue = field(default_factory=asyncio.Queue)
-    created_at: float = field(default_factory=time.perf_counter)
-    _cancelled: threading.Event = field(default_factory=threading.Event)
-
-    def cancel(self) -> None:
-        """Give up this job: skipped if still queued, stopped after the current token if running."""
-        self._cancelled.set()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def push(self, event: Event) -> None:
-        """Deliver an event to the awaiting coroutine (callable from any thread)."""
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # the event loop is closed: the server is shutting down
-            self.cancel()
-
-    async def next_event(self) -> Event:
-        return await self.events.get()
 
 
 class EngineWorker:
@@ -176,7 +100,7 @@ class EngineWorker:
                 raise QueueFull(waiting, self.retry_after(waiting))
             self._waiting += 1
         self.metrics.queued(+1)
-        return Ticket(self)
+        return Ticket(self._release_place)
 
     def _release_place(self) -> None:
         with self._place_lock:
