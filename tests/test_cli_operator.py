@@ -167,3 +167,13 @@ def test_a_checkpoint_without_a_tokenizer_is_a_one_line_error(capsys, model_dir:
     code, _, err = run_cli(capsys, "generate", "--model", str(bare), "--prompt", "hi", "--dtype", "fp32")
     assert code == 2
     one_line_error(err, "generate", "tokenizer", str(bare))
+
+
+def test_an_os_error_at_write_time_is_one_line(capsys, monkeypatch) -> None:
+    def disk_full(args) -> int:
+        raise OSError(28, "No space left on device", "/data/out.png")
+
+    monkeypatch.setattr("hybrimoe.cli.make_tiny.run", disk_full)  # read when main() builds the parser
+    code, _, err = run_cli(capsys, "make-tiny", "--family", "mixtral", "--out", "unused")
+    assert code == 2
+    one_line_error(err, "make-tiny", "No space left on device", "/data/out.png")

@@ -8,6 +8,8 @@ Before any tokenisation, a prompt whose characters cannot fit in the context wha
 are is refused at once: no token of the vocabulary spans more than `max_token_chars` characters, so
 `len(text) / max_token_chars` tokens are the least the text can become (x4 for normalisers that
 merge characters, e.g. NFC). A 3.9 MB prompt to a 4k-context model costs no tokenisation at all.
+The bound assumes a tokenizer that keeps every character (byte-level BPE, SentencePiece: what MoE
+LLMs use); one that drops whitespace (WordPiece) could see a long mostly-blank prompt refused.
 """
 
 from __future__ import annotations
