@@ -24,15 +24,18 @@ class Crash(BaseException):
 
 
 class FailingModel(FakeModel):
-    """FakeModel whose forward number `fail_at` (0 = prefill) raises `error`, or returns NaN logits."""
+    """FakeModel whose forward number `fail_at` of every request (0 = prefill) raises `error`, or returns
+    NaN logits when `error` is None."""
 
     def __init__(self, config: FakeConfig, fail_at: int, error: BaseException | None) -> None:
         super().__init__(config)
         self.fail_at, self.error = fail_at, error
+        self.step = -1  # forwards of the current request so far, minus one
 
     def forward(self, input_ids: torch.Tensor, start_pos: int, kv) -> torch.Tensor:
         logits = super().forward(input_ids, start_pos, kv)
-        if len(self.calls) - 1 == self.fail_at:
+        self.step = 0 if start_pos == 0 else self.step + 1
+        if self.step == self.fail_at:
             if self.error is not None:
                 raise self.error
             return torch.full_like(logits, float("nan"))

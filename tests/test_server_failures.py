@@ -10,8 +10,9 @@ import threading
 import time
 
 import httpx
+import openai
 import pytest
-from server_fakes import Crash, fake_engine, served
+from server_fakes import Crash, fake_engine, openai_client, served
 from test_server_worker import GatedEngine
 
 
@@ -35,6 +36,8 @@ def test_an_engine_exception_is_a_500_server_error(fail_at: int) -> None:
         assert whole.status_code == 500, whole.text
         error = whole.json()["error"]
         assert error["type"] == "server_error" and "kernel exploded" in error["message"]
+        with pytest.raises(openai.InternalServerError):
+            openai_client(http).completions.create(**BODY)
         assert http.get("/health").status_code == 200  # one failure does not take the server down
 
 

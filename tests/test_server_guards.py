@@ -154,6 +154,7 @@ def test_penalties_and_logit_bias_are_honoured() -> None:
     ("/v1/completions", b'{"model": "fake", "prompt": "hi", "stop": ["\\udc00"]}', "stop.0"),
 ])
 def test_invalid_unicode_is_a_400_naming_the_field(path: str, body: bytes, param: str) -> None:
+    # Raw JSON escapes: the official client refuses to encode a lone surrogate itself.
     with served() as http:
         error = error_of(post(http, path, body), 400)
         assert error["param"] == param and error["code"] == "invalid_unicode"
