@@ -39,6 +39,13 @@ class ServerProcess:
     def api_url(self) -> str:
         return self.base_url + "/v1"
 
+    def rss_bytes(self) -> int:
+        """Resident memory of the server process (Linux /proc)."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
     def log_tail(self, chars: int = 4000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
 
@@ -52,14 +59,14 @@ class ServerProcess:
                 self.proc.wait(15)
 
 
-def start_server(model_dir: Path, log_path: Path, *flags: str) -> ServerProcess:
+def start_server(model_dir: Path, log_path: Path, *flags: str, env: dict[str, str] | None = None) -> ServerProcess:
     """Start `python -m hybrimoe serve` on a free loopback port (the OS picks it: --port 0) and
     wait until /health answers; raise with the server's log if it dies or hangs."""
     cmd = [sys.executable, "-m", "hybrimoe", "serve", "--model", str(model_dir), "--dtype", "fp32",
            "--host", "127.0.0.1", "--port", "0", *flags]
     log = log_path.open("w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=subprocess_env(), cwd=REPO_ROOT)
+                            env={**subprocess_env(), **(env or {})}, cwd=REPO_ROOT)
     log.close()
     server = None
     deadline = time.monotonic() + STARTUP_TIMEOUT_S

@@ -19,14 +19,27 @@ def test_nested_and_odd_engine_stats_become_valid_gauges() -> None:
              "bytes copied": 4096, "flag": True, "trace": None, "per_layer": [1, 2], "2nd": "x"}
     parsed = samples(ServerMetrics().render(stats, 'model "q"'))
     assert parsed[("hybrimoe_cache_hit_rate", frozenset())] == 0.75
-    assert parsed[("hybrimoe_cache_hits", frozenset())] == 30
-    assert parsed[("hybrimoe_busy_seconds_gpu", frozenset())] == 2.0
-    assert parsed[("hybrimoe_bytes_copied", frozenset())] == 4096
-    assert parsed[("hybrimoe_requests", frozenset())] == 2
+    assert parsed[("hybrimoe_cache_hits_total", frozenset())] == 30
+    assert parsed[("hybrimoe_busy_seconds_gpu_total", frozenset())] == 2.0
+    assert parsed[("hybrimoe_bytes_copied_total", frozenset())] == 4096
+    assert parsed[("hybrimoe_requests_total", frozenset())] == 2
     info = frozenset({"policy": "hybrimoe", "device": "cuda:0", "k_2nd": "x"}.items())
     assert parsed[("hybrimoe_engine_info", info)] == 1
     assert parsed[("hybrimoe_server_info", frozenset({"model": 'model "q"'}.items()))] == 1
     assert not any(name in ("hybrimoe_flag", "hybrimoe_trace", "hybrimoe_per_layer") for name, _ in parsed)
+
+
+def test_cumulative_engine_stats_are_counters_and_the_rest_gauges() -> None:
+    stats = {"requests": 3, "prompt_tokens": 40, "decode_seconds": 1.5, "runtime_cache_hits": 7.0,
+             "runtime_cache_hit_rate": 0.5, "runtime_cache_slots": 12.0, "runtime_busy_cpu_seconds": 0.25}
+    families = {f.name: f for f in text_string_to_metric_families(ServerMetrics().render(stats, "m"))}
+    for name in ("requests", "prompt_tokens", "decode_seconds", "runtime_cache_hits", "runtime_busy_cpu_seconds"):
+        family = families["hybrimoe_" + name]
+        assert family.type == "counter" and "cumulative" in family.documentation, name
+        assert [s.name for s in family.samples] == ["hybrimoe_" + name + "_total"]
+    for name in ("runtime_cache_hit_rate", "runtime_cache_slots"):
+        assert families["hybrimoe_" + name].type == "gauge", name
+    assert "Engine stat." not in ServerMetrics().render(stats, "m")
 
 
 def test_token_counters_histograms_and_decode_rate() -> None:

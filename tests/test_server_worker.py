@@ -131,7 +131,7 @@ def test_a_served_model_name_with_a_slash_can_be_retrieved() -> None:
 
     from hybrimoe.server.app import create_app
 
-    with TestClient(create_app(GatedEngine(), model_name="org/tiny")) as client:
+    with TestClient(create_app(GatedEngine(), model_name="org/tiny"), base_url="http://127.0.0.1") as client:
         assert client.get("/v1/models/org/tiny").json()["id"] == "org/tiny"
         assert client.get("/v1/models/org/other").status_code == 404
         assert client.get("/v1/models").json()["data"][0]["id"] == "org/tiny"

@@ -58,3 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # a stdout without a file descriptor
             pass
         return 1
+    except OSError as exc:  # a file that cannot be written or read (disk full, permissions): say so, no traceback
+        where = f": {exc.filename}" if exc.filename else ""
+        print(f"hybrimoe {args.command}: error: {exc.strerror or exc}{where}", file=sys.stderr)
+        return 2

@@ -6,6 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
+from hybrimoe.cli.paths import check_output_dir
+
 log = logging.getLogger(__name__)
 
 
@@ -30,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from hybrimoe.sim.report import markdown
 
     CostModel.load(args.profile).with_cpu_rate_scale(args.cpu_rate_scale)  # bad values fail before any work
+    check_output_dir(args.out, "--out")  # and so does an output directory that cannot be written
     config = BenchConfig.quick() if args.quick else BenchConfig()
     config = dataclasses.replace(config, profile=args.profile, cpu_rate_scale=args.cpu_rate_scale)
     out = Path(args.out)

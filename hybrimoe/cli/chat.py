@@ -21,7 +21,7 @@ from hybrimoe.cli.generate import (
     sampling_params_from_args,
 )
 from hybrimoe.engine.types import SamplingParams
-from hybrimoe.errors import HybrimoeError
+from hybrimoe.errors import ConfigError, HybrimoeError
 
 COMMANDS = {"/reset": "forget the conversation (the system prompt stays)", "/exit": "leave the chat",
             "/help": "list the commands"}
@@ -80,6 +80,8 @@ class ChatSession:
 
 def run(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
     params = sampling_params_from_args(args)
+    if args.model is None:
+        raise ConfigError("chat needs a tokenizer: give --model DIR")
     engine = engine_from_args(args)
     try:
         _converse(ChatSession(engine, params, system=args.system), stdin or sys.stdin)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
+from hybrimoe.cli.paths import check_output_file
 from hybrimoe.errors import TraceError
 from hybrimoe.trace.format import RoutingTrace, TokenRouting
 from hybrimoe.trace.importers import load_any_trace
@@ -36,6 +37,7 @@ def merge_traces(traces: list[RoutingTrace], names: list[str]) -> RoutingTrace:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_file(args.out, "--out")
     traces = [load_any_trace(path) for path in args.inputs]
     trace = merge_traces(traces, list(args.inputs))
     if args.model:

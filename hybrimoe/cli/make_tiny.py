@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from hybrimoe.cli.paths import check_output_dir
 from hybrimoe.tiny import FAMILIES, LAYOUTS, make_tiny
 
 
@@ -23,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_output_dir(args.out, "--out")  # an existing file, or a place that cannot be written: refused
     out = make_tiny(args.family, args.out, layers=args.layers, experts=args.experts, top_k=args.top_k,
                     hidden=args.hidden, layout=args.layout, seed=args.seed)
     print(out)

@@ -7,7 +7,8 @@ import json
 import logging
 from pathlib import Path
 
-from hybrimoe.errors import ConfigError
+from hybrimoe.cli.paths import check_output_file
+from hybrimoe.errors import ConfigError, TraceError
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--cache-ratio values must be in [0, 1], got {args.cache_ratio}")
     if not 0.0 <= args.predictor_accuracy <= 1.0:
         raise ConfigError(f"--predictor-accuracy must be in [0, 1], got {args.predictor_accuracy}")
+    if args.plot is not None:
+        check_output_file(args.plot, "--plot")
     traces = [(path, load_any_trace(path)) for path in args.trace]  # every file checked before any output
+    for path, trace in traces:
+        if not trace.tokens:
+            raise TraceError(f"{path}: the trace has a header but no routed tokens; nothing to simulate")
     if not args.json:
         print("bound = fluid lower bound for the cache content of the row's own run; reach = bound / time "
               "(the fraction of the bound's speedup the policy reaches). Simulated, not measured.")

@@ -23,7 +23,7 @@ from hybrimoe.engine.recorder import RoutingRecorder
 from hybrimoe.engine.sampling import make_generator, sample_next
 from hybrimoe.engine.stopping import IncrementalDetokenizer, StopStringFilter
 from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
-from hybrimoe.errors import CheckpointError, HybrimoeError
+from hybrimoe.errors import CheckpointError, ConfigError, HybrimoeError
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +47,34 @@ def _eos_ids(model_dir: Path | None, config: Any, tokenizer: Any) -> set[int]:
     return ids
 
 
+class _NoText:
+    """Detokeniser stand-in for a model without a tokenizer (--dummy-weights without --model): ids, no text."""
+
+    @staticmethod
+    def decode(ids: list[int], **_: Any) -> str:
+        return ""
+
+
+# A checkpoint's tokenizer comes in one of these files (transformers builds an empty one without them).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tiktoken.model", "sentencepiece.bpe.model")
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _dummy_name(dummy_weights: str) -> str:
+    path = Path(dummy_weights)
+    return f"dummy-{path.parent.resolve().name if path.name == 'config.json' else path.stem}"
+
+
 class Engine:
-    """Generation over a `MoETransformer` (docs/CONTRACTS.md, "Engine side"). Not thread-safe."""
+    """Generation over a `MoETransformer` (docs/CONTRACTS.md, "Engine side"). Not thread-safe.
+
+    `tokenizer` is None for a model without one (random weights, no checkpoint): prompts are then token
+    ids, and the output is token ids with empty text."""
 
     def __init__(self, model: Any, tokenizer: Any, model_name: str,
                  options: EngineOptions | None = None, model_dir: str | os.PathLike | None = None) -> None:
@@ -65,10 +91,12 @@ class Engine:
                        "prefill_seconds": 0.0, "decode_seconds": 0.0}
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | os.PathLike, dtype: str = "fp32", **runtime_options: Any) -> "Engine":
+    def from_pretrained(cls, model_dir: str | os.PathLike | None, dtype: str = "fp32",
+                        **runtime_options: Any) -> "Engine":
         """Model + tokenizer from a directory. Options named by `EngineOptions` configure the engine; the
         rest (policy, expert_cache_bytes, cache_ratio, ...: `hybrimoe.runtime_options.RuntimeOptions`)
-        install the hybrid runtime. Without any of the latter the plain reference executor runs."""
+        install the hybrid runtime. Without any of the latter the plain reference executor runs.
+        `model_dir` may be None with `dummy_weights`: random weights and no tokenizer."""
         from transformers import AutoTokenizer
 
         from hybrimoe.loader import load_model
@@ -76,9 +104,25 @@ class Engine:
         engine_keys = {f.name for f in fields(EngineOptions)}
         options = EngineOptions.from_kwargs(**{k: v for k, v in runtime_options.items() if k in engine_keys})
         hybrid = {k: v for k, v in runtime_options.items() if k not in engine_keys}
+        if model_dir is None:
+            if not hybrid.get("dummy_weights"):
+                raise ConfigError("give a model directory (--model DIR), or --dummy-weights CONFIG for random "
+                                  "weights without a checkpoint")
+            from hybrimoe.moe.install import load_with_runtime
+            from hybrimoe.runtime_options import RuntimeOptions
+
+            model, runtime = load_with_runtime(None, check_dtype(dtype),
+                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid))
+            engine = cls(model.eval(), None, _dummy_name(hybrid["dummy_weights"]), options)
+            engine.runtime = runtime
+            return engine
         path = Path(model_dir)
         if not path.is_dir():
             raise CheckpointError(f"model directory not found: {path}")
+        if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.gguf")):
+            # checked before any weight is read (a GGUF file carries its own tokenizer)
+            raise CheckpointError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])} ...): copy the "
+                                  "model's tokenizer files there, or use --dummy-weights with --prompt-ids")
         runtime = None
         if hybrid:
             from hybrimoe.moe.install import load_with_runtime
@@ -94,7 +138,7 @@ class Engine:
         except (OSError, ValueError) as exc:
             if runtime is not None:
                 runtime.close()
-            raise CheckpointError(f"cannot load a tokenizer from {path}: {exc}") from None
+            raise CheckpointError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from None
         engine = cls(model, tokenizer, path.resolve().name, options, model_dir=path)
         engine.runtime = runtime
         return engine
@@ -106,7 +150,13 @@ class Engine:
             self.runtime = None
 
     # -- prompts ---------------------------------------------------------------------------------
+    def _need_tokenizer(self) -> None:
+        if self.tokenizer is None:
+            raise PromptError(f"{self.model_name} has no tokenizer (random weights without a checkpoint): give the "
+                              "prompt as token ids")
+
     def encode(self, text: str) -> list[int]:
+        self._need_tokenizer()
         return list(self.tokenizer(text).input_ids)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
@@ -119,6 +169,7 @@ class Engine:
                 not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str)
                 for m in messages):
             raise PromptError("a chat is a non-empty list of {'role': str, 'content': str} messages")
+        self._need_tokenizer()
         if getattr(self.tokenizer, "chat_template", None):
             try:
                 text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
@@ -173,6 +224,10 @@ class Engine:
         params.validate()
         prompt_ids = [int(t) for t in prompt_ids]
         self._check_prompt(prompt_ids)
+        vocab = int(self.model.config.vocab_size)
+        outside = sorted(t for t in params.logit_bias if t >= vocab)
+        if outside:
+            raise PromptError(f"logit_bias names token ids {outside[:5]} outside the vocabulary 0..{vocab - 1}")
         return self._run(prompt_ids, params)
 
     def _run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
@@ -180,7 +235,7 @@ class Engine:
         budget = min(params.max_new_tokens, self.max_context - n_prompt)  # tokens we may produce
         stop_ids = self.eos_token_ids | set(params.stop_token_ids)
         generator = make_generator(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer)
+        detok = IncrementalDetokenizer(self.tokenizer if self.tokenizer is not None else _NoText())
         stops = StopStringFilter(list(params.stop_strings))
         kv = self.model.new_kv_cache(n_prompt + budget)
         generated: list[int] = []
@@ -189,7 +244,7 @@ class Engine:
         try:
             start = time.perf_counter()
             with torch.inference_mode():
-                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator)
+                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator, generated)
             prefill_seconds = time.perf_counter() - start
             while True:
                 produced += 1
@@ -208,7 +263,7 @@ class Engine:
                 start = time.perf_counter()
                 with torch.inference_mode():
                     logits = self._forward([token], n_prompt + produced - 1, kv, "decode")
-                    token = sample_next(logits, params, generator)
+                    token = sample_next(logits, params, generator, generated)
                 decode_seconds += time.perf_counter() - start
             if not stops.stopped:
                 text += stops.push(detok.flush())

@@ -24,10 +24,18 @@ class SamplingParams:
     seed: int | None = None  # None = fresh randomness on every request
     stop_token_ids: list[int] = field(default_factory=list)  # in addition to the EOS ids
     stop_strings: list[str] = field(default_factory=list)  # ends before the first occurrence
+    # OpenAI's logit adjustments, applied before temperature (greedy too); see sampling.adjust_logits.
+    frequency_penalty: float = 0.0  # in [-2, 2]: minus this times the count of the token in the completion
+    presence_penalty: float = 0.0  # in [-2, 2]: minus this once the token occurs in the completion
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> bias in [-100, 100]
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.logit_bias) or self.frequency_penalty != 0 or self.presence_penalty != 0
 
     def validate(self) -> "SamplingParams":
         """Raise ConfigError naming the bad field and what is accepted; return self."""
@@ -45,6 +53,14 @@ class SamplingParams:
             raise ConfigError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
         if any(not isinstance(s, str) or not s for s in self.stop_strings):
             raise ConfigError(f"stop_strings must be non-empty strings, got {self.stop_strings!r}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not -2.0 <= value <= 2.0:
+                raise ConfigError(f"{name} must be a number in [-2, 2], got {value!r}")
+        if not isinstance(self.logit_bias, dict) or any(
+                not isinstance(t, int) or isinstance(t, bool) or t < 0 or not isinstance(b, (int, float))
+                or not -100.0 <= b <= 100.0 for t, b in self.logit_bias.items()):
+            raise ConfigError(f"logit_bias must map token ids >= 0 to biases in [-100, 100], got {self.logit_bias!r}")
         return self
 
 

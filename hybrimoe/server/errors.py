@@ -18,16 +18,19 @@ from hybrimoe.server.schemas import ErrorBody, ErrorInfo
 
 log = logging.getLogger(__name__)
 
-STATUS_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-                413: "invalid_request_error", 503: "service_unavailable", 500: "server_error"}
+STATUS_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "forbidden",
+                404: "invalid_request_error", 405: "invalid_request_error", 408: "invalid_request_error",
+                413: "invalid_request_error", 415: "invalid_request_error", 429: "rate_limit_error",
+                500: "server_error", 503: "service_unavailable"}
 
 
 class APIError(Exception):
     """An error to report to the client with `status` (4xx for the client's mistakes)."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type_: str | None = None) -> None:
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
+        self.headers = headers or {}
         self.status = status
         self.message = message
         self.param = param
@@ -40,7 +43,7 @@ class APIError(Exception):
 
 
 def error_response(error: APIError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status)
+    return JSONResponse(error.body(), status_code=error.status, headers=error.headers or None)
 
 
 def from_validation_error(exc: ValidationError | RequestValidationError) -> APIError:
@@ -88,7 +91,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
-        return error_response(APIError(exc.status_code, str(exc.detail), code=code))
+        # A 405 carries the route's `Allow` header (RFC 9110 requires it).
+        return error_response(APIError(exc.status_code, str(exc.detail), code=code, headers=exc.headers))
 
     @app.exception_handler(Exception)
     async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:

@@ -1,8 +1,9 @@
 """Server counters rendered in the Prometheus text exposition format (version 0.0.4).
 
 Server metrics are named `hybrimoe_server_*`. Every numeric key of `Engine.stats()` is exported as
-a gauge `hybrimoe_<key>` (non-identifier characters become `_`), so counters that the runtime adds
-later (cache hit rate, bytes copied, busy seconds per device) appear without changes here.
+`hybrimoe_<key>` (non-identifier characters become `_`), so values that the runtime adds later (cache
+hit rate, bytes copied, busy seconds per device) appear without changes here: cumulative ones (by
+their name: `is_cumulative`) as counters `hybrimoe_<key>_total`, the others as gauges.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class ServerMetrics:
         self.decode_seconds = 0.0
         self.last_decode_tokens_per_second = 0.0
         self.cancelled_requests = 0
+        self.rejected_requests: dict[str, int] = {}  # reason (queue_full, ...) -> count
+        self.max_queue: int | None = None
+        self.engine_threads: int | None = None
         self.queue_depth = 0
         self.running = 0
         self.time_to_first_token = Histogram()
@@ -103,6 +107,10 @@ class ServerMetrics:
                 self.decode_seconds += result.decode_seconds
                 self.last_decode_tokens_per_second = result.decode_tokens_per_second
 
+    def rejected(self, reason: str) -> None:
+        with self._lock:
+            self.rejected_requests[reason] = self.rejected_requests.get(reason, 0) + 1
+
     def cancelled(self) -> None:
         with self._lock:
             self.cancelled_requests += 1
@@ -135,7 +143,17 @@ class ServerMetrics:
             lines += _scalar("hybrimoe_server_cancelled_requests_total", "counter",
                              "Requests abandoned by their client.", self.cancelled_requests)
             lines += _scalar("hybrimoe_server_queue_depth", "gauge",
-                             "Requests waiting for the engine.", self.queue_depth)
+                             "Requests waiting for the engine (being tokenised or queued).", self.queue_depth)
+            if self.max_queue is not None:
+                lines += _scalar("hybrimoe_server_max_queue", "gauge",
+                                 "Waiting requests beyond which new ones get 429 (serve --max-queue).", self.max_queue)
+            lines += ["# HELP hybrimoe_server_rejected_requests_total Requests refused before queueing, by reason.",
+                      "# TYPE hybrimoe_server_rejected_requests_total counter"]
+            for reason, n in sorted(self.rejected_requests.items()):
+                lines.append(f'hybrimoe_server_rejected_requests_total{{reason="{_label(reason)}"}} {n}')
+            if self.engine_threads is not None:
+                lines += _scalar("hybrimoe_server_engine_threads", "gauge",
+                                 "torch threads of the engine thread (serve --threads).", self.engine_threads)
             lines += _scalar("hybrimoe_server_running_requests", "gauge",
                              "Requests being generated.", self.running)
             lines += self.time_to_first_token.render(
@@ -149,26 +167,45 @@ class ServerMetrics:
         return "\n".join(lines) + "\n"
 
 
+CUMULATIVE_WORDS = frozenset({"seconds", "tokens", "copies", "copied", "requests", "hits", "misses", "inserts",
+                              "staged", "evictions"})
+
+
+def is_cumulative(name: str) -> bool:
+    """Whether an engine stat only grows, judged by the words of its name (tokens, seconds, requests,
+    cache hits / misses / copies...); rates, ratios and sizes (hit_rate, slots, resident) are current values."""
+    words = set(name.lower().split("_"))
+    return bool(words & CUMULATIVE_WORDS) and not words & {"rate", "ratio"}
+
+
 def render_engine_stats(stats: dict[str, Any]) -> list[str]:
-    """One gauge `hybrimoe_<key>` per numeric stat; nested dicts are flattened with `_`
-    ({"busy_seconds": {"gpu": 1.5}} -> hybrimoe_busy_seconds_gpu) and string values become labels of
-    one `hybrimoe_engine_info` gauge. Other values (bools, lists, None) are skipped."""
+    """One series per numeric stat: counter `hybrimoe_<key>_total` if cumulative, else gauge
+    `hybrimoe_<key>`; nested dicts are flattened with `_` ({"busy_seconds": {"gpu": 1.5}} ->
+    hybrimoe_busy_seconds_gpu) and string values become labels of one `hybrimoe_engine_info` gauge.
+    Other values (bools, lists, None) are skipped."""
     numbers: dict[str, float] = {}
     labels: dict[str, str] = {}
+    keys: dict[str, str] = {}
     for key, value in _flatten(stats):
         name = re.sub(r"[^a-zA-Z0-9_]", "_", key).strip("_")
         if isinstance(value, str):
             labels[name if name[:1].isalpha() else "k_" + name] = value
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             numbers.setdefault("hybrimoe_" + name, value)
+            keys.setdefault("hybrimoe_" + name, key)
     lines: list[str] = []
     if labels:
         text = ",".join(f'{k}="{_label(v)}"' for k, v in sorted(labels.items()))
         lines += ["# HELP hybrimoe_engine_info Engine settings.", "# TYPE hybrimoe_engine_info gauge",
                   f"hybrimoe_engine_info{{{text}}} 1"]
     for name, value in sorted(numbers.items()):
-        if not name.startswith(("hybrimoe_server_", "hybrimoe_engine_info")):
-            lines += _scalar(name, "gauge", "Engine stat.", value)
+        if name.startswith(("hybrimoe_server_", "hybrimoe_engine_info")):
+            continue
+        key = _label(keys[name])
+        if is_cumulative(name):
+            lines += _scalar(name + "_total", "counter", f"Engine counter {key} (cumulative since start).", value)
+        else:
+            lines += _scalar(name, "gauge", f"Engine value {key} (current).", value)
     return lines
 
 

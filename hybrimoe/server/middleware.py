@@ -1,15 +1,17 @@
 """Pure ASGI middleware (responses are not buffered, so streams flow).
 
-`BodyLimitMiddleware` refuses request bodies over a size limit with 413. A declared `Content-Length`
-over the limit is refused before the body is read; a body without one (chunked) is counted as it
-streams. Requests within the limit get their body buffered and replayed to the app, which then
-reads it as usual.
+`BodyLimitMiddleware` refuses request bodies over a size limit with 413, and bodies not received
+within `body_timeout` seconds with 408 (a client that never finishes its body holds nothing for long).
+A declared `Content-Length` over the limit is refused before the body is read; a body without one
+(chunked) is counted as it streams. Requests within the limit get their body buffered and replayed
+to the app, which then reads it as usual.
 
 `RequestMetricsMiddleware` counts requests by endpoint and status and times them.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -27,9 +29,10 @@ DRAIN_LIMIT_BYTES = 64 * 1024 * 1024  # read (and drop) at most this much of a r
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS"):
@@ -41,8 +44,15 @@ class BodyLimitMiddleware:
             return
         chunks: list[bytes] = []
         size = 0
+        deadline = time.monotonic() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                error = APIError(408, f"the request body was not received within {self.body_timeout:g} s "
+                                      f"({size} bytes arrived; serve --body-timeout)", code="request_timeout")
+                await _send_error(send, error, close=True)
+                return
             if message["type"] == "http.disconnect":
                 return
             body = message.get("body", b"")
@@ -57,24 +67,36 @@ class BodyLimitMiddleware:
         await self.app(scope, _replay(b"".join(chunks), receive), send)
 
     async def _refuse(self, send: Send, receive: Receive, declared: int | None, drain: bool) -> None:
+        drained = not drain
         if drain:  # let the client finish sending, so it reads our answer instead of a reset
             read = 0
-            while read <= DRAIN_LIMIT_BYTES:
-                message = await receive()
-                if message["type"] != "http.request":
-                    break
-                read += len(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
+            deadline = time.monotonic() + self.body_timeout
+            try:
+                while read <= DRAIN_LIMIT_BYTES:
+                    message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                    if message["type"] != "http.request":
+                        break
+                    read += len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        drained = True
+                        break
+            except asyncio.TimeoutError:
+                pass
         size = f"{declared} bytes" if declared is not None else "more"
         error = APIError(413, f"request body is too large ({size}); the limit is "
                               f"{self.max_body_bytes} bytes (serve --max-body-bytes)",
                          code="request_too_large")
-        body = json.dumps(error.body()).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
+        await _send_error(send, error, close=not drained)
+
+
+async def _send_error(send: Send, error: APIError, close: bool) -> None:
+    """An OpenAI-style error response; `close`: the body was not (wholly) read, so the connection ends."""
+    body = json.dumps(error.body()).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": error.status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _content_length(scope: Scope) -> int | None:

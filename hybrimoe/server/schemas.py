@@ -1,8 +1,9 @@
 """Request and response bodies of the OpenAI API subset that the server speaks.
 
-Requests are validated strictly (a string where a number belongs is an error, not coerced) and
-unknown fields are ignored, as clients send many optional ones. Responses mirror OpenAI's objects
-closely enough for the official `openai` client to parse them.
+Requests are validated strictly (a string where a number belongs is an error, not coerced). A field
+is either honoured, or accepted because it changes nothing here (`IGNORED_FIELDS`: user, metadata,
+store, ...), or refused with a 400 naming it (`hybrimoe.server.jobs.check_supported`): never silently
+ignored. Responses mirror OpenAI's objects closely enough for the official `openai` client to parse them.
 """
 
 from __future__ import annotations
@@ -16,8 +17,19 @@ from hybrimoe.engine.types import SEED_RANGE
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
+# OpenAI fields that do not change what is generated, accepted and ignored.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier",
+                            "parallel_tool_calls"})
+
+
 class Request(BaseModel):
     model_config = ConfigDict(strict=True, extra="ignore")
+
+
+class Body(Request):
+    """A request body: unknown fields are kept (`model_extra`) so that they can be refused by name."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
 
 
 class TextPart(Request):
@@ -55,7 +67,7 @@ class StreamOptions(Request):
     include_usage: bool = False
 
 
-class SamplingFields(Request):
+class SamplingFields(Body):
     """Fields common to both endpoints."""
 
     model: str
@@ -69,8 +81,28 @@ class SamplingFields(Request):
     stream_options: StreamOptions | None = None
     user: str | None = None
     top_k: int = Field(default=0, ge=0)  # not OpenAI's; vLLM's extension (0 = off)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None  # token id (as a string, as OpenAI sends it) -> bias
     logprobs: bool | int | None = None  # refused when asked for: not implemented
+    top_logprobs: int | None = None  # refused unless 0
     tools: list | None = None  # refused: no tool calling
+    tool_choice: str | dict | None = None  # only "none"
+    response_format: dict | None = None  # only {"type": "text"}: no JSON mode
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_biases(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        for token, value in (bias or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {token!r}")
+            if not -100.0 <= value <= 100.0:
+                raise ValueError(f"biases must be in [-100, 100], got {value} for token {token}")
+        return bias
+
+    @property
+    def token_bias(self) -> dict[int, float]:
+        return {int(token): float(value) for token, value in (self.logit_bias or {}).items()}
 
     @field_validator("stop")
     @classmethod
@@ -109,6 +141,8 @@ class CompletionRequest(SamplingFields):
     # A string, a one-element list of strings, or token ids; batches of prompts are not supported.
     prompt: str | list[str] | list[int]
     echo: bool = False
+    best_of: int | None = None  # only 1
+    suffix: str | None = None  # only empty
     max_tokens: int | None = 16  # OpenAI's default for completions
 
     @property
