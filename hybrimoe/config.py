@@ -98,10 +98,24 @@ class ModelConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        """From a Hugging Face directory (config.json), or a GGUF file / directory (`from_gguf`)."""
+        from hybrimoe.gguf.files import is_gguf_path
+
+        if is_gguf_path(model_dir):
+            return cls.from_gguf(model_dir)
         path = os.path.join(os.fspath(model_dir), "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in {os.fspath(model_dir)!r}")
         return cls.from_dict(read_json_object(path, "model config"))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "ModelConfig":
+        """From a GGUF file's metadata: renamed to config.json keys (hybrimoe.gguf.metadata), then `from_dict`."""
+        from hybrimoe.gguf.files import open_gguf
+        from hybrimoe.gguf.metadata import hf_config_from_gguf
+
+        files = open_gguf(path)
+        return cls.from_dict(hf_config_from_gguf(files.metadata, {name for name, _, _ in files.tensors()}))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
