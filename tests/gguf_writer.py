@@ -97,6 +97,7 @@ class Converter:
         self.n_layers = self.hp["num_hidden_layers"]
         self.tmap = gguf.get_tensor_name_map(self.arch, self.n_layers)
         self.experts: dict[int, dict[str, np.ndarray]] = {}
+        self.split_kv_b = True
 
     def find(self, keys: list[str]) -> Any:
         return next((self.hp[k] for k in keys if self.hp.get(k) is not None), None)
@@ -224,7 +225,7 @@ class Converter:
                           else f"model.layers.{bid}.mlp.experts.{wid}.weight")
                 yield merged, stacked, lambda v, ns=names: list(zip(ns, v))
             return
-        if name.endswith("kv_b_proj.weight"):
+        if name.endswith("kv_b_proj.weight") and self.split_kv_b:
             n, v_dim, nope = hp["num_attention_heads"], hp["v_head_dim"], hp["qk_nope_head_dim"]
             kv_b = data.reshape(n, nope + v_dim, data.shape[-1])
             k_b, v_b = kv_b[:, :nope], kv_b[:, nope:]
@@ -258,24 +259,52 @@ class Converter:
                 yield new, stored, kind, undo
 
 
+def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
+    """Random Q5_K / Q6_K blocks (gguf-py has no quantiser for them) for float shape [..., K]; the fp16
+    super-block scales are set to small normal values so the weights stay in a sane range."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = rng.integers(0, 256, (*shape[:-1], shape[-1] // block, size), dtype=np.uint8)
+    if qtype == Q.Q6_K:      # ql[128] qh[64] scales int8[16] d f16
+        rows[..., 192:208] = rng.integers(-8, 8, rows[..., 192:208].shape).astype(np.int8).view(np.uint8)
+        rows[..., 208:210] = np.full(rows.shape[:-1] + (1,), 0.0005, np.float16).view(np.uint8)
+    elif qtype == Q.Q5_K:    # d f16, dmin f16, scales[12], qh[32], qs[128]
+        rows[..., 0:2] = np.full(rows.shape[:-1] + (1,), 0.0002, np.float16).view(np.uint8)
+        rows[..., 2:4] = np.full(rows.shape[:-1] + (1,), 0.0001, np.float16).view(np.uint8)
+    else:
+        raise ValueError(f"no random blocks for {qtype.name}")
+    return rows.reshape(*shape[:-1], -1)
+
+
 def write_gguf(model_dir: str | Path, out: str | Path, qtype: str = "F32", split_max_tensors: int = 0,
-               overrides: dict[str, Any] | None = None,
-               drop: tuple[str, ...] = ()) -> tuple[list[Path], dict[str, torch.Tensor]]:
+               overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
+               force: dict[str, str] | None = None,
+               split_kv_b: bool = True) -> tuple[list[Path], dict[str, torch.Tensor]]:
     """Converts a tiny HF checkpoint; returns (written files, {original name: values a reader must get}).
 
     overrides: config.json values to convert with (e.g. a field the tiny config lacks but real configs
-    have); drop: GGUF tensor names to leave out (for error tests).
+    have); drop: GGUF tensor names to leave out (for error tests); force: {GGUF name: type} stores that
+    tensor in that type (Q5_K / Q6_K as random blocks); split_kv_b=False writes DeepSeek's kv_b whole,
+    as converters before llama.cpp's MLA split did.
     """
     conv = Converter(Path(model_dir), overrides)
+    conv.split_kv_b = split_kv_b
     ftype = FTYPE[qtype]
     w = gguf.GGUFWriter(Path(out), gguf.MODEL_ARCH_NAMES[conv.arch], split_max_tensors=split_max_tensors)
     conv.metadata(w, ftype)
     conv.vocab(w)
     expected: dict[str, torch.Tensor] = {}
-    target = Q[qtype] if qtype != "Q4_K" else Q.Q4_K
+    target = Q[qtype]
     for name, stored, kind, undo in conv.tensors(target):
         if name in drop:
             continue
+        if name in (force or {}):
+            shape = tuple(gguf.quant_shape_from_byte_shape(stored.shape, kind)) if stored.dtype == np.uint8 \
+                else stored.shape
+            kind = Q[force[name]]
+            floats = np.random.default_rng(1).standard_normal(shape).astype(np.float32) * 0.15
+            stored = (random_blocks(shape, kind) if kind in (Q.Q5_K, Q.Q6_K)
+                      else gguf.quants.quantize(floats, kind))
         w.add_tensor(name, stored, raw_dtype=kind)
         values = gguf.quants.dequantize(stored, kind)
         for orig, v in undo(values):

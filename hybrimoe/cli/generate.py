@@ -14,7 +14,8 @@ from hybrimoe.engine.options import DTYPES
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that choose the model and how it runs (shared by generate, chat, serve, bench)."""
-    parser.add_argument("--model", required=True, metavar="DIR", help="Hugging Face model directory")
+    parser.add_argument("--model", required=True, metavar="DIR|FILE.gguf",
+                        help="Hugging Face model directory, or a GGUF file (or a directory holding one)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight dtype (default bf16)")
     parser.add_argument("--device", default="cpu", help="torch device of the dense weights (default cpu)")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",

@@ -31,6 +31,16 @@ def is_gguf_path(path: str | os.PathLike) -> bool:
     return False
 
 
+def gguf_model_name(path: str | os.PathLike) -> str:
+    """The model's name: the .gguf file name without `.gguf` and the split suffix (a directory: its name)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return os.path.basename(os.path.abspath(path))
+    base = os.path.basename(path)
+    m = SPLIT_NAME.fullmatch(base)
+    return m.group("stem") if m else base.removesuffix(".gguf")
+
+
 def gguf_parts(path: str | os.PathLike) -> list[str]:
     """The file(s) of the GGUF model at `path` (a file, any split part, or a directory), in split order."""
     path = os.fspath(path)
@@ -69,9 +79,7 @@ class GGUFModelFiles:
     @property
     def name(self) -> str:
         """The model's file name without `.gguf` (and without the split suffix)."""
-        base = os.path.basename(self.paths[0])
-        m = SPLIT_NAME.fullmatch(base)
-        return m.group("stem") if m else base.removesuffix(".gguf")
+        return gguf_model_name(self.paths[0])
 
     def tensors(self) -> list[tuple[str, Any, str]]:
         """(name, gguf.ReaderTensor, file) of every tensor in every part."""
