@@ -112,13 +112,13 @@ def hf_config_from_gguf(metadata: dict[str, Any], tensor_names: set[str]) -> dic
     m = _Meta(metadata, arch)
     layers = int(m.need("block_count"))
     heads = int(m.need("attention.head_count"))
-    vocab = m.get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or []) or None
-    if vocab is None:
-        raise ConfigError(f"GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
     experts = int(m.get("expert_count") or 0)
     if experts <= 0:
         raise ConfigError(f"GGUF {arch} model without experts ({arch}.expert_count missing or 0): "
                           "hybrimoe runs mixture-of-experts models only")
+    vocab = m.get("vocab_size") or len(metadata.get("tokenizer.ggml.tokens") or []) or None
+    if vocab is None:
+        raise ConfigError(f"GGUF metadata lacks {arch}.vocab_size and tokenizer.ggml.tokens")
     d: dict[str, Any] = {
         "model_type": model_type, "architectures": [f"gguf:{arch}"],
         "num_hidden_layers": layers, "hidden_size": int(m.need("embedding_length")), "vocab_size": int(vocab),
