@@ -98,6 +98,7 @@ class Converter:
         self.tmap = gguf.get_tensor_name_map(self.arch, self.n_layers)
         self.experts: dict[int, dict[str, np.ndarray]] = {}
         self.split_kv_b = True
+        self.fuse_gate_up = False
 
     def find(self, keys: list[str]) -> Any:
         return next((self.hp[k] for k in keys if self.hp.get(k) is not None), None)
@@ -244,7 +245,23 @@ class Converter:
             return
         yield name, data, same
 
-    def tensors(self, qtype: Q) -> Iterator[tuple[str, np.ndarray, Q, Undo]]:
+    def fused(self, mapped: Iterator[tuple[str, np.ndarray, Undo]]) -> Iterator[tuple[str, np.ndarray, Undo]]:
+        """base.py modify_tensors with fuse_gate_up_exps: gate and up experts -> ffn_gate_up_exps [E, 2I, H]."""
+        held: dict[tuple[int, str], tuple[np.ndarray, Undo]] = {}
+        for new, out, undo in mapped:
+            kind = next((k for k in ("gate", "up") if new.endswith(f".ffn_{k}_exps.weight")), None)
+            if not self.fuse_gate_up or kind is None:
+                yield new, out, undo
+                continue
+            bid = int(new.split(".")[1])
+            held[bid, kind] = (out, undo)
+            if (bid, "gate") in held and (bid, "up") in held:
+                (gate, undo_g), (up, undo_u) = held.pop((bid, "gate")), held.pop((bid, "up"))
+                i = gate.shape[1]
+                yield (f"blk.{bid}.ffn_gate_up_exps.weight", np.concatenate([gate, up], axis=1),
+                       lambda v, g=undo_g, u=undo_u, i=i: g(v[:, :i]) + u(v[:, i:]))
+
+    def mapped(self) -> Iterator[tuple[str, np.ndarray, Undo]]:
         tied = self.hp.get("tie_word_embeddings", False)
         for name, data in self.hf_tensors():
             if tied and name == "lm_head.weight":
@@ -252,11 +269,15 @@ class Converter:
             for src, out, undo in self.modify(name, data):
                 new = self.tmap.get_name(src, try_suffixes=(".weight", ".bias"))
                 assert new is not None, f"llama.cpp cannot map {src!r} for {self.arch.name}"
-                bid = next((int(p) for p in new.split(".") if p.isdecimal()), None)
-                keep = out.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight") or any(
-                    new == gguf.TENSOR_NAMES[k].format(bid=bid) + ".weight" for k in F32_KINDS)
-                stored, kind = quantize(out, Q.F32 if keep else qtype)
-                yield new, stored, kind, undo
+                yield new, out, undo
+
+    def tensors(self, qtype: Q) -> Iterator[tuple[str, np.ndarray, Q, Undo]]:
+        for new, out, undo in self.fused(self.mapped()):
+            bid = next((int(p) for p in new.split(".") if p.isdecimal()), None)
+            keep = out.ndim <= 1 or new.endswith("_norm.weight") or not new.endswith(".weight") or any(
+                new == gguf.TENSOR_NAMES[k].format(bid=bid) + ".weight" for k in F32_KINDS)
+            stored, kind = quantize(out, Q.F32 if keep else qtype)
+            yield new, stored, kind, undo
 
 
 def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray:
@@ -279,16 +300,17 @@ def random_blocks(shape: tuple[int, ...], qtype: Q, seed: int = 0) -> np.ndarray
 def write_gguf(model_dir: str | Path, out: str | Path, qtype: str = "F32", split_max_tensors: int = 0,
                overrides: dict[str, Any] | None = None, drop: tuple[str, ...] = (),
                force: dict[str, str] | None = None,
-               split_kv_b: bool = True) -> tuple[list[Path], dict[str, torch.Tensor]]:
+               split_kv_b: bool = True, fuse_gate_up: bool = False) -> tuple[list[Path], dict[str, torch.Tensor]]:
     """Converts a tiny HF checkpoint; returns (written files, {original name: values a reader must get}).
 
     overrides: config.json values to convert with (e.g. a field the tiny config lacks but real configs
     have); drop: GGUF tensor names to leave out (for error tests); force: {GGUF name: type} stores that
     tensor in that type (Q5_K / Q6_K as random blocks); split_kv_b=False writes DeepSeek's kv_b whole,
-    as converters before llama.cpp's MLA split did.
+    as converters before llama.cpp's MLA split did; fuse_gate_up writes ffn_gate_up_exps (the
+    converter's fuse_gate_up_exps option).
     """
     conv = Converter(Path(model_dir), overrides)
-    conv.split_kv_b = split_kv_b
+    conv.split_kv_b, conv.fuse_gate_up = split_kv_b, fuse_gate_up
     ftype = FTYPE[qtype]
     w = gguf.GGUFWriter(Path(out), gguf.MODEL_ARCH_NAMES[conv.arch], split_max_tensors=split_max_tensors)
     conv.metadata(w, ftype)

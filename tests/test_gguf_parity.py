@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,8 @@ def test_f32_gguf_gives_the_safetensors_logits_and_greedy_tokens(tiny_gguf, fami
     t = tiny_gguf(family)
     original = load_model(t.hf_dir, progress=False)
     ours = load_model(t.path, progress=False)
-    assert ours.config.moe_layers == original.config.moe_layers
+    # every config field from the metadata (V3's multi-token-prediction layers are not converted)
+    assert replace(ours.config, num_nextn_predict_layers=original.config.num_nextn_predict_layers) == original.config
     ids = prompt_ids(ours.config.vocab_size)
     assert torch.equal(logits(ours, ids), logits(original, ids))
     ref = AutoModelForCausalLM.from_pretrained(t.hf_dir, dtype=torch.float32).eval()
@@ -90,6 +92,16 @@ def test_deepseek_file_with_whole_kv_b_loads_like_the_split_one(tiny_gguf) -> No
     ids = prompt_ids(300)
     assert torch.equal(logits(load_model(whole.path, progress=False), ids),
                        logits(load_model(split.path, progress=False), ids))
+
+
+def test_fused_gate_up_experts_load_like_separate_ones(tiny_gguf) -> None:
+    """The converter's fuse_gate_up_exps option stores ffn_gate_up_exps [E, 2I, H] instead of two tensors."""
+    separate, fused = tiny_gguf("deepseek-v2-lite"), tiny_gguf("deepseek-v2-lite", fuse_gate_up=True)
+    from gguf import GGUFReader
+    assert "blk.1.ffn_gate_up_exps.weight" in {t.name for t in GGUFReader(fused.path).tensors}
+    ids = prompt_ids(300)
+    assert torch.equal(logits(load_model(fused.path, progress=False), ids),
+                       logits(load_model(separate.path, progress=False), ids))
 
 
 def check_quantised(t: TinyGGUF, qtype: str, tmp_path: Path) -> tuple[float, float]:
