@@ -112,10 +112,9 @@ class ModelConfig:
     def from_gguf(cls, path: str | os.PathLike) -> "ModelConfig":
         """From a GGUF file's metadata: renamed to config.json keys (hybrimoe.gguf.metadata), then `from_dict`."""
         from hybrimoe.gguf.files import open_gguf
-        from hybrimoe.gguf.metadata import hf_config_from_gguf
+        from hybrimoe.gguf.metadata import model_config
 
-        files = open_gguf(path)
-        return cls.from_dict(hf_config_from_gguf(files.metadata, {name for name, _, _ in files.tensors()}))
+        return model_config(open_gguf(path))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

@@ -14,10 +14,9 @@ import os
 import torch
 from tqdm import tqdm
 
-from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError
 from hybrimoe.gguf.files import open_gguf
-from hybrimoe.gguf.metadata import hf_config_from_gguf
+from hybrimoe.gguf.metadata import model_config
 from hybrimoe.gguf.tensors import TensorMapper, expected_names
 from hybrimoe.loader import _Loader, build_empty_model
 from hybrimoe.models.transformer import MoETransformer
@@ -32,7 +31,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32",
     files = open_gguf(path)
     tensors = files.tensors()
     names = {name for name, _, _ in tensors}
-    config = ModelConfig.from_dict(hf_config_from_gguf(files.metadata, names))
+    config = model_config(files)
     missing = [n for n in expected_names(config, names) if n not in names]
     if missing:
         raise CheckpointError(f"missing tensor(s) in {files.paths[0]}: {', '.join(missing[:5])}"

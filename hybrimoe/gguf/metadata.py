@@ -22,10 +22,17 @@ semantics (docs/GGUF.md lists each case):
 
 from __future__ import annotations
 
+import logging
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hybrimoe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from hybrimoe.config import ModelConfig
+    from hybrimoe.gguf.files import GGUFModelFiles
+
+log = logging.getLogger(__name__)
 
 # general.architecture -> our model_type (deepseek2 is split into V2 / V3 below)
 ARCHITECTURES = {"llama": "mixtral", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe", "olmoe": "olmoe",
@@ -48,6 +55,21 @@ class _Meta:
         if full not in self.metadata:
             raise ConfigError(f"GGUF metadata lacks {full!r}")
         return self.metadata[full]
+
+
+def model_config(files: GGUFModelFiles) -> ModelConfig:
+    """The ModelConfig of an opened GGUF model; a ConfigError names the file."""
+    from hybrimoe.config import ModelConfig
+
+    try:
+        d = hf_config_from_gguf(files.metadata, {name for name, _, _ in files.tensors()})
+        config = ModelConfig.from_dict(d)
+    except ConfigError as exc:
+        raise ConfigError(f"{files.paths[0]}: {exc}") from None
+    if config.model_type == "deepseek_v2" and config.norm_topk_prob:
+        log.warning("%s says expert_weights_norm=true; the DeepSeek-V2 router, like transformers', does "
+                    "not renormalise top-k weights", files.paths[0])
+    return config
 
 
 def gguf_model_type(metadata: dict[str, Any]) -> str:
