@@ -46,8 +46,8 @@ def test_a_missing_tensor_is_named(tiny_gguf) -> None:
 
 
 def test_an_unsupported_tensor_type_is_named(tiny_gguf) -> None:
-    t = tiny_gguf("olmoe", force={"blk.1.attn_v.weight": "Q5_0"})
-    with pytest.raises(CheckpointError, match="'blk.1.attn_v.weight' has type Q5_0; supported: F32, F16, BF16"):
+    t = tiny_gguf("olmoe", force={"blk.1.attn_v.weight": "MXFP4"})
+    with pytest.raises(CheckpointError, match="'blk.1.attn_v.weight' has type MXFP4; supported: F32, F16, BF16"):
         load_model(t.path, progress=False)
 
 

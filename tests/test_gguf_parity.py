@@ -147,10 +147,13 @@ def test_q4_k_gguf_with_256_wide_rows(tiny_gguf, tmp_path: Path, family: str) ->
     check_quantised(t, "Q4_K", tmp_path)
 
 
-def test_bf16_q5_k_and_q6_k_tensors_load_to_their_stored_values(tiny_gguf, tmp_path: Path) -> None:
-    """gguf-py cannot make Q5_K / Q6_K blocks: random valid ones stand in for two expert tensors."""
+def test_bf16_q5_k_q6_k_and_fallback_types_load_to_their_stored_values(tiny_gguf, tmp_path: Path) -> None:
+    """gguf-py cannot make Q5_K / Q6_K blocks: random valid ones stand in for two expert tensors; Q4_1,
+    Q5_0, Q5_1 (llama-quantize's fallbacks for rows that are not a multiple of 256) by its quantisers."""
     t = tiny_gguf("qwen3-moe", "BF16", hidden=256,
-                  force={"blk.0.ffn_down_exps.weight": "Q6_K", "blk.1.ffn_gate_exps.weight": "Q5_K"})
+                  force={"blk.0.ffn_down_exps.weight": "Q6_K", "blk.1.ffn_gate_exps.weight": "Q5_K",
+                         "blk.1.ffn_up_exps.weight": "Q5_0", "blk.2.ffn_down_exps.weight": "Q4_1",
+                         "blk.0.attn_v.weight": "Q5_1"})
     ours = load_model(t.path, progress=False)
     ids = prompt_ids(ours.config.vocab_size)
     ref = AutoModelForCausalLM.from_pretrained(stored_values_checkpoint(t, tmp_path), dtype=torch.float32).eval()

@@ -11,7 +11,7 @@ Names are gguf-py's `TENSOR_NAMES` (gguf-py/gguf/constants.py; llama.cpp src/lla
 - DeepSeek: recent converters split `kv_b_proj` [N*(D+V), L] into `attn_k_b` [N, L, D] (transposed)
   and `attn_v_b` [N, V, L] (`DeepseekV2Model.modify_tensors` in conversion/deepseek.py); older files
   keep `attn_kv_b`. Either is accepted.
-Tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K, Q6_K, dequantised by `gguf.quants.dequantize`
+Tensor types: F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, dequantised by `gguf.quants.dequantize`
 (exact: the fp32 value of every stored weight); others are a CheckpointError naming the tensor.
 """
 
@@ -26,7 +26,9 @@ import torch
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError
 
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_K", "Q5_K", "Q6_K")
+# Q4_1 / Q5_0 / Q5_1 too: llama-quantize falls back to them where a row is not a multiple of 256
+# (e.g. DeepSeek-V2-Lite's 1408-wide experts in a Q4_K_M file)
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
 _GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
            "output.weight": "lm_head.weight"}
 _LAYER = {   # GGUF name within blk.N -> our module path within model.layers.N
