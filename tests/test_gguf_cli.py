@@ -9,10 +9,13 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from gguf_fixtures import tiny_gguf  # noqa: F401  (fixture)
 from hybrimoe.cli import main
 from hybrimoe.engine import Engine
+from hybrimoe.gguf.files import open_gguf
+from hybrimoe.gguf.tokenizer import byte_level_tokenizer
 
 PROMPT = "Hello, world. What is the capital of France?"
 TEXTS = [PROMPT, "  two spaces\n\nnew lines\ttab 0123456789", "<|im_start|>user\nhi<|im_end|>\n", "ünïcödé 漢字 😀"]
@@ -56,3 +59,13 @@ def test_tokenizer_eos_and_chat_template_come_from_the_file(tiny_gguf, family: s
     assert ours.tokenizer.chat_template == original.tokenizer.chat_template
     assert ours.encode_chat(chat) == original.encode_chat(chat)
     assert ours.eos_token_ids == original.eos_token_ids       # <|endoftext|> and <|im_end|>
+
+
+@pytest.mark.parametrize("family", ["deepseek-v3", "olmoe"])
+def test_byte_level_fallback_tokenizer_encodes_like_the_original(tiny_gguf, family: str) -> None:
+    """What transformers versions that refuse deepseek2 / olmoe GGUF tokenizers (5.17) get instead."""
+    t = tiny_gguf(family)
+    ours, original = byte_level_tokenizer(open_gguf(t.path).metadata), AutoTokenizer.from_pretrained(t.hf_dir)
+    for text in TEXTS:
+        assert ours(text).input_ids == original(text).input_ids, text
+    assert ours.eos_token == original.eos_token and len(ours) == len(original)
