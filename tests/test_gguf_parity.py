@@ -16,13 +16,16 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
+from gguf.quants import dequantize
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM
 
 from gguf_fixtures import TinyGGUF, tiny_gguf  # noqa: F401  (fixture)
+from gguf_quants import quantize_q4_k
 from hybrimoe.loader import load_model
 from hybrimoe.tiny import FAMILIES
 from test_parity import cached_greedy, prompt_ids, reference_greedy
@@ -136,6 +139,15 @@ QUANT_CASES = ([(f, "Q8_0") for f in FAMILIES] + [(f, "F16") for f in ("mixtral"
 @pytest.mark.parametrize("family,qtype", QUANT_CASES)
 def test_quantised_gguf_logits_within_the_formats_bound(tiny_gguf, tmp_path: Path, family: str, qtype: str) -> None:
     check_quantised(tiny_gguf(family, qtype), qtype, tmp_path)
+
+
+def test_the_test_q4_k_quantiser_writes_what_gguf_reads_back() -> None:
+    """Within ~half a step of each 32-weight sub-block's range (+ 6-bit scale rounding): the packing is right."""
+    x = np.random.default_rng(0).standard_normal((64, 512)).astype(np.float32)
+    y = dequantize(quantize_q4_k(x), GGMLQuantizationType.Q4_K)
+    xs, ys = x.reshape(-1, 32), y.reshape(-1, 32)
+    span = xs.max(1) - np.minimum(xs.min(1), 0)
+    assert (np.abs(xs - ys).max(1) <= 0.04 * span).all()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "deepseek-v2-lite"])
