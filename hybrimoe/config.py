@@ -1,4 +1,5 @@
-"""`ModelConfig`: one frozen dataclass normalised from a Hugging Face `config.json`.
+"""`ModelConfig`: one frozen dataclass normalised from a Hugging Face `config.json` (GGUF metadata is
+first renamed to config.json keys by `hybrimoe.gguf.metadata`, then normalised here too).
 
 Every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3) maps onto the
 same fields; family quirks are fields too (attention kind, q/k norm, router method, shared experts,
