@@ -1,4 +1,5 @@
-"""`ModelConfig`: one frozen dataclass normalised from a Hugging Face `config.json`.
+"""`ModelConfig`: one frozen dataclass normalised from a Hugging Face `config.json` (GGUF metadata is
+first renamed to config.json keys by `hybrimoe.gguf.metadata`, then normalised here too).
 
 Every supported family (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V2, DeepSeek-V3) maps onto the
 same fields; family quirks are fields too (attention kind, q/k norm, router method, shared experts,
@@ -98,10 +99,23 @@ class ModelConfig:
     # ------------------------------------------------------------------ constructors
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+        """From a Hugging Face directory (config.json), or a GGUF file / directory (`from_gguf`)."""
+        from hybrimoe.gguf.files import is_gguf_path
+
+        if is_gguf_path(model_dir):
+            return cls.from_gguf(model_dir)
         path = os.path.join(os.fspath(model_dir), "config.json")
         if not os.path.isfile(path):
             raise ConfigError(f"no config.json in {os.fspath(model_dir)!r}")
         return cls.from_dict(read_json_object(path, "model config"))
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike) -> "ModelConfig":
+        """From a GGUF file's metadata: renamed to config.json keys (hybrimoe.gguf.metadata), then `from_dict`."""
+        from hybrimoe.gguf.files import open_gguf
+        from hybrimoe.gguf.metadata import model_config
+
+        return model_config(open_gguf(path))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":

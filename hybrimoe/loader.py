@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError, ConfigError
+from hybrimoe.gguf.files import is_gguf_path
 from hybrimoe.models.transformer import MoETransformer
 from hybrimoe.moe.store import ExpertStore
 
@@ -231,12 +232,16 @@ def _open(path: str):
 def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu", progress: bool = True,
                pin_memory: bool = False) -> MoETransformer:
-    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors) into a `MoETransformer`.
+    """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a GGUF file or
+    directory (`hybrimoe.gguf.loader.load_gguf_model`), into a `MoETransformer`.
 
     Routed experts stay in host memory (`model.expert_store`, page-locked if `pin_memory`);
     dense weights go to `device`.
     """
     model_dir = os.fspath(model_dir)
+    if is_gguf_path(model_dir):   # a .gguf file, or a directory holding one and no config.json
+        from hybrimoe.gguf.loader import load_gguf_model
+        return load_gguf_model(model_dir, dtype, device, progress, pin_memory)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):

@@ -16,8 +16,9 @@ from hybrimoe.errors import ConfigError
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that choose the model and how it runs (shared by generate, chat, serve)."""
-    parser.add_argument("--model", default=None, metavar="DIR",
-                        help="Hugging Face model directory (required unless --dummy-weights is given)")
+    parser.add_argument("--model", default=None, metavar="DIR|FILE.gguf",
+                        help="Hugging Face model directory, or a GGUF file (or a directory holding one); "
+                             "required unless --dummy-weights is given")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads of the dense model and the engine (default: torch's, one per core); "
                              "the CPU expert worker has its own --cpu-threads")

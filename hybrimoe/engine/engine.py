@@ -93,12 +93,15 @@ class Engine:
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike | None, dtype: str = "fp32",
                         **runtime_options: Any) -> "Engine":
-        """Model + tokenizer from a directory. Options named by `EngineOptions` configure the engine; the
+        """Model + tokenizer from a Hugging Face directory or a GGUF file (or a directory holding one;
+        tokenizer and chat template then come from the file: docs/GGUF.md). Options named by
+        `EngineOptions` configure the engine; the
         rest (policy, expert_cache_bytes, cache_ratio, ...: `hybrimoe.runtime_options.RuntimeOptions`)
         install the hybrid runtime. Without any of the latter the plain reference executor runs.
         `model_dir` may be None with `dummy_weights`: random weights and no tokenizer."""
         from transformers import AutoTokenizer
 
+        from hybrimoe.gguf.files import gguf_model_name, is_gguf_path
         from hybrimoe.loader import load_model
 
         engine_keys = {f.name for f in fields(EngineOptions)}
@@ -117,9 +120,10 @@ class Engine:
             engine.runtime = runtime
             return engine
         path = Path(model_dir)
-        if not path.is_dir():
+        gguf = is_gguf_path(path)   # a .gguf file (or split part), or a directory holding one
+        if not path.is_dir() and not gguf:
             raise CheckpointError(f"model directory not found: {path}")
-        if not any((path / name).is_file() for name in TOKENIZER_FILES) and not any(path.glob("*.gguf")):
+        if not gguf and not any((path / name).is_file() for name in TOKENIZER_FILES):
             # checked before any weight is read (a GGUF file carries its own tokenizer)
             raise CheckpointError(f"{path} has no tokenizer ({' / '.join(TOKENIZER_FILES[:2])} ...): copy the "
                                   "model's tokenizer files there, or use --dummy-weights with --prompt-ids")
@@ -134,12 +138,17 @@ class Engine:
             model = load_model(path, dtype=check_dtype(dtype), device=options.device)
         model.eval()
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as exc:
+            if gguf:
+                from hybrimoe.gguf.tokenizer import load_gguf_tokenizer
+                tokenizer = load_gguf_tokenizer(path)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError, CheckpointError) as exc:
             if runtime is not None:
                 runtime.close()
             raise CheckpointError(f"cannot load a tokenizer from {path}: {_first_line(exc)}") from None
-        engine = cls(model, tokenizer, path.resolve().name, options, model_dir=path)
+        name = gguf_model_name(path) if gguf else path.resolve().name
+        engine = cls(model, tokenizer, name, options, model_dir=path if path.is_dir() else None)
         engine.runtime = runtime
         return engine
 
