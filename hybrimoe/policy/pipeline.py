@@ -99,9 +99,10 @@ class CopyPipeline:
                               arrivals=view.arrivals)
         if not plan.copies or self.link_value <= 0.0:
             return plan
-        no_copy = scheduler.plan(layer, counts, view.cached, costs, copy_free_at=_NEVER, arrivals=view.arrivals)
-        if no_copy.copies or no_copy.makespan - plan.makespan >= self.link_value * costs.copy() * len(plan.copies):
+        without = makespan(scheduler, layer, counts, view.cached, costs, _NEVER, view.arrivals)
+        if without - plan.makespan >= self.link_value * costs.copy() * len(plan.copies):
             return plan
+        no_copy = scheduler.plan(layer, counts, view.cached, costs, copy_free_at=_NEVER, arrivals=view.arrivals)
         return build_plan(layer, counts, no_copy.gpu_order, (), no_copy.cpu_order, costs, view.copy_free_at,
                           arrivals={e: a for e, a in view.arrivals.items() if e in no_copy.gpu_order})
 

@@ -40,6 +40,9 @@ def _asc(experts, counts: dict[int, int]) -> list[int]:
     return sorted(experts, key=lambda e: (counts[e], e))
 
 
+_MEMO_LIMIT = 65536  # makespan() memo entries before it is cleared
+
+
 def _landed(counts: dict[int, int], cached: set[int], costs: ExpertCosts,
             arrivals: dict[int, float] | None) -> dict[int, float]:
     """In-flight experts that finish sooner on the GPU after their arrival than on the CPU."""
@@ -77,6 +80,7 @@ class HybridScheduler:
 
     def __init__(self, full_search_limit: int = 16) -> None:
         self.full_search_limit = full_search_limit  # above: ternary search on the copy count
+        self._memo: dict[tuple, float] = {}  # makespan() results (costs must not change while memoised)
 
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
              copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
@@ -90,8 +94,20 @@ class HybridScheduler:
     def makespan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
                  copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
                  arrivals: dict[int, float] | None = None) -> float:
-        """`plan(...).makespan` without building the Plan (the prefetcher prices many what-ifs)."""
-        return self._search(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals or {})[0]
+        """`plan(...).makespan` without building the Plan (the prefetcher prices many what-ifs).
+        Memoised on what the makespan depends on: the multiset of (tokens, cached / arrival / neither)
+        (expert ids only break ties), the free times and the costs (the key holds the costs object, so
+        an id is never reused for another while memoised)."""
+        arrivals = arrivals or {}
+        key = (costs, copy_free_at, gpu_free_at, cpu_free_at,
+               tuple(sorted((n, 0.0 if e in cached else arrivals.get(e, -1.0)) for e, n in counts.items())))
+        found = self._memo.get(key)
+        if found is None:
+            if len(self._memo) >= _MEMO_LIMIT:
+                self._memo.clear()
+            found = self._memo[key] = self._search(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at,
+                                                   arrivals)[0]
+        return found
 
     def _search(self, counts: dict[int, int], cached: set[int], costs: ExpertCosts, copy_free_at: float,
                 gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float]
