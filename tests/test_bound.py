@@ -91,7 +91,7 @@ def test_no_simulated_forward_beats_its_bound(qwen_setup, name):
     for f in sim.forwards:
         b = forward_bound(f, qwen_setup.costs)
         assert b.seconds <= f.seconds * (1 + 1e-9), (name, f.phase, b, f.seconds)
-        assert b.seconds >= b.dense_seconds > 0
+        assert b.seconds >= b.dense_seconds > 0 and b.upper <= b.seconds * (1 + 1e-9)  # the LP value, closed
     assert result.bound_ttft_seconds <= result.ttft_seconds and result.bound_tbt_seconds <= result.tbt_seconds
 
 

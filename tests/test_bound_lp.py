@@ -226,3 +226,20 @@ def test_bound_is_below_every_integral_schedule_and_above_weaker_bounds():
         tight["link"] += b.seconds > b.no_link_seconds * (1 + 1e-6)
         tight["surcharge"] += b.seconds > old.seconds * (1 + 1e-6)
     assert tight["link"] >= 15 and tight["surcharge"] >= 40, tight  # both terms matter on a good share
+
+
+def test_the_search_closes_on_costs_with_exact_breakpoints():
+    """Costs in quarters and eighths: lines meet exactly on a bracket's end, where the search stops;
+    the feasible point found there must still close the gap (seconds = upper = the LP value)."""
+    rng = random.Random(3)
+    for i in range(1500):
+        layers = []
+        for _ in range(rng.randint(1, 3)):
+            items = tuple(sorted((rng.randint(1, 8) / 4, rng.randint(1, 8) / 8, rng.random() < 0.6)
+                                 for _ in range(rng.randint(1, 3))))
+            layers.append((rng.randint(1, 16) / 4, rng.choice([0.0, rng.randint(1, 4) / 4]), items))
+        dense = rng.choice([0.0, rng.randint(1, 8) / 4])
+        b = fluid_bound(dense, layers)
+        assert b.upper <= b.seconds * (1 + 1e-12), (dense, layers, b)
+        if i < 40:
+            assert b.seconds == pytest.approx(float(fluid_lp(dense, layers)), rel=1e-12)

@@ -91,9 +91,9 @@ class LayerPoint:
 
 def layer_point(items: list[Item] | tuple[Item, ...], p: float, surcharge: float = 0.0) -> LayerPoint:
     """H(p) for one layer (p = link price per copied expert, seconds; math.inf = no copies; surcharge
-    = s, seconds, charged once per unit of max CPU share) and the minimiser's (max(C, G), K)."""
-    total_cpu, total_gpu = sum(a for a, _, _ in items), sum(g for _, g, _ in items)
+    = s, seconds, paid in proportion to the largest CPU share) and the minimiser's (max(C, G), K)."""
     order = []  # (beta_e, miss, a, g, b_e)
+    total_a = total_g = total_b = total_w = total_n = 0.0
     free_copies = 0  # misses of zero cost anywhere at p = 0: on the GPU (y = 1), counted in K
     for a, g, miss in items:
         b = g + (p if miss else 0.0)  # math.inf for a miss at p = inf
@@ -101,57 +101,46 @@ def layer_point(items: list[Item] | tuple[Item, ...], p: float, surcharge: float
         if w <= 0.0 and b <= 0.0:
             free_copies += miss  # costs nothing anywhere: on the GPU, so that it needs no CPU share
             continue
-        beta = math.inf if (w <= 0.0 or math.isinf(b)) else b / w
-        order.append((beta, miss, a, g, b))
+        order.append((math.inf if (w <= 0.0 or math.isinf(b)) else b / w, miss, a, g, b))
+        total_a, total_g, total_b, total_w, total_n = total_a + a, total_g + g, total_b + b, total_w + w, total_n + miss
     order.sort(key=lambda t: (t[0], t[1]))  # residents before misses at equal breakpoints: least link
-    # Q_s: the maximum of beta (A + s) + sum_e min(0, b_e - beta w_e), where the cumulative w reaches A + s
-    target = total_cpu + surcharge
-    beta_s, cum, split = 1.0, 0.0, None
-    for i, (beta, _, a, g, _) in enumerate(order):
+    target = total_a + surcharge  # Q_s's maximum: where the cumulative w reaches A + s
+    # one scan in breakpoint order, with the sums over order[:i] (experts on the GPU up to here):
+    # the split of Q_s's maximum (beta_s), or before it the root beta_c of D on [prev, beta]
+    pa = pg = pb = pw = pn = prev = 0.0
+    beta_s, beta_c, split = 1.0, None, None
+    for i, (beta, miss, a, g, b) in enumerate(order):
         if beta > 1.0:
             break
-        if cum + a + g >= target:
+        if surcharge > 0.0:
+            root = (total_b - pb) / (total_w - pw + surcharge)  # D = rest_b - x (rest_w + s) here
+            if root <= beta:
+                beta_c = max(root, prev)
+                break
+        if pw + a + g >= target:
             beta_s, split = beta, i
             break
-        cum += a + g
-    above = [(b, a + g) for beta, _, a, g, b in order if beta > beta_s]
-    excess = sum(b - beta_s * w for b, w in above) - beta_s * surcharge  # D(beta_s) = R - Q_s at beta_s
-    if surcharge <= 0.0 or excess >= 0.0:  # the maximum of Q is Q_s's: m = 1 (the CPU pays s), the split as without s
-        dual = beta_s * target + sum(b - beta_s * (a + g) for beta, _, a, g, b in order if beta < beta_s)
-        cpu, gpu, copied = target, 0.0, float(free_copies)
-        for i, (beta, miss, a, g, _) in enumerate(order):
-            if split is not None and i == split:
-                y = (target - cum) / (a + g)  # C = G at the split expert
-            elif (split is not None and i < split) or (split is None and beta < 1.0):
-                y = 1.0
-            else:
-                continue
-            cpu -= a * y
-            gpu += g * y
-            copied += y if miss else 0.0
+        pa, pg, pb, pw, pn, prev = pa + a, pg + g, pb + b, pw + a + g, pn + miss, beta
+    if beta_c is None and split is None and surcharge > 0.0:  # no split: beta_s = 1; D's root in [prev, 1]?
+        root = (total_b - pb) / (total_w - pw + surcharge)
+        beta_c = max(root, prev) if root <= 1.0 else None
+    beta = beta_s if beta_c is None else beta_c
+    # Q(beta) = min(R, Q_s) (a lower bound at any beta); order[:i] have beta_e <= beta (ties add 0)
+    dual = min(total_b - beta * total_g, beta * target + pb - beta * pw)
+    if beta_c is None:  # the maximum is Q_s's: m = 1 (the CPU pays s), order[:i] on the GPU, split
+        cpu, gpu, copied = target - pa, pg, free_copies + pn
+        if split is not None:
+            _, miss, a, g, _ = order[split]
+            y = (target - pw) / (a + g)  # C = G at the split expert
+            cpu, gpu, copied = cpu - a * y, gpu + g * y, copied + (y if miss else 0.0)
         return LayerPoint(dual, max(cpu, gpu), copied)
-    # the maximum is at the root beta_c < beta_s of D(beta) = sum_e max(0, b_e - beta w_e) - beta s
-    # (continuous, decreasing; here every b_e is finite): scan the segments between breakpoints
-    rest_b, rest_w = sum(b for *_, b in order), sum(a + g for _, _, a, g, _ in order)
-    k, beta_c, prev = len(order), 0.0, 0.0
-    for i, (beta, _, a, g, b) in enumerate(order):
-        root = rest_b / (rest_w + surcharge)  # D on [prev, beta] is rest_b - x (rest_w + s)
-        if root <= beta:
-            k, beta_c = i, max(root, prev)
-            break
-        rest_b, rest_w, prev = rest_b - b, rest_w - a - g, beta
-    else:
-        beta_c = prev  # D = -x s < 0 after the last breakpoint
-    r_value = sum(b - beta_c * g for *_, g, b in order)  # R(beta_c): Q's two pieces meet here
-    q_value = beta_c * target + sum(min(0.0, b - beta_c * (a + g)) for _, _, a, g, b in order)
-    # experts before k on the GPU, from k on a CPU share m each with C = G: m (s + sum w) = G_total
-    after = order[k:]
-    width = surcharge + sum(a + g for _, _, a, g, _ in after)
-    m = min(1.0, total_gpu / width) if width > 0.0 else 0.0
-    cpu = m * (surcharge + sum(a for _, _, a, _, _ in after))
-    gpu = total_gpu - m * sum(g for _, _, _, g, _ in after)
-    copied = free_copies + sum(1.0 for _, miss, *_ in order[:k] if miss) + sum(1.0 - m for _, miss, *_ in after if miss)
-    return LayerPoint(min(r_value, q_value), max(cpu, gpu), copied)
+    # at beta_c: order[:i] on the GPU, every later one at the CPU share m with C = G:
+    # m (s + their w) = G_total (m <= 1 as Q_s still rises at beta_c)
+    width = surcharge + total_w - pw
+    m = min(1.0, total_g / width) if width > 0.0 else 0.0
+    cpu = m * (surcharge + total_a - pa)
+    gpu = total_g - m * (total_g - pg)
+    return LayerPoint(dual, max(cpu, gpu), free_copies + pn + (1.0 - m) * (total_n - pn))
 
 
 def forward_items(forward: ForwardLog, costs: SimCosts) -> list[Layer]:
@@ -197,11 +186,14 @@ def fluid_bound(dense: float, layers: list[Layer]) -> FluidBound:
     upper = max(span_lo, link_lo)
     for _ in range(_MAX_ITER):
         slope_lo, slope_hi = link_lo - span_lo, link_hi - span_hi  # > 0, < 0
-        lam = lo if slope_lo <= slope_hi else (span_hi - span_lo) / (slope_lo - slope_hi)
+        if slope_lo <= slope_hi:
+            break  # not a bracket (rounding)
+        lam = (span_hi - span_lo) / (slope_lo - slope_hi)
+        # the two lines meet at lam: the convex combination of their points is feasible with this time
+        # (also when rounding puts lam on an end of the bracket: the maximum is there)
+        upper = min(upper, (1.0 - lam) * span_lo + lam * link_lo)
         if not lo < lam < hi:
             break  # the bracket cannot shrink further (rounding)
-        # the two lines meet at lam: the convex combination of their points is feasible with this time
-        upper = min(upper, (1.0 - lam) * span_lo + lam * link_lo)
         value, span, link = evaluate(lam)
         if value > best:
             best, best_lam = value, lam
