@@ -54,8 +54,9 @@ the experts before the root on the GPU and each one after it at the CPU share m 
 C = G (m <= 1 as Q_s still rises at beta_c). Either gives a supporting line of phi; the outer
 maximisation over lam is Kelley's cutting plane in one dimension (intersect the supporting lines
 at both ends of the bracket), which ends on a breakpoint of the piecewise linear phi in finitely
-many steps. `upper` is the primal value of a
-feasible fractional point, so the LP value lies in [seconds, upper] (equal to ~1e-12 in practice).
+many steps. `upper` is the primal value of a feasible fractional point (the convex combination
+of the two ends' points where their lines meet, also when rounding puts that on an end), so the LP
+value lies in [seconds, upper] (equal to ~1e-14 in practice).
 All of it holds up to floating-point rounding (~1e-15 relative).
 """
 
