@@ -2,8 +2,9 @@
 
 Any schedule of the simulator's form (batch 1; per layer the dense GPU part, then the MoE part;
 an activated expert runs wholly on the CPU, or on the GPU after a host->GPU copy when it is not
-already on the GPU side) with the same experts resident at each MoE layer's access (`LayerLog`:
-cached, staged or in flight) takes at least `forward_bound(...).seconds`. The bound is the value
+already on the GPU side) with the same experts landed on the GPU side at each MoE layer's access
+(`LayerLog`: cached or staged and arrived; one still in flight counts as a miss, whose copy, if
+the schedule waits for it, happens within the forward) takes at least `forward_bound(...).seconds`. The bound is the value
 of the FLUID RELAXATION, a linear program with these relaxations of a real schedule:
 1. fractions: an expert's work may be split between the CPU and the GPU (x on the CPU costs
    x * cpu, 1 - x on the GPU costs (1 - x) * gpu, and for a miss (1 - x) * copy seconds of link);
@@ -17,22 +18,25 @@ of the FLUID RELAXATION, a linear program with these relaxations of a real sched
    indicator over [0, 1]^E, so no convex term of the x alone charges more;
 3. no order and no arrival times: a layer's MoE part takes max(CPU work, GPU work) of the layer,
    as if every copy had arrived at its start (a real plan also waits for copies and idles);
-4. the link: the copy seconds of all copied fractions of the forward are at most the forward's
-   duration T (copies may happen any time, even before their layer; a real link also serialises
+4. the link: the copy seconds of all copied fractions of the forward, plus `held_link` (see 5),
+   are at most the forward's duration T (copies may happen any time, even before their layer; a real link also serialises
    them behind the accesses);
-5. residents are free on the GPU (also an in-flight prefetch that arrives late), and may be moved
-   to the CPU; prefetches and miss fills for later forwards are not charged.
+5. residents are free on the GPU and may be moved to the CPU; prefetches and miss fills for
+   later forwards are not charged. One exception: an expert that had landed on the GPU side by its
+   access but was not there when the forward began (`ForwardLog.entered`: a prefetch or fill of
+   this forward) was copied within this forward, so its copy seconds count on the link
+   (`held_link`).
 Layers run one after another after their dense part: T >= D + sum_l max(CPU_l, GPU_l), where D is
 the forward's dense GPU seconds (every layer's dense part and the LM head, `ForwardLog`).
 
-LP:  minimise T  s.t.  T >= D + sum_l z_l,  z_l >= C_l(y),  z_l >= G_l(y),  T >= sum_l c_l K_l(y),
+LP:  minimise T  s.t.  T >= D + sum_l z_l,  z_l >= C_l(y),  z_l >= G_l(y),  T >= L0 + sum_l c_l K_l(y),
 with y_e in [0, 1] the GPU fraction of expert e, m_l in [0, 1] with m_l >= 1 - y_e for every e of
 layer l, C_l = sum_e a_e (1 - y_e) + s_l m_l (CPU seconds), G_l = sum_e g_e y_e (GPU seconds),
-K_l = sum over misses of y_e (copied experts), c_l = copy seconds.
+K_l = sum over misses of y_e (copied experts), c_l = copy seconds, L0 = held_link.
 
 Solution (weak duality, then exactness). For lam in [0, 1], T >= (1 - lam) (D + sum z_l) + lam *
 (link seconds) holds for every feasible point, so
-    phi(lam) = (1 - lam) D + sum_l min_{y, m} [(1 - lam) max(C_l, G_l) + lam c_l K_l]
+    phi(lam) = (1 - lam) D + lam L0 + sum_l min_{y, m} [(1 - lam) max(C_l, G_l) + lam c_l K_l]
 is a lower bound for EVERY lam; phi is concave and max phi = the LP value (LP duality). The layer
 term, with p = lam c_l / (1 - lam) the link price per copied expert, is (1 - lam) H_l(p),
     H_l(p) = min_{y, m} max(C, G) + p K = max_{beta in [0, 1]} Q(beta),
@@ -156,16 +160,17 @@ def forward_items(forward: ForwardLog, costs: SimCosts) -> list[Layer]:
     return out
 
 
-def fluid_bound(dense: float, layers: list[Layer]) -> FluidBound:
+def fluid_bound(dense: float, layers: list[Layer], held_link: float = 0.0) -> FluidBound:
     """The LP value for dense seconds `dense` and MoE layers [(copy seconds, surcharge, items)]
-    (see module doc)."""
+    (see module doc); `held_link`: link seconds the forward spent bringing in experts it then held
+    (relaxation 5), on the link before any copied fraction."""
     groups: dict[Layer, int] = {}
     for key in layers:
         groups[key] = groups.get(key, 0) + 1
 
     def evaluate(lam: float) -> tuple[float, float, float]:
         """(phi(lam), A(y), L(y)): the dual value and the supporting line (1 - l) A + l L of y."""
-        value, span, link = (1.0 - lam) * dense, dense, 0.0
+        value, span, link = (1.0 - lam) * dense + lam * held_link, dense, held_link
         for (copy, surcharge, items), count in groups.items():
             if lam >= 1.0:
                 pt = layer_point(items, math.inf, surcharge)
@@ -212,7 +217,8 @@ def fluid_bound(dense: float, layers: list[Layer]) -> FluidBound:
 
 def forward_bound(forward: ForwardLog, costs: SimCosts) -> FluidBound:
     """The fluid lower bound of one logged forward."""
-    return fluid_bound(forward.dense_seconds, forward_items(forward, costs))
+    held_link = sum(costs.experts(layer).copy() for layer in forward.entered)
+    return fluid_bound(forward.dense_seconds, forward_items(forward, costs), held_link)
 
 
 def phase_bounds(forwards: list[ForwardLog], costs: SimCosts) -> tuple[float | None, float | None]:

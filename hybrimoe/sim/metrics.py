@@ -23,7 +23,7 @@ class LayerLog:
 
     layer: int
     counts: dict[int, int]  # {expert: tokens routed to it in this forward}
-    resident: frozenset[int]  # activated experts resident in the cache (or in flight / staged) at access
+    resident: frozenset[int]  # activated experts landed on the GPU side (cache slot or staging) at access
 
 
 @dataclass
@@ -36,8 +36,8 @@ class ForwardLog:
     dense_seconds: float  # sum of dense GPU work of every layer + LM head
     seconds: float  # simulated duration of the forward under the policy
     layers: list[LayerLog] = field(default_factory=list)
-    # layer of every expert that was on the GPU side at its access in this forward but not when the
-    # forward began: holding that cache content took one copy each over the link during the forward
+    # layer of every expert that had landed on the GPU side by its access in this forward but was not
+    # there when the forward began: holding it took one whole copy over the link within the forward
     entered: list[int] = field(default_factory=list)
 
 

@@ -224,9 +224,11 @@ class Simulator:
         if not counts:
             return t
         view = pipeline.view(layer, counts, t)
-        held = view.cached | set(view.arrivals)
-        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(held)))
-        run.forwards[-1].entered += [layer for e in held if (layer, e) not in run.held_at_start]
+        # the bound's residents: landed by the access (an expert still in flight is a miss to it: its copy,
+        # if the plan waits for it, happens within this forward and is charged as any copy)
+        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(view.cached)))
+        # landed by now but not held when the forward began: copied (prefetch or fill) within this forward
+        run.forwards[-1].entered += [layer for e in view.cached if (layer, e) not in run.held_at_start]
         for e in counts:
             cache.access((layer, e))
         plan: Plan = pipeline.plan(layer, counts, view, scheduler, self.costs.experts(layer))
