@@ -87,8 +87,7 @@ class ReferenceExecutor:
         flat_w = weights.reshape(-1)                                      # [T*K]
         for expert, slots in group_by_expert(expert_ids):
             tokens = slots // k                                           # [N]
-            w = self.store.weights(layer, expert)
-            y = expert_forward(x[tokens], w.gate, w.up, w.down)           # [N, H]
+            y = self.store.expert(layer, expert).forward(x[tokens])       # [N, H]
             out.index_add_(0, tokens, (y * flat_w[slots, None]).to(out.dtype))
         return out
 
