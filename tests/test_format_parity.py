@@ -151,3 +151,46 @@ def test_every_policy_gives_the_plain_engines_tokens_in_each_format(family, fmt,
     assert (logits - want_logits).abs().max() <= 1e-4
     if policy == "hybrimoe" and not per_layer:  # the run used cache slots of the format's size
         assert stats["cache"]["capacity_bytes"] == stats["cache"]["slots"] * model.expert_store.expert_nbytes
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the cache computes from copied "
+                    "int8/int4 bytes by dequantising on the GPU")
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("policy,ratio", [("hybrimoe", 0.25), ("gpu-lru", 0.5), ("resident", 1.0)])
+def test_cuda_computes_from_the_copied_quantised_bytes(fmt: str, policy: str, ratio: float) -> None:
+    import copy
+
+    from hybrimoe.moe.install import pin_store
+
+    want_tokens, want_logits = plain("deepseek-v2", fmt)
+    model = copy.deepcopy(dummy("deepseek-v2", fmt)).to("cuda")
+    pin_store(model.expert_store)
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=ratio, cpu_threads=2), costs=COSTS)
+    try:
+        kv = model.new_kv_cache(len(PROMPTS[0]) + 5)
+        logits = model(torch.tensor(PROMPTS[0], device="cuda"), 0, kv)
+        stats = runtime.stats()
+    finally:
+        runtime.close()
+    assert (logits.cpu() - want_logits).abs().max() <= 1e-3 * want_logits.abs().max()
+    assert stats["cache"]["bytes_copied"] % model.expert_store.expert_nbytes == 0
+
+
+def test_generate_cli_with_int8_experts_gives_the_fp32_tokens(tiny_checkpoint, capsys) -> None:
+    import json
+
+    from hybrimoe.cli import main
+
+    path = str(tiny_checkpoint("qwen3-moe"))
+    outs = []
+    for flags in ([], ["--expert-dtype", "int8"], ["--expert-dtype", "int4", "--int4-group", "64", "--policy", "hybrimoe",
+                                                   "--cpu-threads", "1"]):
+        assert main(["generate", "--model", path, "--prompt", "Hello, world.", "--dtype", "fp32", "--json",
+                     "--max-new-tokens", "8", "--temperature", "0", *flags]) == 0
+        outs.append(json.loads(capsys.readouterr().out)["token_ids"])
+    assert outs[1] == outs[0]
+    assert len(outs[2]) == 8  # int4 through the hybrid runtime runs (its tokens may differ: 4-bit rounding)
+    with pytest.raises(SystemExit) as exc:  # argparse refuses an unknown format
+        main(["generate", "--model", path, "--prompt", "x", "--expert-dtype", "int3"])
+    assert exc.value.code == 2
+    assert main(["generate", "--model", path, "--prompt", "x", "--expert-dtype", "int4", "--int4-group", "48"]) == 2
