@@ -42,9 +42,13 @@ PARAMETERS: dict[str, str] = {
 
 # Expert formats (hybrimoe.moe.quant): the CPU expert kernel per format and token count. Up to this many
 # tokens torch's fused weight-only kernel (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) runs;
-# above it the expert is dequantised to the compute dtype and a dense GEMM runs (its time grows slower
-# with the token count). Measured with benchmarks/bench_expert_kernels.py (docs/BENCH.md, "Expert kernels").
-CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 4, "int4": 16}
+# above it the expert is dequantised to the compute dtype and a dense GEMM runs (a fixed dequantisation
+# cost, then a time that grows slower with the token count than the fused kernels' does). Crossovers
+# measured with benchmarks/bench_expert_kernels.py on an AMD EPYC (Zen 4, AVX-512), 2 threads, bf16
+# (docs/BENCH.md, "Expert kernels"): int8 dequant+GEMM wins from 32 tokens on DeepSeek-V2-Lite experts
+# but loses 3x at 32 tokens on Mixtral ones; int4 dequant+GEMM wins from ~256 tokens on DeepSeek-V2-Lite
+# and loses at every measured count (<= 128) on Mixtral.
+CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 32, "int4": 256}
 FORMAT_BASE_BITS: dict[str, float] = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
 
 
