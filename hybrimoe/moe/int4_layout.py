@@ -82,6 +82,33 @@ class Int4Layout:
         return torch.cat(out) if len(out) > 1 else out[0]
 
 
+    def unpack_into(self, packed: torch.Tensor, n: int, k: int, out: torch.Tensor) -> torch.Tensor:
+        """Like `unpack`, but converts the codes straight into `out` [N, K] (any dtype, e.g. a reused
+        bf16 workspace): no [N, K] temporaries, which on the CPU cost more than the arithmetic (every
+        fresh large allocation page-faults)."""
+        if self.name == "plain":
+            pairs = out.view(n, k // 2, 2)
+            src = packed.view(n, k // 2)
+            pairs[..., 0].copy_(src & 15)
+            pairs[..., 1].copy_(src >> 4)
+            return out
+        for s in self.segments:
+            blocks, half = s.rows // s.block, s.block // 2
+            seg = packed[s.start * k // 2:(s.start + s.rows) * k // 2].view(blocks, k, half)
+            dst = out[s.start:s.start + s.rows].view(blocks, s.block, k).permute(0, 2, 1)  # [B, K, block]
+            if s.perm == _halves(s.block):
+                dst[..., :half].copy_(seg & 15)
+                dst[..., half:].copy_(seg >> 4)
+            elif s.perm == tuple(range(s.block)):
+                pairs = dst.unflatten(-1, (half, 2))
+                pairs[..., 0].copy_(seg & 15)
+                pairs[..., 1].copy_(seg >> 4)
+            else:
+                codes = self.unpack(packed, n, k)
+                return out.copy_(codes)
+        return out
+
+
 PLAIN = Int4Layout("plain")
 
 
