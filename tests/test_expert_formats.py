@@ -160,3 +160,17 @@ def test_unknown_format_and_group_are_clear_errors() -> None:
         ExpertFormat("int3")
     with pytest.raises(ConfigError, match="group"):
         ExpertFormat("int4", torch.float32, 48)
+
+
+def test_the_cli_makes_openmp_threads_wait_passively_unless_told() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, hybrimoe.cli as c; c._set_openmp_defaults(); print(os.environ.get('OMP_WAIT_POLICY'))")
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice stays
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "ACTIVE"

@@ -10,7 +10,7 @@
   (every expert weight replaced by its quantise-dequantise image, run in the fp32 model) to 1e-4
   relative, so their distance to the fp32 reference is the quantisation's own (both are asserted).
 - every placement preset gives the plain engine's tokens (and logits within 1e-4) in each format.
-Measured errors are listed in docs/BENCH.md ("Expert formats").
+Measured errors are listed in benchmarks/RESULTS_formats.md.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.fl
 QUANT_FORMATS = ("int8", "int4")
 FORMAT_NAMES = (*FLOAT_FORMATS, *QUANT_FORMATS)
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
-DEFAULT_INT4_GROUP = 32  # chosen by benchmarks/bench_expert_kernels.py (see docs/BENCH.md)
+DEFAULT_INT4_GROUP = 32  # by measurement, see benchmarks/RESULTS_formats.md
 
 
 @dataclass(frozen=True)

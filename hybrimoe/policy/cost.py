@@ -45,7 +45,7 @@ PARAMETERS: dict[str, str] = {
 # above it the expert is dequantised to the compute dtype and a dense GEMM runs (a fixed dequantisation
 # cost, then a time that grows slower with the token count than the fused kernels' does). Crossovers
 # measured with benchmarks/bench_expert_kernels.py on an AMD EPYC (Zen 4, AVX-512), 2 threads, bf16
-# (docs/BENCH.md, "Expert kernels"): int8 dequant+GEMM wins from 32 tokens on DeepSeek-V2-Lite experts
+# (benchmarks/RESULTS_formats.md): int8 dequant+GEMM wins from 32 tokens on DeepSeek-V2-Lite experts
 # but loses 3x at 32 tokens on Mixtral ones; int4 dequant+GEMM wins from ~256 tokens on DeepSeek-V2-Lite
 # and loses at every measured count (<= 128) on Mixtral.
 CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 32, "int4": 256}
