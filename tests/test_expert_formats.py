@@ -174,3 +174,21 @@ def test_the_cli_makes_openmp_threads_wait_passively_unless_told() -> None:
     env["OMP_WAIT_POLICY"] = "ACTIVE"  # a user's choice stays
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "ACTIVE"
+
+
+def test_store_takes_already_quantised_matrices_of_a_coarser_group_without_re_rounding() -> None:
+    config = tiny_model_config()
+    i, h = config.moe_intermediate_size, config.hidden_size  # 32, 64
+    store = ExpertStore(config, torch.float32, fmt=ExpertFormat("int4", torch.float32, 32))
+    gen = torch.Generator().manual_seed(5)
+    gate_up = Int4Matrix(torch.randint(0, 16, (2 * i, h), generator=gen, dtype=torch.uint8),
+                         torch.rand(2 * i, 1, generator=gen), -torch.rand(2 * i, 1, generator=gen), 64)
+    down = quantize_int4(torch.randn(h, i, generator=gen), 32)
+    store.set_expert_quantized(1, 2, gate_up=gate_up, down=down)
+    view = store.expert(1, 2)
+    codes = view.gate_up.layout.unpack(view.gate_up.packed, 2 * i, h)
+    assert torch.equal(codes, gate_up.q)
+    assert torch.allclose(view.gate_up.dequantize(), gate_up.dequantize(), atol=1e-6)
+    assert torch.allclose(view.down.dequantize(), down.dequantize(), atol=1e-6)
+    with pytest.raises(TypeError):
+        store.set_expert_quantized(1, 3, gate_up=quantize_int8(torch.randn(2 * i, h)), down=down)

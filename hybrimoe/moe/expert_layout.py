@@ -123,8 +123,8 @@ class ExpertLayout:
 
 
 def _regroup(w: Int4Matrix, group: int) -> Int4Matrix:
-    """An int4 matrix with smaller groups than the store's cannot keep its codes unchanged in larger
-    groups; it is dequantised and quantised again (a finer store group keeps them: see below)."""
+    """`w` in the store's group size. A coarser `w` (its group a multiple of the store's) keeps its codes,
+    each scale/offset repeated; a finer one cannot, and is dequantised and quantised again."""
     if w.group % group == 0:  # finer store groups: repeat each scale/offset, codes unchanged
         rep = w.group // group
         return Int4Matrix(w.q, w.scale.repeat_interleave(rep, dim=1), w.offset.repeat_interleave(rep, dim=1), group)
