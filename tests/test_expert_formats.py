@@ -192,3 +192,26 @@ def test_store_takes_already_quantised_matrices_of_a_coarser_group_without_re_ro
     assert torch.allclose(view.down.dequantize(), down.dequantize(), atol=1e-6)
     with pytest.raises(TypeError):
         store.set_expert_quantized(1, 3, gate_up=quantize_int8(torch.randn(2 * i, h)), down=down)
+
+
+def test_warm_up_calibration_and_profile_costs_use_the_stored_format() -> None:
+    from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
+    from hybrimoe.moe.devices import Devices
+    from hybrimoe.moe.runtime import CpuWorker
+
+    config = tiny_model_config()
+    costs = {}
+    for name in ("bf16", "int4"):
+        store = ExpertStore(config, torch.float32, fmt=ExpertFormat(name, torch.float32, 32))
+        store.fill_random(torch.Generator().manual_seed(0), 0.1)
+        worker = CpuWorker(threads=1)
+        try:
+            measured = calibrate_costs(store, Devices.create("cpu"), worker, tokens=8, repeats=2)
+        finally:
+            worker.close()
+        assert measured.copy_seconds > 0 and measured.cpu(1, False) > 0
+        costs[name] = profile_costs("paper-a6000", store)
+    # the profile prices the bytes the store really copies: int4 with fp32 scale and zero per 32 inputs
+    # (4 + 64/32 = 6 bits) against bf16 (16 bits)
+    ratio = (costs["bf16"].copy() - 1e-5) / (costs["int4"].copy() - 1e-5)  # minus pcie_latency
+    assert abs(ratio - 16 / format_bits("int4", 64, 32, 32, scale_bits=32)) < 0.05, ratio
