@@ -17,8 +17,8 @@ from hybrimoe.errors import HybrimoeError
 # OpenMP threads that wait for work by spinning (libgomp's default) are ruinous when the cores are shared:
 # with other processes on the cores, or the hybrid runtime's CPU worker team next to the main thread's
 # on the same cores, 2-thread CPU decode measured 1-2 tok/s spinning against 20-50 with PASSIVE on a
-# busy 2-core VM (benchmarks/RESULTS_formats.md, "Threading"); on an idle machine PASSIVE was 11-19%
-# slower in an earlier measurement. Stable beats fast-when-lucky: PASSIVE unless the user chose (the
+# busy 2-core VM (benchmarks/RESULTS_formats.md, "Threading"); on an idle machine PASSIVE was 35-40%
+# slower (small model, many small ops). Stable beats fast-when-lucky: PASSIVE unless the user chose (the
 # variable is read when torch loads OpenMP, so it is set here, before any subcommand imports torch).
 OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 

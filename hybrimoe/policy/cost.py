@@ -45,10 +45,9 @@ PARAMETERS: dict[str, str] = {
 # above it the expert is dequantised to the compute dtype and a dense GEMM runs (a fixed dequantisation
 # cost, then a time that grows slower with the token count than the fused kernels' does). Crossovers
 # measured with benchmarks/bench_expert_kernels.py on an AMD EPYC (Zen 4, AVX-512), 2 threads, bf16
-# (benchmarks/RESULTS_formats.md): int8 dequant+GEMM wins from 32 tokens on DeepSeek-V2-Lite experts
-# but loses 3x at 32 tokens on Mixtral ones; int4 dequant+GEMM wins from ~256 tokens on DeepSeek-V2-Lite
-# and loses at every measured count (<= 128) on Mixtral.
-CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 32, "int4": 256}
+# (benchmarks/RESULTS_formats.md): int8 fused wins at 8 tokens and loses at 32 on both Mixtral and
+# DeepSeek-V2-Lite experts; int4 fused wins up to 128 tokens on both and loses at 512 (DeepSeek-V2-Lite).
+CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 16, "int4": 256}
 FORMAT_BASE_BITS: dict[str, float] = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
 
 
