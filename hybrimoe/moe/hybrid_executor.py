@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from hybrimoe.moe.kernels import ExpertView
-from hybrimoe.moe.layer import group_by_expert
+from hybrimoe.moe.layer import add_rows, group_by_expert
 
 if TYPE_CHECKING:
     from hybrimoe.moe.runtime import HybridRuntime
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def _accumulate(out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor, expert: ExpertView) -> None:
     """out[tokens] += w[:, None] * f(x[tokens]) with f the expert (any format); as ReferenceExecutor."""
     y = expert.forward(x[tokens])  # [N, H]
-    out.index_add_(0, tokens, (y * w[:, None]).to(out.dtype))
+    add_rows(out, tokens, (y * w[:, None]).to(out.dtype))
 
 
 class HybridExecutor:
