@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import tempfile
 import time
@@ -45,7 +46,7 @@ def weight_bytes_per_token(model) -> int:
     embed = model.model.embed_tokens.weight
     if model.lm_head.weight is not embed:
         dense -= embed.numel() * embed.element_size() - embed.shape[1] * embed.element_size()
-    experts = len(cfg.moe_layers) * cfg.top_k * cfg.expert_bytes(embed.element_size())
+    experts = len(cfg.moe_layers) * cfg.top_k * model.expert_store.expert_nbytes  # in the experts' own format
     return dense + experts
 
 
@@ -61,7 +62,7 @@ def row(impl: str, name: str, args: argparse.Namespace, seconds_per_token: float
 def bench_ours(model_dir: Path, prompt: list[int], args: argparse.Namespace) -> tuple[dict, list[int]]:
     from hybrimoe.engine import Engine, SamplingParams
 
-    engine = Engine.from_pretrained(model_dir, dtype=args.dtype)
+    engine = Engine.from_pretrained(model_dir, dtype=args.dtype, expert_dtype=args.expert_dtype)
     engine.eos_token_ids = set()  # decode exactly new_tokens
     params = SamplingParams(max_new_tokens=args.new_tokens)
     engine.generate(prompt, SamplingParams(max_new_tokens=4))  # warm-up
@@ -69,7 +70,8 @@ def bench_ours(model_dir: Path, prompt: list[int], args: argparse.Namespace) -> 
     per_token = statistics.median(r.decode_seconds / (r.completion_tokens - 1) for r in runs)
     prefill = statistics.median(r.prefill_seconds for r in runs)
     return row("hybrimoe", engine.model_name, args, per_token, weight_bytes_per_token(engine.model),
-               prefill_seconds=round(prefill, 4)), runs[0].token_ids
+               prefill_seconds=round(prefill, 4), expert_dtype=engine.model.expert_store.format.describe(),
+               omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "(default)")), runs[0].token_ids
 
 
 def bench_transformers(model_dir: Path, prompt: list[int], args: argparse.Namespace,
@@ -98,6 +100,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="checkpoint directory (default: make one, see below)")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16")
+    parser.add_argument("--expert-dtype", default=None, help="our routed experts: bf16, int8, int4 (default --dtype)")
+    parser.add_argument("--only-ours", action="store_true", help="skip transformers")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
@@ -117,6 +121,9 @@ def main() -> None:
         vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
         prompt = torch.randint(0, vocab, (args.prompt_tokens,), generator=torch.Generator().manual_seed(args.seed))
         ours, our_tokens = bench_ours(model_dir, prompt.tolist(), args)
+        if args.only_ours:
+            print(json.dumps(ours))
+            return
         theirs, their_tokens = bench_transformers(model_dir, prompt.tolist(), args, ours["weight_bytes_per_token"])
         agree = next((i for i, (a, b) in enumerate(zip(our_tokens, their_tokens)) if a != b), len(our_tokens))
         ours["greedy_tokens_equal_to_transformers"] = agree

@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--override", nargs="*", default=[], metavar="KEY=VALUE", help="config.json fields to change")
     p.add_argument("--layers", type=int, help="num_hidden_layers override (smaller runs)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"))
+    p.add_argument("--expert-dtype", default=None, choices=("bf16", "fp16", "fp32", "int8", "int4"),
+                   help="routed experts' format (default: --dtype)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--policies", default=",".join(DEFAULT_POLICIES))
     p.add_argument("--cache-ratio", type=float, default=0.25)
@@ -139,7 +141,7 @@ def traces_for(args: argparse.Namespace) -> tuple[RoutingTrace, RoutingTrace | N
     return replay, hot, f"{args.trace_model} eval ({', '.join(t.path.name for t in evals)})"
 
 
-def build_model(config: ModelConfig, dtype: str, seed: int, pin_memory: bool):
+def build_model(config: ModelConfig, dtype: str, seed: int, pin_memory: bool, expert_dtype: str | None = None):
     """`build_dummy_model`, except that the routed experts are ONE MoE layer's random experts copied into
     every other layer (rotated by the layer's index). Drawing DeepSeek-V2-Lite's 14.4G expert weights
     one expert at a time with torch.randn takes minutes on one thread; copies are memory-bound and
@@ -147,9 +149,14 @@ def build_model(config: ModelConfig, dtype: str, seed: int, pin_memory: bool):
 
     def fill_by_copies(store: ExpertStore, generator: torch.Generator, std: float) -> None:
         first, *rest = store.layers
-        source = store.layer_tensor(first)  # [E, 3*I*H]
-        for row in source:
-            row.copy_(torch.randn(row.shape, generator=generator) * std)
+        source = store.layer_tensor(first)  # [E, numel]
+        i, h = store.intermediate, store.hidden
+        for e, row in enumerate(source):
+            if store.format.quantized:  # quantised as the loader does
+                store.set_gate_up(first, e, torch.randn(2 * i, h, generator=generator) * std)
+                store.set_expert(first, e, down=torch.randn(h, i, generator=generator) * std)
+            else:
+                row.copy_(torch.randn(row.shape, generator=generator) * std)
         experts = source.shape[0]
         for i, layer in enumerate(rest, 1):
             target, shift = store.layer_tensor(layer), i % experts
@@ -157,7 +164,7 @@ def build_model(config: ModelConfig, dtype: str, seed: int, pin_memory: bool):
             target[experts - shift:].copy_(source[:shift])
 
     with patch.object(ExpertStore, "fill_random", fill_by_copies):
-        return build_dummy_model(config, dtype, seed=seed, pin_memory=pin_memory)
+        return build_dummy_model(config, dtype, seed=seed, pin_memory=pin_memory, expert_dtype=expert_dtype)
 
 
 def sync(device: torch.device) -> None:
@@ -252,18 +259,19 @@ def main(argv: list[str] | None = None) -> int:
     log.info("building random %s weights (%s): %d MoE layers x %d experts", args.model, args.dtype,
              len(config.moe_layers), config.num_experts)
     start = time.perf_counter()
-    model = build_model(config, args.dtype, args.seed, pin).to(args.device)
+    model = build_model(config, args.dtype, args.seed, pin, args.expert_dtype).to(args.device)
     log.info("model built in %.1f s", time.perf_counter() - start)
     replay, hot, trace_name = traces_for(args)
     routing = TraceRouting(replay, config.moe_layers, config.num_experts, name=trace_name)
     frequency = TraceRouting(hot, config.moe_layers, config.num_experts).frequency() if hot else None
-    note = {"model": args.model, "dtype": args.dtype, "cache_ratio": args.cache_ratio, "trace": trace_name,
+    note = {"model": args.model, "dtype": args.dtype, "expert_format": model.expert_store.format.describe(), "cache_ratio": args.cache_ratio, "trace": trace_name,
             "trace_top_k": routing.k, "model_top_k": config.top_k, "gpu_name":
             torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "none (CPU fallback)"}
     profile = None
     if args.predict_profile:
-        profile = ProfilePrediction(args.predict_profile, hf_config, model.expert_store,
-                                    8.0 * model.expert_store.dtype.itemsize)
+        store = model.expert_store
+        profile = ProfilePrediction(args.predict_profile, hf_config, store,
+                                    8.0 * store.expert_nbytes / (3 * store.hidden * store.intermediate))
     rows = []
     out = args.out or (os.path.join(os.environ["OUT"], "bench_policies_gpu.json") if os.environ.get("OUT") else None)
     for policy in args.policies.split(","):

@@ -2,17 +2,19 @@
 
 What is measured (times in seconds, sizes in bytes):
 - CPU: one SwiGLU expert, down @ (silu(gate @ x) * (up @ x)), from its own contiguous host buffer
-  (the ExpertStore layout [gate | up | down]) for 1, 2, 4, ... tokens. A "layer" runs several experts
+  in the engine's layout and format (`expert_dtype`: bf16, int8, int4 quantised as the store does;
+  computed with the engine's kernels, hybrimoe.moe.kernels) for 1, 2, 4, ... tokens. A "layer" runs several experts
   back to back after a pause that touches an eviction buffer (standing in for attention): the first
   expert of each layer is timed apart from the later ones.
-- GPU (when CUDA is present): the same expert resident in device memory, timed with CUDA events;
-  pinned host -> device copies on a side stream at several sizes; a dense GEMM; kernel launch cost.
+- GPU (when CUDA is present): the same expert resident in device memory (its stored bytes), timed
+  with CUDA events; pinned host -> device copies of the format's expert bytes on a side stream; a dense GEMM; kernel launch cost.
   Without CUDA the GPU entries are measured on the CPU (warm experts, host-to-host copies) and their
   derivations say "measured on cpu", so the profile format stays the same.
 Fits (least squares, see hybrimoe.policy.cost.fit_*): t(n) = max(a, b*n) + c gives bandwidth = bytes/a,
 (on the CPU, a half-width expert's single-token time splits a from c: fit_roofline_two_sizes),
 FLOP rate = flops-per-token/b, overhead = c; the first-expert penalty is the least-squares ratio of
 first-expert times to the fitted later-expert times; copies fit t = latency + bytes/bandwidth.
+`fit_profile` does the fitting alone (the tests feed it synthetic samples of known rates).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from typing import Callable
 import torch
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.policy.cost import (PARAMETERS, CostModel, fit_affine, fit_penalty, fit_roofline,
-                                  fit_roofline_two_sizes)
+from hybrimoe.moe.expert_layout import ExpertLayout, expert_nbytes
+from hybrimoe.moe.quant import ExpertFormat
+from hybrimoe.policy.cost import (CPU_FUSED_KERNEL_MAX_TOKENS, PARAMETERS, CostModel, fit_affine, fit_penalty,
+                                  fit_roofline, fit_roofline_two_sizes)
 from hybrimoe.policy.shape import ExpertShape
 
 log = logging.getLogger(__name__)
@@ -49,23 +53,41 @@ class CalibrationSettings:
     pause_s: float = 0.002  # idle time between layers, letting worker threads sleep (s)
     device: str = "auto"  # "auto" | "cpu" | "cuda"
     threads: int | None = None  # torch CPU threads (None: torch's default)
+    expert_dtype: str | None = None  # expert format (bf16 | int8 | int4 | ...); None = `dtype` weights
+    int4_group: int | None = None  # int4 group size (None = the engine's default)
 
-    def expert_shape(self) -> ExpertShape:
-        return ExpertShape(self.hidden, self.intermediate, BITS[self.dtype])
+    def expert_format(self) -> ExpertFormat:
+        """Experts stored as the engine stores them, computed with activations of `dtype`."""
+        return ExpertFormat.parse(self.expert_dtype, DTYPES[self.dtype], self.int4_group)
+
+    def expert_shape(self, intermediate: int | None = None) -> ExpertShape:
+        """The expert at its stored bits per weight (scales and padding included)."""
+        i = self.intermediate if intermediate is None else intermediate
+        nbytes = expert_nbytes(self.expert_format(), i, self.hidden)
+        return ExpertShape(self.hidden, i, 8.0 * nbytes / (3 * self.hidden * i))
 
 
 class _Experts:
-    """`count` experts, each one contiguous 1-D buffer [gate (I*H) | up (I*H) | down (H*I)] on `device`."""
+    """`count` experts, each one contiguous buffer in the engine's layout for `fmt` (float
+    [gate | up | down], or int8/int4 codes and scales quantised on the host), then moved to `device`
+    (the stored bytes, as a cache copy moves them), computed with the engine's own kernels."""
 
-    def __init__(self, h: int, i: int, dtype: torch.dtype, device: torch.device, count: int, seed: int = 0) -> None:
+    def __init__(self, h: int, i: int, fmt: ExpertFormat, device: torch.device, count: int, seed: int = 0) -> None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        self.h, self.i = h, i
-        self.buffers = [(torch.randn(3 * h * i, generator=gen) * h ** -0.5).to(dtype).to(device) for _ in range(count)]
+        layout = ExpertLayout(fmt, i, h)
+        first = torch.empty(layout.numel, dtype=fmt.storage_dtype)
+        if fmt.quantized:
+            layout.write_matrix(first, 0, torch.randn(2 * i, h, generator=gen) * h ** -0.5)
+            layout.write_matrix(first, 1, torch.randn(h, i, generator=gen) * i ** -0.5)
+        else:
+            first.copy_(torch.randn(3 * h * i, generator=gen) * h ** -0.5)
+        # copies of one expert: different memory, same numbers (quantising each would take long)
+        self.buffers = [first.to(device)] + [first.to(device, copy=True) for _ in range(count - 1)]
+        self.views = [layout.view(b) for b in self.buffers]
+        self.nbytes = layout.nbytes
 
     def run(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        buf, h, i = self.buffers[index % len(self.buffers)], self.h, self.i
-        gate, up, down = buf[: i * h].view(i, h), buf[i * h: 2 * i * h].view(i, h), buf[2 * i * h:].view(h, i)
-        return torch.nn.functional.linear(torch.nn.functional.silu(x @ gate.t()) * (x @ up.t()), down)  # [T, H]
+        return self.views[index % len(self.views)].forward(x)  # [T, H]
 
 
 def _pick_device(name: str) -> torch.device:
@@ -80,10 +102,10 @@ def _pick_device(name: str) -> torch.device:
 
 def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None]) -> dict[str, list]:
     """Per token count: the median first-expert time and the median later-expert time (s)."""
-    dtype = DTYPES[s.dtype]
-    per_expert = 3 * s.hidden * s.intermediate * dtype.itemsize  # B
+    dtype, fmt = DTYPES[s.dtype], s.expert_format()
+    per_expert = expert_nbytes(fmt, s.intermediate, s.hidden)  # B
     count = max(s.experts_per_layer + 1, min(64, -(-(s.evict_bytes * 2) // per_expert)))
-    experts = _Experts(s.hidden, s.intermediate, dtype, torch.device("cpu"), count)
+    experts = _Experts(s.hidden, s.intermediate, fmt, torch.device("cpu"), count)
     evict = torch.ones(s.evict_bytes // 4, dtype=torch.float32)
     out: dict[str, list] = {"tokens": [], "first": [], "later": []}
     cursor = 0
@@ -102,11 +124,11 @@ def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None])
         out["tokens"].append(n)
         out["first"].append(_median(firsts))
         out["later"].append(_median(laters))
-        progress(f"cpu expert {s.hidden}x{s.intermediate} {s.dtype}, {n:4d} tokens: "
+        progress(f"cpu expert {s.hidden}x{s.intermediate} {fmt.describe()}, {n:4d} tokens: "
                  f"first {out['first'][-1] * 1e3:.3f} ms, later {out['later'][-1] * 1e3:.3f} ms")
     # a second, half-width expert at one token separates bytes/bandwidth from the fixed overhead
     half = max(1, s.intermediate // 2)
-    small = _Experts(s.hidden, half, dtype, torch.device("cpu"), count, seed=1)
+    small = _Experts(s.hidden, half, fmt, torch.device("cpu"), count, seed=1)
     x = torch.randn(1, s.hidden).to(dtype)
     small.run(0, x)
     times = []
@@ -115,9 +137,9 @@ def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None])
         small.run(k + 1, x)
         times.append(time.perf_counter() - t0)
     out["small_intermediate"] = [half]
-    out["small_bytes"] = [3 * s.hidden * half * dtype.itemsize]
+    out["small_bytes"] = [small.nbytes]
     out["small_t1"] = [_median(times)]
-    progress(f"cpu expert {s.hidden}x{half} {s.dtype}, 1 token: {out['small_t1'][0] * 1e3:.3f} ms")
+    progress(f"cpu expert {s.hidden}x{half} {fmt.describe()}, 1 token: {out['small_t1'][0] * 1e3:.3f} ms")
     return out
 
 
@@ -150,7 +172,7 @@ def _timer(device: torch.device) -> Callable[[Callable[[], object]], float]:
 def measure_gpu(s: CalibrationSettings, device: torch.device, progress: Callable[[str], None]) -> dict[str, list]:
     """Resident-expert times per token count, copy times per size, a dense GEMM and launch overhead."""
     dtype, timer = DTYPES[s.dtype], _timer(device)
-    experts = _Experts(s.hidden, s.intermediate, dtype, device, 2, seed=1)
+    experts = _Experts(s.hidden, s.intermediate, s.expert_format(), device, 2, seed=1)
     out: dict[str, list] = {"tokens": [], "expert": [], "copy_bytes": [], "copy": []}
     for n in s.token_counts:
         x = torch.randn(n, s.hidden, device=device).to(dtype)
@@ -162,7 +184,7 @@ def measure_gpu(s: CalibrationSettings, device: torch.device, progress: Callable
         out["tokens"].append(n)
         out["expert"].append(_median(samples))
         progress(f"{device.type} resident expert, {n:4d} tokens: {out['expert'][-1] * 1e3:.3f} ms")
-    size = 3 * s.hidden * s.intermediate * dtype.itemsize
+    size = experts.nbytes  # B: what a cache copy moves in this format
     for fraction in (8, 4, 2, 1):
         nbytes = max(1, size // fraction)
         if device.type == "cuda":
@@ -219,25 +241,36 @@ def calibrate(s: CalibrationSettings, name: str = "measured",
 
 
 def _calibrate(s: CalibrationSettings, name: str, progress: Callable[[str], None], device: torch.device) -> CostModel:
-    shape = s.expert_shape()
     host = f"{platform.node() or 'unknown host'} ({platform.processor() or platform.machine()}, " \
            f"{torch.get_num_threads()} torch threads)"
     when = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    where = f"measured on {host} at {when}"
     cpu = measure_cpu_experts(s, progress)
     gpu = measure_gpu(s, device, progress)
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    gwhere = f"{where}, GPU {gpu_name}" if device.type == "cuda" else f"{where}; no CUDA device, so measured on cpu"
-    about = f"expert {s.hidden}x{s.intermediate} {s.dtype} ({shape.bytes / 2**20:.1f} MiB), tokens {list(s.token_counts)}"
+    return fit_profile(s, cpu, gpu, name, f"measured on {host} at {when}", gpu_name)
+
+
+def fit_profile(s: CalibrationSettings, cpu: dict[str, list], gpu: dict[str, list], name: str, where: str,
+                gpu_name: str = "cpu") -> CostModel:
+    """The profile fitted to timing samples (the dicts `measure_cpu_experts` and `measure_gpu` return;
+    tests feed synthetic ones). Expert bytes are the format's stored bytes (`s.expert_shape()`)."""
+    shape = s.expert_shape()
+    fmt = s.expert_format()
+    gwhere = f"{where}, GPU {gpu_name}" if gpu_name != "cpu" else f"{where}; no CUDA device, so measured on cpu"
+    about = (f"expert {s.hidden}x{s.intermediate} {fmt.describe()} ({shape.bytes / 2**20:.1f} MiB, activations {s.dtype}), "
+             f"tokens {list(s.token_counts)}")
     c_fit = fit_roofline_two_sizes(cpu["tokens"], cpu["later"], shape.flops(1), shape.bytes,
                                    cpu["small_bytes"][0], cpu["small_t1"][0]) or fit_roofline(cpu["tokens"], cpu["later"])
     penalty = fit_penalty([c_fit.predict(n) for n in cpu["tokens"]], cpu["first"])
     g_fit = fit_roofline(gpu["tokens"], gpu["expert"])
     latency, per_byte = fit_affine(gpu["copy_bytes"], gpu["copy"])
+    copy_kind = "pinned host -> device" if gpu_name != "cpu" else "host -> host"
+    kernel = (f"; CPU kernel: torch's fused {fmt.name} kernel up to {CPU_FUSED_KERNEL_MAX_TOKENS[fmt.name]} tokens, "
+              "dequantise + GEMM above" if fmt.quantized else "")
     values = {
-        "cpu_bits": (shape.bits, f"{s.dtype} weights as measured"),
-        "gpu_bits": (shape.bits, f"{s.dtype} weights as measured"),
-        "dense_bits": (shape.bits, f"{s.dtype} weights as measured"),
+        "cpu_bits": (shape.bits, f"{fmt.describe()} experts as stored (scales included), as measured{kernel}"),
+        "gpu_bits": (shape.bits, f"{fmt.describe()} experts as stored and copied, as measured"),
+        "dense_bits": (BITS[s.dtype], f"{s.dtype} dense weights"),
         "cpu_stream_bandwidth": (shape.bytes / c_fit.flat, f"{where}: {about}; expert bytes / fitted flat time {c_fit.note}"),
         "cpu_flops": (shape.flops(1) / c_fit.slope, f"{where}: {about}; flops per token / fitted time per token {c_fit.note}"),
         "cpu_expert_overhead": (c_fit.intercept, f"{where}: {about}; fitted fixed time per expert"),
@@ -248,12 +281,14 @@ def _calibrate(s: CalibrationSettings, name: str, progress: Callable[[str], None
         "gpu_dense_flops": (gpu["dense_flops"][0], f"{gwhere}: [{gpu['dense_tokens'][0]}, {s.hidden}] x [{s.hidden}, {4 * s.hidden}] GEMM"),
         "gpu_kernel_overhead": (g_fit.intercept, f"{gwhere}: {about}; fitted fixed time per resident expert"),
         "gpu_layer_overhead": (gpu["layer_overhead"][0], f"{gwhere}: 15 back-to-back tiny kernels"),
-        "pcie_bandwidth": (1.0 / per_byte, f"{gwhere}: {'pinned host -> device' if device.type == 'cuda' else 'host -> host'} "
-                           f"copies of {[b for b in gpu['copy_bytes']]} B, least-squares slope"),
+        "pcie_bandwidth": (1.0 / per_byte, f"{gwhere}: {copy_kind} copies of {[b for b in gpu['copy_bytes']]} B, least-squares slope"),
         "pcie_latency": (latency, f"{gwhere}: least-squares intercept of the same copies"),
     }
     assert set(values) == set(PARAMETERS)
     samples = {"cpu": cpu, "gpu": gpu, "gpu_device": gpu_name, "settings": vars(s) | {"token_counts": list(s.token_counts)}}
+    extra = {"samples": samples, "expert_format": fmt.describe()}
+    if fmt.quantized:
+        extra["cpu_fused_kernel_max_tokens"] = CPU_FUSED_KERNEL_MAX_TOKENS[fmt.name]
     return CostModel(name=name, description=f"Measured by `hybrimoe calibrate`: {where}.",
-                     derivations={k: v[1] for k, v in values.items()}, extra={"samples": samples},
+                     derivations={k: v[1] for k, v in values.items()}, extra=extra,
                      **{k: float(v[0]) for k, v in values.items()})

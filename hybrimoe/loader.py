@@ -28,6 +28,7 @@ from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError, ConfigError
 from hybrimoe.gguf.files import is_gguf_path
 from hybrimoe.models.transformer import MoETransformer
+from hybrimoe.moe.quant import ExpertFormat
 from hybrimoe.moe.store import ExpertStore
 
 log = logging.getLogger(__name__)
@@ -62,24 +63,35 @@ def _fast_init(dtype: torch.dtype) -> Iterator[None]:
         torch.set_default_dtype(saved[2])
 
 
+def expert_format(dtype: str | torch.dtype, expert_dtype: str | None = None,
+                  int4_group: int | None = None) -> ExpertFormat:
+    """The routed experts' format: `expert_dtype` (fp32 | bf16 | fp16 | int8 | int4; None = the model's
+    dtype), computed in the model's `dtype`; `int4_group` inputs per int4 scale (None = default)."""
+    return ExpertFormat.parse(expert_dtype, parse_dtype(dtype), int4_group)
+
+
 def build_empty_model(config: ModelConfig, dtype: str | torch.dtype = "fp32",
-                      pin_memory: bool = False) -> MoETransformer:
+                      pin_memory: bool = False, expert_dtype: str | None = None,
+                      int4_group: int | None = None) -> MoETransformer:
     """A model with uninitialised weights (to be filled by the loader or `build_dummy_model`).
 
     `pin_memory` page-locks the expert store (needs CUDA) so host-to-GPU expert copies can be async.
+    `expert_dtype`/`int4_group`: the routed experts' format (see `expert_format`); quantised at load.
     Not thread-safe: construction briefly patches nn.Linear/nn.Embedding init and the default dtype.
     """
     torch_dtype = parse_dtype(dtype)
-    store = ExpertStore(config, torch_dtype, pin_memory=pin_memory)
+    store = ExpertStore(config, torch_dtype, pin_memory=pin_memory,
+                        fmt=expert_format(torch_dtype, expert_dtype, int4_group))
     with _fast_init(torch_dtype):
         model = MoETransformer(config, torch_dtype, store=store)
     return model.eval()
 
 
 def build_dummy_model(config: ModelConfig, dtype: str | torch.dtype = "fp32", seed: int = 0,
-                      std: float = 0.02, pin_memory: bool = False) -> MoETransformer:
+                      std: float = 0.02, pin_memory: bool = False, expert_dtype: str | None = None,
+                      int4_group: int | None = None) -> MoETransformer:
     """Random N(0, std) weights (norms 1, correction bias 0) for checkpoint-less benchmarks."""
-    model = build_empty_model(config, dtype, pin_memory)
+    model = build_empty_model(config, dtype, pin_memory, expert_dtype, int4_group)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -199,6 +211,14 @@ class _Loader:
         keys = {(layer, x, p) for x in range(e) for p in parts}
         if not keys <= self.pending_experts:
             self._duplicate(where)
+        if self.store.format.quantized:   # quantised at load, one expert at a time
+            for x in range(e):
+                if kind == "gate_up_proj":
+                    self.store.set_gate_up(layer, x, tensor[x])
+                else:
+                    self.store.set_expert(layer, x, down=tensor[x])
+            self.pending_experts -= keys
+            return
         rows = self.store.layer_tensor(layer)                       # [E, 3*I*H]: [gate | up | down]
         n = i * h
         if kind == "gate_up_proj":   # [E, 2I, H]: rows 0..I-1 gate, I..2I-1 up -> flat [gate | up]
@@ -208,6 +228,8 @@ class _Loader:
         self.pending_experts -= keys
 
     def finish(self, model_dir: str) -> None:
+        if not self.pending_experts:
+            self.store.check_complete()
         if self.pending_dense:
             names = sorted(self.pending_dense)
             raise CheckpointError(f"missing tensor(s) in {model_dir}: {', '.join(names[:5])}"
@@ -231,24 +253,26 @@ def _open(path: str):
 
 def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu", progress: bool = True,
-               pin_memory: bool = False) -> MoETransformer:
+               pin_memory: bool = False, expert_dtype: str | None = None,
+               int4_group: int | None = None) -> MoETransformer:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a GGUF file or
     directory (`hybrimoe.gguf.loader.load_gguf_model`), into a `MoETransformer`.
 
-    Routed experts stay in host memory (`model.expert_store`, page-locked if `pin_memory`);
+    Routed experts stay in host memory (`model.expert_store`, page-locked if `pin_memory`), in
+    `expert_dtype` (None = `dtype`; int8/int4 are quantised from the checkpoint's floats as they load);
     dense weights go to `device`.
     """
     model_dir = os.fspath(model_dir)
     if is_gguf_path(model_dir):   # a .gguf file, or a directory holding one and no config.json
         from hybrimoe.gguf.loader import load_gguf_model
-        return load_gguf_model(model_dir, dtype, device, progress, pin_memory)
+        return load_gguf_model(model_dir, dtype, device, progress, pin_memory, expert_dtype, int4_group)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise CheckpointError(f"no config.json in {model_dir}")
     config = ModelConfig.from_pretrained(model_dir)
     files = checkpoint_files(model_dir)
-    model = build_empty_model(config, dtype, pin_memory)
+    model = build_empty_model(config, dtype, pin_memory, expert_dtype, int4_group)
     loader = _Loader(model)
     handles = [(path, _open(path)) for path in files]
     total = sum(len(h.keys()) for _, h in handles)
@@ -265,9 +289,9 @@ def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
                     del tensor
                     bar.update(1)
     loader.finish(model_dir)
-    log.info("loaded %s: %d layers, %d MoE layers x %d experts, experts %.1f MB in host memory",
+    log.info("loaded %s: %d layers, %d MoE layers x %d experts, experts (%s) %.1f MB in host memory",
              config.model_type, config.num_layers, len(config.moe_layers), config.num_experts,
-             model.expert_store.nbytes / 1e6)
+             model.expert_store.format.describe(), model.expert_store.nbytes / 1e6)
     if torch.device(device).type != "cpu":
         model.to(device)
     return model

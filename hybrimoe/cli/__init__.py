@@ -14,6 +14,22 @@ import sys
 
 from hybrimoe.errors import HybrimoeError
 
+# OpenMP threads that wait for work by spinning (libgomp's default) are ruinous when the cores are shared:
+# with other processes on the cores, or the hybrid runtime's CPU worker team next to the main thread's
+# on the same cores, 2-thread CPU decode measured 1-2 tok/s spinning against 20-50 with PASSIVE on a
+# busy 2-core VM (benchmarks/RESULTS_formats.md, "Threading"); on an idle machine PASSIVE was 35-40%
+# slower (small model, many small ops). Stable beats fast-when-lucky: PASSIVE unless the user chose (the
+# variable is read when torch loads OpenMP, so it is set here, before any subcommand imports torch).
+OMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def _set_openmp_defaults() -> None:
+    if "GOMP_SPINCOUNT" in os.environ or "torch" in sys.modules:
+        return
+    for key, value in OMP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
 # Subcommand modules, in the order `--help` lists them. A module that does not exist yet is skipped.
 SUBCOMMAND_MODULES = [
     "generate", "chat", "serve", "simulate", "bench", "calibrate", "make_tiny", "import_trace",
@@ -38,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _set_openmp_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,

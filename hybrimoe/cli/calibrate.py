@@ -36,12 +36,12 @@ def run(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(hidden=hidden, intermediate=intermediate, dtype=args.dtype,
                                    token_counts=_token_counts(args.tokens), layers=args.layers,
                                    experts_per_layer=args.experts_per_layer, device=args.device,
-                                   threads=args.threads)
+                                   threads=args.threads, expert_dtype=args.expert_dtype, int4_group=args.int4_group)
     profile: CostModel = calibrate(settings, name=args.name or Path(args.out).stem)
     profile.extra["expert_of"] = label
     profile.save(args.out)
-    log.info("wrote %s: cpu %.1f GB/s %.2f TFLOP/s (+%.1f us, first x%.2f), gpu %.1f GB/s, copy %.1f GB/s",
-             args.out, profile.cpu_stream_bandwidth / 1e9, profile.cpu_flops / 1e12, profile.cpu_expert_overhead * 1e6,
+    log.info("wrote %s (experts %s): cpu %.1f GB/s %.2f TFLOP/s (+%.1f us, first x%.2f), gpu %.1f GB/s, copy %.1f GB/s",
+             args.out, profile.extra.get("expert_format"), profile.cpu_stream_bandwidth / 1e9, profile.cpu_flops / 1e12, profile.cpu_expert_overhead * 1e6,
              profile.cpu_first_expert_penalty, profile.gpu_hbm_bandwidth / 1e9, profile.pcie_bandwidth / 1e9)
     return 0
 
@@ -54,7 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--model-shape", metavar="NAME", help="named model shape, e.g. mixtral-8x7b")
     p.add_argument("--hidden", type=int, help="expert hidden size H (with --intermediate, instead of a model)")
     p.add_argument("--intermediate", type=int, help="expert intermediate size I")
-    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="weight dtype (default bf16)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="activation and dense-weight dtype (default bf16)")
+    p.add_argument("--expert-dtype", default=None, choices=["bf16", "fp16", "fp32", "int8", "int4"],
+                   help="expert format to measure, as the engine stores and computes it (default: --dtype)")
+    p.add_argument("--int4-group", type=int, default=None, metavar="N", help="int4 group size (default: the engine's)")
     p.add_argument("--tokens", default="1,2,4,8,16,32,64,128", help="token counts to measure (default 1,2,...,128)")
     p.add_argument("--layers", type=int, default=5, help="simulated layers per token count (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -3,7 +3,10 @@
     add_runtime_arguments(parser)        adds --policy, --expert-cache, --cache-ratio, --gpu-memory, ...
     runtime_options_from_args(args)      -> RuntimeOptions (validated), or None when no runtime flag was
                                          given (the engine then runs the plain reference executor)
-    runtime_kwargs_from_args(args)       -> the same as keyword options for Engine.from_pretrained(**kw)
+    runtime_kwargs_from_args(args)       -> the same as keyword options for Engine.from_pretrained(**kw),
+                                         plus the expert format (--expert-dtype, --int4-group), which
+                                         applies with or without the runtime
+    expert_format_kwargs(args)           -> {expert_dtype, int4_group} for the loaders
 Any runtime flag without --policy selects the `hybrimoe` preset. The device comes from the command's
 own --device (the engine's), not from a flag here.
 """
@@ -14,6 +17,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
+from hybrimoe.moe.quant import DEFAULT_INT4_GROUP, FORMAT_NAMES, INT4_GROUPS
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 
 DEFAULT_POLICY = "hybrimoe"
@@ -21,6 +25,13 @@ DEFAULT_PREFETCH_DEPTH = 3
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
+    fmt = parser.add_argument_group("expert format (with or without the hybrid runtime)")
+    fmt.add_argument("--expert-dtype", choices=FORMAT_NAMES, default=None,
+                     help="routed experts in host memory, GPU cache and copies: bf16, int8 or int4 (quantised at "
+                          "load; fp32/fp16 too); default: the model's --dtype")
+    fmt.add_argument("--int4-group", type=int, default=None, metavar="N",
+                     help=f"int4: inputs per scale/zero group, one of {', '.join(map(str, INT4_GROUPS))} "
+                          f"(default {DEFAULT_INT4_GROUP})")
     group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
     group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "
@@ -81,10 +92,17 @@ def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions | None
     ).validated()
 
 
+def expert_format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """{expert_dtype, int4_group} from --expert-dtype/--int4-group (only those given)."""
+    out = {"expert_dtype": getattr(args, "expert_dtype", None), "int4_group": getattr(args, "int4_group", None)}
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def runtime_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword options for `Engine.from_pretrained(model_dir, dtype, **kwargs)`: every RuntimeOptions
-    field except `device` (the engine passes its own); {} when the runtime was not requested."""
+    """Keyword options for `Engine.from_pretrained(model_dir, dtype, **kwargs)`: the expert format, and
+    every RuntimeOptions field except `device` (the engine passes its own) when the runtime was requested."""
     options = runtime_options_from_args(args)
     if options is None:
-        return {}
-    return {f.name: getattr(options, f.name) for f in fields(options) if f.name != "device"}
+        return expert_format_kwargs(args)
+    return {**expert_format_kwargs(args),
+            **{f.name: getattr(options, f.name) for f in fields(options) if f.name != "device"}}

@@ -133,9 +133,11 @@ class Engine:
             from hybrimoe.runtime_options import RuntimeOptions
 
             model, runtime = load_with_runtime(str(path), check_dtype(dtype),
-                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid))
+                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid),
+                                               expert_dtype=options.expert_dtype, int4_group=options.int4_group)
         else:
-            model = load_model(path, dtype=check_dtype(dtype), device=options.device)
+            model = load_model(path, dtype=check_dtype(dtype), device=options.device,
+                               expert_dtype=options.expert_dtype, int4_group=options.int4_group)
         model.eval()
         try:
             if gguf:

@@ -20,6 +20,8 @@ DTYPES = ("fp32", "bf16", "fp16")
 class EngineOptions:
     device: str = "cpu"  # torch device of the dense weights and the KV cache
     max_context: int | None = None  # tokens (prompt + completion); None = the model's maximum
+    expert_dtype: str | None = None  # routed experts: fp32 | bf16 | fp16 | int8 | int4; None = the model's dtype
+    int4_group: int | None = None  # int4: inputs per scale group (32, 64, 128, 256); None = default
 
     @classmethod
     def from_kwargs(cls, **options: object) -> "EngineOptions":
@@ -31,6 +33,8 @@ class EngineOptions:
         if result.max_context is not None and (not isinstance(result.max_context, int) or result.max_context < 2):
             raise ConfigError(f"max_context must be an integer >= 2 tokens, got {result.max_context!r}")
         check_device(result.device)
+        from hybrimoe.moe.quant import ExpertFormat
+        ExpertFormat.parse(result.expert_dtype, torch.float32, result.int4_group)  # ConfigError on bad names
         return result
 
 

@@ -26,8 +26,10 @@ log = logging.getLogger(__name__)
 
 def load_gguf_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32",
                     device: str | torch.device = "cpu", progress: bool = True,
-                    pin_memory: bool = False) -> MoETransformer:
-    """Loads a GGUF model (a file, any part of a split model, or a directory holding one)."""
+                    pin_memory: bool = False, expert_dtype: str | None = None,
+                    int4_group: int | None = None) -> MoETransformer:
+    """Loads a GGUF model (a file, any part of a split model, or a directory holding one); routed experts
+    are dequantised exactly, then stored in `expert_dtype` (None = `dtype`; see hybrimoe.moe.quant)."""
     files = open_gguf(path)
     tensors = files.tensors()
     names = {name for name, _, _ in tensors}
@@ -36,7 +38,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32",
     if missing:
         raise CheckpointError(f"missing tensor(s) in {files.paths[0]}: {', '.join(missing[:5])}"
                               + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    model = build_empty_model(config, dtype, pin_memory)
+    model = build_empty_model(config, dtype, pin_memory, expert_dtype, int4_group)
     loader = _Loader(model)
     mapper = TensorMapper(config)
     with tqdm(total=len(tensors), desc=f"loading {files.name}", unit="tensor",

@@ -3,7 +3,8 @@
     dense bytes   = every parameter and buffer of the model except routed experts (attention, norms,
                     embeddings, lm_head, routers, shared experts, dense MLP layers), counted on a
                     meta-device copy of the model built from the config alone (no memory, no weights)
-    expert bytes  = 3 * I * H * dtype bytes (one routed expert)
+    expert bytes  = one routed expert in its format: 3 * I * H * dtype bytes for float experts, the
+                    int8/int4 codes plus their scales otherwise (hybrimoe.moe.expert_layout.expert_nbytes)
     slots         = from --cache-ratio (ratio * all routed experts), --expert-cache (bytes // expert
                     bytes), --gpu-memory (whatever the dense part leaves), or the preset's ratio
 A budget that cannot hold the dense part, or a nonzero cache budget below one expert, is a
@@ -23,6 +24,8 @@ import torch
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import BudgetError
+from hybrimoe.moe.expert_layout import expert_nbytes
+from hybrimoe.moe.quant import ExpertFormat
 from hybrimoe.runtime_options import DEFAULT_CACHE_RATIO, RuntimeOptions
 
 log = logging.getLogger(__name__)
@@ -76,16 +79,18 @@ def split_per_layer(slots: int, layers: tuple[int, ...]) -> dict[int, int]:
 
 def plan_budget(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions,
                 preset_ratio: float | None = None, device_free_bytes: int | None = None,
-                dense: int | None = None, staging_slots: int = 0) -> CacheBudget:
+                dense: int | None = None, staging_slots: int = 0, fmt: ExpertFormat | None = None) -> CacheBudget:
     """Number of expert slots for `options`; BudgetError when the budget cannot work.
 
+    `dtype`: the model's (dense weights') dtype; `fmt`: the routed experts' format (None = `dtype`),
+    whose bytes per expert every cache size counts;
     `preset_ratio`: the policy preset's own cache ratio (used when no size is given);
     `device_free_bytes`: free memory of the device (CUDA), checked against dense + cache;
     `dense`: precomputed dense bytes (else computed from the config); `staging_slots`: prefetch
     staging buffers (experts) that share the device with the cache.
     """
-    dtype_bytes = torch.empty((), dtype=dtype).element_size()
-    expert_bytes = config.expert_bytes(dtype_bytes)
+    fmt = fmt if fmt is not None else ExpertFormat.parse(None, dtype)
+    expert_bytes = expert_nbytes(fmt, config.moe_intermediate_size, config.hidden_size)
     total = len(config.moe_layers) * config.num_experts
     dense = dense_bytes(config, dtype) if dense is None else dense
     staging = staging_slots * expert_bytes
@@ -108,7 +113,8 @@ def plan_budget(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions
     slots = max(0, min(slots, total))
     if gpu_memory is not None and dense + staging + slots * expert_bytes > gpu_memory:
         raise BudgetError(f"dense part {_gb(dense)} + {staging_slots} staging + expert cache {slots} x {expert_bytes} "
-                          f"bytes = {_gb(dense + staging + slots * expert_bytes)} exceeds --gpu-memory {_gb(gpu_memory)}")
+                          f"bytes ({fmt.describe()}) = {_gb(dense + staging + slots * expert_bytes)} exceeds "
+                          f"--gpu-memory {_gb(gpu_memory)}")
     if device_free_bytes is not None and dense + staging + slots * expert_bytes > device_free_bytes:
         raise BudgetError(f"dense part {_gb(dense)} + staging {_gb(staging)} + expert cache {_gb(slots * expert_bytes)} "
                           f"do not fit in the device's free memory {_gb(device_free_bytes)}; lower "

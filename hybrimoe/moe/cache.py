@@ -1,11 +1,12 @@
 """GPU expert cache: a fixed pool of device slots holding routed experts, plus transient staging buffers.
 
-    pool     [S, 3*I*H]  on the compute device; slot s holds one expert laid out like the host store
-                         ([gate | up | down]), so filling it is ONE copy of the expert's host buffer.
-    staging  [B, 3*I*H]  (B = 2, allocated on first use) for an on-demand expert the plan sends to the GPU
+    pool     [S, numel]  on the compute device; slot s holds one expert laid out like the host store
+                         (its format's bytes: [gate | up | down], or int8/int4 codes and scales), so
+                         filling it is ONE copy of the expert's host buffer.
+    staging  [B, numel]  (B = 2, allocated on first use) for an on-demand expert the plan sends to the GPU
                          but the cache may not keep (zero capacity, every slot pinned, or a static
                          policy that refuses it); it is copied, used once and dropped.
-    prefetch [P, 3*I*H]  (P = staging_slots, on first use) for a PREFETCHED expert the cache does not keep
+    prefetch [P, numel]  (P = staging_slots, on first use) for a PREFETCHED expert the cache does not keep
                          (hybrimoe.policy.link): held from its copy until its layer has run.
                          Reuse of any staging buffer waits for the main stream to finish with its
                          previous occupant (an event).
@@ -27,7 +28,8 @@ from typing import Any
 import torch
 
 from hybrimoe.moe.devices import Devices
-from hybrimoe.moe.store import ExpertStore, ExpertWeights, split_expert
+from hybrimoe.moe.kernels import ExpertView
+from hybrimoe.moe.store import ExpertStore
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.plan import ExpertKey
 
@@ -56,7 +58,7 @@ class GpuExpertCache:
         total = len(store.layers) * store.config.num_experts
         self.num_slots = min(slots, total)  # more slots than experts would never be used
         self.pool = torch.empty(self.num_slots, store.expert_numel, dtype=store.dtype,
-                                device=devices.compute)  # [S, 3*I*H]
+                                device=devices.compute)  # [S, numel]
         self._slot_of: dict[ExpertKey, int] = {}
         self._free: list[int] = list(range(self.num_slots - 1, -1, -1))  # pop() gives slot 0 first
         self._staging: list[torch.Tensor] = []
@@ -91,9 +93,10 @@ class GpuExpertCache:
     def __contains__(self, key: ExpertKey) -> bool:
         return key in self._slot_of
 
-    def weights(self, key: ExpertKey) -> ExpertWeights:
-        """gate/up/down views into the slot of a resident expert (on the compute device)."""
-        return split_expert(self.pool[self._slot_of[key]], self.store.intermediate, self.store.hidden)
+    def weights(self, key: ExpertKey) -> ExpertView:
+        """The resident expert as a computable view of its slot (on the compute device; quantised formats
+        are computed from the copied bytes: see hybrimoe.moe.kernels)."""
+        return self.store.view(self.pool[self._slot_of[key]])
 
     # -- one layer -----------------------------------------------------------------------------
     def begin_layer(self, layer: int, experts: Iterable[int]) -> set[int]:
@@ -115,7 +118,7 @@ class GpuExpertCache:
     def admit(self, layer: int, expert: int, protect: Iterable[ExpertKey] = (),
               by_value: bool = False) -> torch.Tensor | None:
         """Give (layer, expert) a slot (evicting the policy's victim if needed) and return the slot
-        tensor [3*I*H] to copy into; None when the cache does not take it (use `staging_buffer`).
+        tensor [numel] to copy into; None when the cache does not take it (use `staging_buffer`).
         `by_value`: admit only if the policy values the newcomer above its victim."""
         key = (layer, expert)
         if key in self._slot_of:
@@ -160,7 +163,7 @@ class GpuExpertCache:
         return self._pending.pop(key, None)
 
     def staging_buffer(self, layer: int) -> torch.Tensor:
-        """A transient buffer [3*I*H] for an expert the cache does not keep. The copy stream waits
+        """A transient buffer [numel] for an expert the cache does not keep. The copy stream waits
         (on CUDA) until the main stream is done with the buffer's previous occupant; call
         `release_staging(buffer)` after issuing the compute that reads it."""
         if len(self._staging) < STAGING_BUFFERS:
@@ -217,12 +220,12 @@ class GpuExpertCache:
             self._pending[key] = event
         return buffer
 
-    def staged_weights(self, key: ExpertKey) -> ExpertWeights | None:
-        """gate/up/down views into the staging buffer holding `key`, or None if it is not staged."""
+    def staged_weights(self, key: ExpertKey) -> ExpertView | None:
+        """The prefetch staging buffer holding `key` as a computable view, or None if it is not staged."""
         index = self._staged.get(key)
         if index is None:
             return None
-        return split_expert(self._prefetch_buffers[index], self.store.intermediate, self.store.hidden)
+        return self.store.view(self._prefetch_buffers[index])
 
     def unstage(self, keys: Iterable[ExpertKey]) -> None:
         """The keys' layer has run: their buffers are free once the main stream is done reading them."""

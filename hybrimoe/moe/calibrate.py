@@ -19,8 +19,7 @@ from typing import Any
 import torch
 
 from hybrimoe.moe.devices import Devices
-from hybrimoe.moe.layer import expert_forward
-from hybrimoe.moe.store import ExpertStore, split_expert
+from hybrimoe.moe.store import ExpertStore
 from hybrimoe.policy.plan import ExpertCosts, LinearCosts
 
 log = logging.getLogger(__name__)
@@ -45,14 +44,14 @@ def _timed(fn: Callable[[], Any], devices: Devices | None, repeats: int) -> floa
 def calibrate_costs(store: ExpertStore, devices: Devices, worker: Any, tokens: int = 32,
                     repeats: int = 5) -> LinearCosts:
     layer = store.layers[0]
-    host = store.weights(layer, 0)
+    host = store.expert(layer, 0)
     device_buffer = store.buffer(layer, 0).to(devices.compute)
-    dev = split_expert(device_buffer, store.intermediate, store.hidden)
-    x_dev = {n: torch.randn(n, store.hidden, dtype=store.dtype, device=devices.compute) for n in (1, tokens)}
+    dev = store.view(device_buffer)  # the stored bytes, computed from on the device (any format)
+    x_dev = {n: torch.randn(n, store.hidden, dtype=store.compute_dtype, device=devices.compute) for n in (1, tokens)}
     x_host = {n: t.to("cpu") for n, t in x_dev.items()}
 
     with torch.inference_mode():
-        gpu = {n: _timed(lambda n=n: expert_forward(x_dev[n], dev.gate, dev.up, dev.down), devices, repeats)
+        gpu = {n: _timed(lambda n=n: dev.forward(x_dev[n]), devices, repeats)
                for n in (1, tokens)}
 
         def copy_once() -> None:
@@ -63,11 +62,10 @@ def calibrate_costs(store: ExpertStore, devices: Devices, worker: Any, tokens: i
 
     def cpu_side() -> tuple[dict[int, float], float]:
         with torch.inference_mode():
-            warm = {n: _timed(lambda n=n: expert_forward(x_host[n], host.gate, host.up, host.down), None, repeats)
-                    for n in (1, tokens)}
-            cold_expert = store.weights(layer, min(1, store.config.num_experts - 1))
+            warm = {n: _timed(lambda n=n: host.forward(x_host[n]), None, repeats) for n in (1, tokens)}
+            cold_expert = store.expert(layer, min(1, store.config.num_experts - 1))
             start = time.perf_counter()
-            expert_forward(x_host[1], cold_expert.gate, cold_expert.up, cold_expert.down)
+            cold_expert.forward(x_host[1])
             cold = time.perf_counter() - start
         return warm, max(0.0, cold - warm[1])
 
@@ -83,10 +81,13 @@ def calibrate_costs(store: ExpertStore, devices: Devices, worker: Any, tokens: i
 
 
 def profile_costs(profile: str, store: ExpertStore) -> ExpertCosts:
-    """ExpertCosts of a CostModel profile (name or path) for this store's expert shape and dtype."""
+    """ExpertCosts of a CostModel profile (name or path) for this store's expert shape and format: the
+    bytes a copy moves and the CPU reads are the store's own (scales included), whatever bits the
+    profile was written for."""
     from hybrimoe.policy.cost import CostModel, ExpertCostTable
     from hybrimoe.policy.shape import ExpertShape
 
     model = CostModel.load(profile)
-    shape = ExpertShape(store.hidden, store.intermediate, bits=8.0 * store.dtype.itemsize)
+    shape = ExpertShape(store.hidden, store.intermediate,
+                        bits=8.0 * store.expert_nbytes / (3 * store.hidden * store.intermediate))
     return ExpertCostTable(model, shape, shape)

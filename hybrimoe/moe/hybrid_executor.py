@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from hybrimoe.moe.layer import expert_forward, group_by_expert
-from hybrimoe.moe.store import split_expert
+from hybrimoe.moe.kernels import ExpertView
+from hybrimoe.moe.layer import add_rows, group_by_expert
 
 if TYPE_CHECKING:
     from hybrimoe.moe.runtime import HybridRuntime
@@ -34,11 +34,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-def _accumulate(out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor, gate: torch.Tensor,
-                up: torch.Tensor, down: torch.Tensor) -> None:
-    """out[tokens] += w[:, None] * f(x[tokens]) with f the expert (gate, up, down); as ReferenceExecutor."""
-    y = expert_forward(x[tokens], gate, up, down)  # [N, H]
-    out.index_add_(0, tokens, (y * w[:, None]).to(out.dtype))
+def _accumulate(out: torch.Tensor, x: torch.Tensor, tokens: torch.Tensor, w: torch.Tensor, expert: ExpertView) -> None:
+    """out[tokens] += w[:, None] * f(x[tokens]) with f the expert (any format); as ReferenceExecutor."""
+    y = expert.forward(x[tokens])  # [N, H]
+    add_rows(out, tokens, (y * w[:, None]).to(out.dtype))
 
 
 class HybridExecutor:
@@ -125,8 +124,7 @@ class HybridExecutor:
                     event = dev.record_copy()
                 dev.main_waits(event)
                 timer.start()
-                weights = split_expert(buffer, store.intermediate, store.hidden)
-                _accumulate(out, x, tokens, w, weights.gate, weights.up, weights.down)
+                _accumulate(out, x, tokens, w, store.view(buffer))
                 cache.release_staging(buffer)
                 continue
             event = cache.take_pending((layer, e))  # this layer's copy, or an earlier fill/prefetch copy
@@ -134,8 +132,8 @@ class HybridExecutor:
                 timer.stop()
                 dev.main_waits(event)
                 timer.start()
-            weights = cache.staged_weights((layer, e)) or cache.weights((layer, e))
-            _accumulate(out, x, tokens, w, weights.gate, weights.up, weights.down)
+            prefetched = cache.staged_weights((layer, e))  # a prefetch the cache did not keep, else its slot
+            _accumulate(out, x, tokens, w, prefetched if prefetched is not None else cache.weights((layer, e)))
         timer.stop()
 
     def _cpu_part(self, layer: int, x: torch.Tensor, jobs: list[tuple[int, torch.Tensor]], w_host: torch.Tensor,
@@ -145,6 +143,5 @@ class HybridExecutor:
         with torch.inference_mode(), self.rt.devices.cpu_timer.span():
             out = torch.zeros(x.shape, dtype=x.dtype, pin_memory=self.rt.devices.is_cuda)  # [T, H]
             for e, flat in jobs:
-                w = store.weights(layer, e)
-                _accumulate(out, x, flat // k, w_host[flat], w.gate, w.up, w.down)
+                _accumulate(out, x, flat // k, w_host[flat], store.expert(layer, e))
             return out

@@ -23,6 +23,7 @@ from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
 from hybrimoe.moe.devices import Devices
 from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.moe.lookahead import Lookahead
+from hybrimoe.moe.quant import ExpertFormat
 from hybrimoe.moe.replay import TraceRouting, install_replay
 from hybrimoe.moe.runtime import CpuWorker, HybridRuntime, default_cpu_threads
 from hybrimoe.moe.store import ExpertStore
@@ -46,43 +47,51 @@ def staging_slots(preset: Preset, options: RuntimeOptions) -> int:
     return options.staging_slots if preset.prefetch != "none" else 0
 
 
-def check_budget_before_load(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions) -> CacheBudget:
-    """The budget for `options` from the config alone; BudgetError (with the numbers) if it cannot work."""
+def check_budget_before_load(config: ModelConfig, dtype: torch.dtype, options: RuntimeOptions,
+                             fmt: ExpertFormat | None = None) -> CacheBudget:
+    """The budget for `options` from the config alone (experts in `fmt`, default `dtype`); BudgetError
+    (with the numbers) if it cannot work."""
     preset = get_preset(options.policy)
     device = options.resolved_device()
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
     return plan_budget(config, dtype, opts, _preset_ratio(preset), device_free_bytes(device),
-                       staging_slots=staging_slots(preset, options))
+                       staging_slots=staging_slots(preset, options), fmt=fmt)
 
 
-def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16") -> Any:
+def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16", expert_dtype: str | None = None,
+                     int4_group: int | None = None) -> Any:
     """--dummy-weights: a MoETransformer with random weights for the config (checked against the budget first)."""
-    from hybrimoe.loader import build_dummy_model, parse_dtype
+    from hybrimoe.loader import build_dummy_model, expert_format, parse_dtype
 
     assert options.dummy_weights is not None
     config = _config_from_file(dummy_config_path(options.dummy_weights))
-    check_budget_before_load(config, parse_dtype(dtype), options)
+    check_budget_before_load(config, parse_dtype(dtype), options, expert_format(dtype, expert_dtype, int4_group))
     pin = options.pin_memory if options.pin_memory is not None else options.resolved_device().startswith("cuda")
-    return build_dummy_model(config, dtype, seed=options.seed, pin_memory=pin)
+    return build_dummy_model(config, dtype, seed=options.seed, pin_memory=pin, expert_dtype=expert_dtype,
+                             int4_group=int4_group)
 
 
 def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions,
-                      progress: bool = True) -> tuple[Any, HybridRuntime]:
+                      progress: bool = True, expert_dtype: str | None = None,
+                      int4_group: int | None = None) -> tuple[Any, HybridRuntime]:
     """Budget check (before any weight is read) -> checkpoint (or --dummy-weights) with the expert store
-    pinned on CUDA -> dense part on the device -> runtime installed. Returns (model, runtime)."""
-    from hybrimoe.loader import load_model, parse_dtype
+    pinned on CUDA, experts in `expert_dtype` (None = `dtype`) -> dense part on the device -> runtime
+    installed. Returns (model, runtime)."""
+    from hybrimoe.loader import expert_format, load_model, parse_dtype
 
     device = options.resolved_device()
     options = options.with_changes(device=device)
     if options.dummy_weights is not None:
-        model = load_dummy_model(options, dtype).to(device)
+        model = load_dummy_model(options, dtype, expert_dtype, int4_group).to(device)
     else:
         if model_dir is None:
             raise ConfigError("give a model directory or --dummy-weights CONFIG_JSON")
-        check_budget_before_load(ModelConfig.from_pretrained(model_dir), parse_dtype(dtype), options)
+        check_budget_before_load(ModelConfig.from_pretrained(model_dir), parse_dtype(dtype), options,
+                                 expert_format(dtype, expert_dtype, int4_group))
         pin = options.pin_memory if options.pin_memory is not None else device.startswith("cuda")
-        model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin)
+        model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin,
+                           expert_dtype=expert_dtype, int4_group=int4_group)
     return model, install_runtime(model, options)
 
 
@@ -121,13 +130,14 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     if options.replay_trace is not None:
         routing = TraceRouting.load(options.replay_trace, config.moe_layers, config.num_experts)
         frequency = routing.frequency() if frequency is None else frequency
-    dense = dense_bytes(config, store.dtype)
+    dense = dense_bytes(config, store.compute_dtype)
     free = device_free_bytes(device)
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
-    budget = plan_budget(config, store.dtype, opts, _preset_ratio(preset),
+    budget = plan_budget(config, store.compute_dtype, opts, _preset_ratio(preset),
                          None if free is None else free + dense, dense,  # dense already on the device
-                         staging_slots=staging_slots(preset, options))
+                         staging_slots=staging_slots(preset, options), fmt=store.format)
+    assert budget.expert_bytes == store.expert_nbytes, (budget.expert_bytes, store.expert_nbytes)
     policy_options: dict[str, Any] = {}
     # no warm-up trace: a "hot" static cache fills on first use, then freezes
     keys, capacity, layer_capacity = initial_content(preset, list(config.moe_layers), config.num_experts,

@@ -1,7 +1,10 @@
 """Host memory for routed expert weights: one contiguous buffer per expert.
 
-Every MoE layer owns ONE preallocated tensor [E, 3*I*H]; expert e of that layer is row e, laid out
-[gate (I*H) | up (I*H) | down (H*I)], so moving an expert to the GPU is a single copy.
+Every MoE layer owns ONE preallocated tensor [E, numel]; expert e of that layer is row e, laid out by
+its format (hybrimoe.moe.expert_layout): [gate (I*H) | up (I*H) | down (H*I)] for float formats, the
+quantised bytes and scales for int8/int4. Moving an expert to the GPU is a single copy of that row.
+Quantised stores are filled from float weights (quantised here, at load) or from already-quantised
+matrices (`set_expert_quantized`, e.g. GGUF blocks).
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ import torch
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import BudgetError
+from hybrimoe.moe.expert_layout import ExpertLayout
+from hybrimoe.moe.kernels import ExpertView
+from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
 
 
 def host_available_bytes() -> int | None:
@@ -51,20 +57,26 @@ def split_expert(buffer: torch.Tensor, intermediate: int, hidden: int) -> Expert
 
 
 class ExpertStore:
-    """Routed experts of every MoE layer in host memory (pinned when `pin_memory`)."""
+    """Routed experts of every MoE layer in host memory (pinned when `pin_memory`), in format `fmt`
+    (default: float experts of `dtype`, the model's dtype)."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype = torch.float32,
-                 pin_memory: bool = False) -> None:
+                 pin_memory: bool = False, fmt: ExpertFormat | None = None) -> None:
         self.config = config
-        self.dtype = dtype
+        self.format = fmt if fmt is not None else ExpertFormat.parse(None, dtype)
+        self.compute_dtype = self.format.compute_dtype  # activations (the model's dtype)
+        self.dtype = self.format.storage_dtype  # element dtype of the buffers (uint8 for int8/int4)
         self.intermediate = config.moe_intermediate_size
         self.hidden = config.hidden_size
-        self.expert_numel = 3 * self.intermediate * self.hidden
-        self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, 3*I*H]
+        self.layout = ExpertLayout(self.format, self.intermediate, self.hidden)
+        self.expert_numel = self.layout.numel
+        self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, numel]
+        self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
-            check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_numel * dtype.itemsize,
-                              f"the routed experts ({len(config.moe_layers)} layers x {config.num_experts})")
-        self._bind(torch.empty(len(config.moe_layers) * config.num_experts * self.expert_numel, dtype=dtype,
+            check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_nbytes,
+                              f"the routed experts ({len(config.moe_layers)} layers x {config.num_experts}, "
+                              f"{self.format.describe()})")
+        self._bind(torch.empty(len(config.moe_layers) * config.num_experts * self.expert_numel, dtype=self.dtype,
                                pin_memory=pin_memory))
 
     def _bind(self, flat: torch.Tensor) -> None:
@@ -100,26 +112,82 @@ class ExpertStore:
         return sum(t.numel() * t.element_size() for t in self._layers.values())
 
     def layer_tensor(self, layer: int) -> torch.Tensor:
-        """The whole layer [E, 3*I*H] (e.g. to fill it in one go)."""
+        """The whole layer [E, numel] (e.g. to fill it in one go)."""
         return self._layers[layer]
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
-        """Expert (layer, expert) as a contiguous 1-D tensor [3*I*H] (a view, writes go to the store)."""
+        """Expert (layer, expert) as a contiguous 1-D tensor [numel] (a view, writes go to the store)."""
         return self._layers[layer][expert]
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
+        """gate/up/down views of a float-format expert (see `expert()` for every format)."""
+        if self.format.quantized:
+            raise TypeError(f"{self.format.name} experts have no float gate/up/down views; use expert()")
         return split_expert(self.buffer(layer, expert), self.intermediate, self.hidden)
+
+    def expert(self, layer: int, expert: int) -> ExpertView:
+        """The expert as a computable view (`.forward(x [T, H]) -> [T, H]`) of its host buffer."""
+        return self.layout.view(self.buffer(layer, expert))
+
+    def view(self, buffer: torch.Tensor) -> ExpertView:
+        """A computable view of an expert buffer [numel] anywhere (e.g. a GPU cache slot after a copy)."""
+        return self.layout.view(buffer)
 
     def set_expert(self, layer: int, expert: int, *, gate: torch.Tensor | None = None,
                    up: torch.Tensor | None = None, down: torch.Tensor | None = None) -> None:
-        """Copies any of gate [I, H], up [I, H], down [H, I] into the expert's slice (casting dtype)."""
-        w = self.weights(layer, expert)
-        for dst, src in ((w.gate, gate), (w.up, up), (w.down, down)):
-            if src is not None:
-                dst.copy_(src)
+        """Stores any of gate [I, H], up [I, H], down [H, I] (float, any dtype) into the expert's slice:
+        cast for float formats; quantised for int8/int4 (gate and up together, once both arrived)."""
+        if not self.format.quantized:
+            w = self.weights(layer, expert)
+            for dst, src in ((w.gate, gate), (w.up, up), (w.down, down)):
+                if src is not None:
+                    dst.copy_(src)
+            return
+        buffer = self.buffer(layer, expert)
+        if down is not None:
+            self.layout.write_matrix(buffer, 1, down)
+        if gate is None and up is None:
+            return
+        pending = self._pending.setdefault((layer, expert), {})
+        for name, t in (("gate", gate), ("up", up)):
+            if t is not None:
+                pending[name] = t.detach().to(torch.float32, copy=True)
+        if len(pending) == 2:
+            del self._pending[(layer, expert)]
+            self.layout.write_matrix(buffer, 0, torch.cat((pending["gate"], pending["up"])))
+
+    def set_gate_up(self, layer: int, expert: int, gate_up: torch.Tensor) -> None:
+        """gate_up [2I, H] (rows 0..I-1 gate, then up) in one go (fused checkpoints)."""
+        if not self.format.quantized:
+            self.buffer(layer, expert)[:2 * self.intermediate * self.hidden].copy_(gate_up.reshape(-1))
+        else:
+            self.layout.write_matrix(self.buffer(layer, expert), 0, gate_up)
+
+    def set_expert_quantized(self, layer: int, expert: int, gate_up: Int8Matrix | Int4Matrix,
+                             down: Int8Matrix | Int4Matrix) -> None:
+        """Stores already-quantised matrices (gate_up [2I, H], down [H, I]) of the store's kind without
+        re-rounding the codes (int4 of a coarser group than the store's is re-quantised; see docs/CONTRACTS.md)."""
+        if not self.format.quantized:
+            raise TypeError(f"a {self.format.name} store takes float weights; use set_expert")
+        buffer = self.buffer(layer, expert)
+        self.layout.write_matrix(buffer, 0, gate_up)
+        self.layout.write_matrix(buffer, 1, down)
+
+    def check_complete(self) -> None:
+        """Every quantised expert got both gate and up (a loader calls this at the end)."""
+        if self._pending:
+            (layer, e), parts = next(iter(self._pending.items()))
+            from hybrimoe.errors import CheckpointError
+            raise CheckpointError(f"routed expert {e} of layer {layer} got only {sorted(parts)} of gate and up")
 
     def fill_random(self, generator: torch.Generator, std: float) -> None:
-        """Normal(0, std) weights for every expert (checkpoint-less benchmarks)."""
-        for t in self._layers.values():
-            for row in t:   # one expert at a time keeps the fp32 temporary small
-                row.copy_(torch.randn(row.shape, generator=generator) * std)
+        """Normal(0, std) weights for every expert (checkpoint-less benchmarks), quantised if the format says."""
+        i, h = self.intermediate, self.hidden
+        for layer, t in self._layers.items():
+            if not self.format.quantized:
+                for row in t:   # one expert at a time keeps the fp32 temporary small
+                    row.copy_(torch.randn(row.shape, generator=generator) * std)
+                continue
+            for e in range(t.shape[0]):
+                self.set_gate_up(layer, e, torch.randn(2 * i, h, generator=generator) * std)
+                self.set_expert(layer, e, down=torch.randn(h, i, generator=generator) * std)

@@ -49,6 +49,31 @@ GRAPH_PARAMETERS: dict[str, str] = {
 }
 
 
+# Expert formats (hybrimoe.moe.quant): the CPU expert kernel per format and token count. Up to this many
+# tokens torch's fused weight-only kernel (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu) runs;
+# above it the expert is dequantised to the compute dtype and a dense GEMM runs (a fixed dequantisation
+# cost, then a time that grows slower with the token count than the fused kernels' does). Crossovers
+# measured with benchmarks/bench_expert_kernels.py on an AMD EPYC (Zen 4, AVX-512), 2 threads, bf16
+# (benchmarks/RESULTS_formats.md): int8 fused wins at 8 tokens and loses at 32 on both Mixtral and
+# DeepSeek-V2-Lite experts; int4 fused wins up to 128 tokens on both and loses at 512 (DeepSeek-V2-Lite).
+CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 16, "int4": 256}
+FORMAT_BASE_BITS: dict[str, float] = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
+
+
+def format_bits(name: str, hidden: int, intermediate: int, group: int = 32, scale_bits: float = 16.0) -> float:
+    """Bits per expert weight in format `name`, scales included (section padding ignored):
+    int8 keeps one scale per output row (2I + H rows over 3*I*H weights), int4 a scale and a zero per
+    `group` inputs (2 * scale_bits / group). Unknown name -> ConfigError."""
+    if name not in FORMAT_BASE_BITS:
+        raise ConfigError(f"unknown expert format {name!r}; known: {', '.join(FORMAT_BASE_BITS)}")
+    bits = FORMAT_BASE_BITS[name]
+    if name == "int8":
+        bits += scale_bits * (2 * intermediate + hidden) / (3.0 * intermediate * hidden)
+    elif name == "int4":
+        bits += 2.0 * scale_bits / group
+    return bits
+
+
 @dataclass(frozen=True)
 class CostModel:
     name: str
@@ -347,5 +372,6 @@ def fit_penalty(predicted: list[float], measured: list[float]) -> float:
     return max(1.0, sum(m / p for m, p in zip(measured, predicted)) / len(predicted))
 
 
-__all__ = ["CostModel", "ExpertCostTable", "ExpertShape", "GRAPH_PARAMETERS", "ModelShape", "PARAMETERS", "RooflineFit",
+__all__ = ["CPU_FUSED_KERNEL_MAX_TOKENS", "CostModel", "format_bits", "ExpertCostTable", "ExpertShape",
+           "GRAPH_PARAMETERS", "ModelShape", "PARAMETERS", "RooflineFit",
            "fit_affine", "fit_penalty", "fit_roofline", "known_profiles"]

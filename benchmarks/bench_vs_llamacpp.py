@@ -1,0 +1,208 @@
+"""CPU decode, hybrimoe int4 experts vs llama.cpp Q4_0, on the same random Mixtral-shaped weights.
+
+    pip install "llama-cpp-python==0.3.36" "gguf==0.19.0"     # builds llama.cpp (~15+ min); not a test dep
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_vs_llamacpp.py --out benchmarks/results/vs_llamacpp.json
+
+Weights: seeded normal(0, 0.02) tensors for a Mixtral-shaped model (default hidden 2048, 8 layers,
+8 experts of intermediate 4096, top-2: 1.0 GB of int4 experts at group 32). Every expert's float
+matrices are drawn once and given to both engines: ours quantises them to int4 (group 32, asymmetric),
+the GGUF writer (`gguf` package, llama.cpp's tensor names, arch "llama" with experts) to Q4_0 with the
+package's quantiser. Dense weights are bf16 in ours and F16 in the GGUF (same bytes); q/k rows are not
+permuted, so the two models do not compute the same function (random weights: only speed is compared).
+Both decode the same token ids (a seeded 32-token prompt, then --new-tokens tokens), CPU only, the same
+thread count, alternately for --repeats rounds; ms per decode token and tokens/s, median per engine.
+One JSON row per engine plus a header row with the machine; never run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+def model_config(args: argparse.Namespace) -> dict:
+    heads = args.hidden // 128
+    return {"model_type": "mixtral", "architectures": ["MixtralForCausalLM"], "hidden_size": args.hidden,
+            "intermediate_size": args.expert_intermediate, "num_hidden_layers": args.layers,
+            "num_attention_heads": heads, "num_key_value_heads": max(1, heads // 4), "head_dim": 128,
+            "num_local_experts": args.experts, "num_experts_per_tok": 2, "vocab_size": args.vocab,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 1e6, "sliding_window": None,
+            "tie_word_embeddings": False, "eos_token_id": 2, "bos_token_id": 1}
+
+
+def expert_tensors(layer: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """gate, up [E, I, H] and down [E, H, I] fp32 of one layer (seeded by the layer)."""
+    gen = torch.Generator().manual_seed(1000 + layer)
+    e, i, h = args.experts, args.expert_intermediate, args.hidden
+    return (torch.randn(e, i, h, generator=gen) * 0.02, torch.randn(e, i, h, generator=gen) * 0.02,
+            torch.randn(e, h, i, generator=gen) * 0.02)
+
+
+def build_ours(args: argparse.Namespace):
+    from unittest.mock import patch
+
+    from hybrimoe.config import ModelConfig
+    from hybrimoe.loader import build_dummy_model
+    from hybrimoe.moe.store import ExpertStore
+
+    config = ModelConfig.from_dict(model_config(args))
+    with patch.object(ExpertStore, "fill_random", lambda self, generator, std: None):  # experts come below
+        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=32)
+    store = model.expert_store
+    for layer in config.moe_layers:
+        gate, up, down = expert_tensors(layer, args)
+        for e in range(args.experts):
+            store.set_expert(layer, e, gate=gate[e], up=up[e], down=down[e])
+    return model
+
+
+def write_gguf(model, path: Path, args: argparse.Namespace) -> None:
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    cfg = model.config
+    w.add_context_length(4096)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_block_count(cfg.num_layers)
+    w.add_feed_forward_length(args.expert_intermediate)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_kv_heads)
+    w.add_rope_dimension_count(128)
+    w.add_rope_freq_base(1e6)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_expert_count(args.experts)
+    w.add_expert_used_count(2)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    # a minimal SentencePiece-style vocabulary: ids only are fed, but llama.cpp wants one to load
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
+    tokens += [f"t{i}" for i in range(args.vocab - len(tokens))]
+    types = [2, 3, 3] + [6] * 256 + [1] * (args.vocab - 259)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(tokens)
+    w.add_token_scores([0.0] * args.vocab)
+    w.add_token_types(types)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+
+    def f16(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.detach().float().numpy().astype(np.float16))
+
+    def f32(name: str, t: torch.Tensor) -> None:
+        w.add_tensor(name, t.detach().float().numpy().astype(np.float32))
+
+    def q4_0(name: str, t: torch.Tensor) -> None:
+        data = gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q4_0)
+        w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+
+    m = model.model
+    f16("token_embd.weight", m.embed_tokens.weight)
+    f32("output_norm.weight", m.norm.weight)
+    f16("output.weight", model.lm_head.weight)
+    for i, layer in enumerate(m.layers):
+        att = layer.self_attn
+        f32(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
+        f32(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
+        f16(f"blk.{i}.attn_q.weight", att.q_proj.weight)
+        f16(f"blk.{i}.attn_k.weight", att.k_proj.weight)
+        f16(f"blk.{i}.attn_v.weight", att.v_proj.weight)
+        f16(f"blk.{i}.attn_output.weight", att.o_proj.weight)
+        f32(f"blk.{i}.ffn_gate_inp.weight", layer.mlp.gate.weight)
+        gate, up, down = expert_tensors(i, args)
+        q4_0(f"blk.{i}.ffn_gate_exps.weight", gate)
+        q4_0(f"blk.{i}.ffn_up_exps.weight", up)
+        q4_0(f"blk.{i}.ffn_down_exps.weight", down)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def time_ours(model, prompt: list[int], new: int) -> float:
+    """Seconds per decode token (greedy, prompt prefilled first)."""
+    kv = model.new_kv_cache(len(prompt) + new + 1)
+    with torch.inference_mode():
+        logits = model(torch.tensor(prompt), 0, kv)[-1]
+        token, pos = int(torch.argmax(logits)), len(prompt)
+        start = time.perf_counter()
+        for _ in range(new):
+            logits = model(torch.tensor([token]), pos, kv)[-1]
+            token, pos = int(torch.argmax(logits)), pos + 1
+    return (time.perf_counter() - start) / new
+
+
+def time_llama(llm, prompt: list[int], new: int) -> float:
+    llm.reset()
+    llm.eval(prompt)
+    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    start = time.perf_counter()
+    for _ in range(new):
+        llm.eval([token])
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    return (time.perf_counter() - start) / new
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--expert-intermediate", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gguf", type=Path, help="reuse this GGUF (written by an earlier run with the same sizes)")
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--write-only", action="store_true", help="write the GGUF (to --gguf) and stop")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = build_ours(args)
+    tmp = tempfile.TemporaryDirectory(prefix="bench-llamacpp-")
+    path = args.gguf or Path(tmp.name) / "mixtral-random-q4_0.gguf"
+    if not path.exists():
+        write_gguf(model, path, args)
+    if args.write_only:
+        print(json.dumps({"gguf": str(path), "bytes": path.stat().st_size}))
+        return
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=256,
+                n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
+    time_ours(model, prompt, 4)  # warm-up
+    time_llama(llm, prompt, 4)
+    ours, theirs = [], []
+    for _ in range(args.repeats):
+        ours.append(time_ours(model, prompt, args.new_tokens))
+        theirs.append(time_llama(llm, prompt, args.new_tokens))
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    store = model.expert_store
+    rows = [{"kind": "machine", "cpu": name, "threads": args.threads, "load": os.getloadavg(), "measured": True,
+             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "torch": torch.__version__,
+             "int4_expert_bytes": store.nbytes, "gguf_bytes": path.stat().st_size, "config": model_config(args)}]
+    for impl, times in (("hybrimoe int4 g32", ours), ("llama.cpp Q4_0", theirs)):
+        s = statistics.median(times)
+        rows.append({"kind": "decode", "impl": impl, "ms_per_token": round(s * 1e3, 2),
+                     "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in times],
+                     "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})
+    for r in rows:
+        print(json.dumps(r))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()

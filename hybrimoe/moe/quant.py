@@ -1,0 +1,147 @@
+"""Expert weight formats (bf16/fp16/fp32, int8, int4) and the quantiser that produces them.
+
+    ExpertFormat.parse("int4", compute_dtype=torch.bfloat16, group_size=32)
+    quantize_int8(w [N, K] float)                -> Int8Matrix   q int8 [N, K], scale [N]
+    quantize_int4(w [N, K] float, group)         -> Int4Matrix   q uint8 [N, K] in 0..15, scale/offset [N, K/g]
+    Int4Matrix(q, scale, offset, group)          already-quantised int4 (e.g. GGUF Q4_0 / Q4_K blocks), no re-rounding
+    matrix.dequantize()                          -> float [N, K]: w = q * scale (int8), q * scale + offset (int4)
+
+Numerics. int8: symmetric per output row, scale = max|w| / 127, q = round(w / scale) in -127..127.
+int4: asymmetric per group of `g` consecutive inputs of one row, scale = (max - min) / 15,
+offset = min, q = round((w - offset) / scale) in 0..15, w' = q * scale + offset. GGUF's Q4_0
+(w = d * (q - 8)) is scale = d, offset = -8 d; Q4_K (w = d * sc * q - dmin * m) is scale = d * sc,
+offset = -dmin * m, both with g = 32: the 4-bit codes map over unchanged.
+
+How a format is laid out in one expert's byte buffer (`ExpertLayout`): see hybrimoe.moe.expert_format.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from hybrimoe.errors import ConfigError
+
+FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANT_FORMATS = ("int8", "int4")
+FORMAT_NAMES = (*FLOAT_FORMATS, *QUANT_FORMATS)
+INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
+DEFAULT_INT4_GROUP = 32  # by measurement, see benchmarks/RESULTS_formats.md
+
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed experts are stored. `compute_dtype`: the activations' dtype (the model's dtype); the
+    int8/int4 scales are kept in it, and float experts of another dtype are computed in their own."""
+
+    name: str = "fp32"  # fp32 | bf16 | fp16 | int8 | int4
+    compute_dtype: torch.dtype = torch.float32
+    group_size: int = DEFAULT_INT4_GROUP  # int4: inputs per scale/offset group (32, 64, 128 or 256)
+
+    def __post_init__(self) -> None:
+        if self.name not in FORMAT_NAMES:
+            raise ConfigError(f"unknown expert dtype {self.name!r}; supported: {', '.join(FORMAT_NAMES)}")
+        if self.compute_dtype not in FLOAT_FORMATS.values():
+            raise ConfigError(f"compute dtype {self.compute_dtype} must be one of fp32, bf16, fp16")
+        if self.name == "int4" and self.group_size not in INT4_GROUPS:
+            raise ConfigError(f"int4 group size {self.group_size!r} must be one of {', '.join(map(str, INT4_GROUPS))}")
+
+    @classmethod
+    def parse(cls, name: str | None, compute_dtype: torch.dtype, group_size: int | None = None) -> ExpertFormat:
+        """None = experts in the model's own dtype."""
+        if name is None:
+            name = next(k for k, v in FLOAT_FORMATS.items() if v == compute_dtype)
+        return cls(name, compute_dtype, DEFAULT_INT4_GROUP if group_size is None else group_size)
+
+    @property
+    def quantized(self) -> bool:
+        return self.name in QUANT_FORMATS
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        """Element dtype of an expert buffer: the float dtype, or uint8 (bytes) for int8/int4."""
+        return FLOAT_FORMATS[self.name] if not self.quantized else torch.uint8
+
+    def group_for(self, k: int) -> int:
+        """The int4 group used for rows of length k: the largest accepted size <= group_size dividing k,
+        else k itself (a tiny model; such a matrix is computed by dequantisation, not the CPU int4 kernel)."""
+        for g in sorted(INT4_GROUPS, reverse=True):
+            if g <= self.group_size and k % g == 0:
+                return g
+        return k
+
+    def describe(self) -> str:
+        return f"int4 (group {self.group_size})" if self.name == "int4" else self.name
+
+
+@dataclass
+class Int8Matrix:
+    """w [N, K] ~= q * scale[:, None]."""
+    q: torch.Tensor  # [N, K] int8
+    scale: torch.Tensor  # [N] float
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.q.to(dtype) * self.scale.to(dtype)[:, None])  # [N, K]
+
+
+@dataclass
+class Int4Matrix:
+    """w [N, K] ~= q * scale + offset, per group of `group` inputs: scale/offset [N, K / group]."""
+    q: torch.Tensor  # [N, K] uint8, values 0..15
+    scale: torch.Tensor  # [N, K/g] float
+    offset: torch.Tensor  # [N, K/g] float
+    group: int
+
+    def __post_init__(self) -> None:
+        n, k = self.q.shape
+        if k % self.group or tuple(self.scale.shape) != (n, k // self.group) or self.scale.shape != self.offset.shape:
+            raise ConfigError(f"int4 matrix [{n}, {k}] with group {self.group} needs scale and offset of shape "
+                              f"[{n}, {k // max(1, self.group)}], got {tuple(self.scale.shape)} and {tuple(self.offset.shape)}")
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        n, k = self.q.shape
+        q = self.q.to(dtype).view(n, k // self.group, self.group)
+        return (q * self.scale.to(dtype)[..., None] + self.offset.to(dtype)[..., None]).view(n, k)
+
+
+def quantize_int8(w: torch.Tensor) -> Int8Matrix:
+    """Symmetric per-row int8 of w [N, K] (computed in fp32)."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127.0  # [N]
+    q = torch.round(w / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return Int8Matrix(q, scale)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> Int4Matrix:
+    """Asymmetric int4 of w [N, K] per group of `group` inputs (computed in fp32)."""
+    n, k = w.shape
+    if k % group:
+        raise ConfigError(f"int4 group {group} does not divide the row length {k}")
+    g = w.float().view(n, k // group, group)
+    lo, hi = g.amin(dim=2), g.amax(dim=2)  # [N, K/g]
+    scale = ((hi - lo) / 15.0).clamp_min(1e-12)
+    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return Int4Matrix(q, scale, lo, group)
+
+
+def fake_quantize(w: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:
+    """w [N, K] after the format's rounding, as fp32: the plain re-implementation the tests compare with
+    (scales and offsets rounded to the compute dtype, as the store keeps them)."""
+    if fmt.name in FLOAT_FORMATS:
+        return w.to(FLOAT_FORMATS[fmt.name]).float()
+    if fmt.name == "int8":
+        m = quantize_int8(w)
+        return Int8Matrix(m.q, m.scale.to(fmt.compute_dtype)).dequantize()
+    m = quantize_int4(w, fmt.group_for(w.shape[1]))
+    scale, zero = stored_scale_zero(m, fmt.compute_dtype)
+    n, k = m.q.shape
+    q = m.q.float().view(n, k // m.group, m.group)
+    return ((q - 8.0) * scale.float()[..., None] + zero.float()[..., None]).view(n, k)
+
+
+def stored_scale_zero(m: Int4Matrix, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The int4 scale and zero as stored (torch's int4 kernels' convention, w = (q - 8) * scale + zero,
+    so zero = offset + 8 * scale), both [N, K/g] in `dtype`."""
+    scale = m.scale.float()
+    return scale.to(dtype), (m.offset.float() + 8.0 * scale).to(dtype)
