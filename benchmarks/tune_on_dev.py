@@ -5,7 +5,7 @@
 - prefetch look-ahead L (MoE layers): HybriMoE decode TBT at cache ratio 0.25, predictor accuracy 0.8,
   relative to the same run without prefetching, averaged over dev traces (so that no model's
   absolute step time dominates). Both runs use the paper's MRS alpha 0.5, not the alpha chosen above
-  (tuned independently; at alpha 0.1, L = 1 and L = 2 tie within 0.01%).
+  (tuned independently).
 The hot set of each dev trace comes from the model's other dev traces (the trace itself excluded).
 Writes one JSON document to stdout (and --out), which docs/BENCH.md records.
 

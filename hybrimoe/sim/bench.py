@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 BASELINE = "ktransformers"
 # Chosen on DEV traces by benchmarks/tune_on_dev.py (benchmarks/tune_on_dev.json): MRS alpha from
 # {0.1, 0.3, 0.5, 0.7, 0.9} by decode hit rate, look-ahead L from {1, 2, 3, 4} by relative TBT.
-TUNED = {"mrs_alpha": 0.1, "horizon": 1}
+TUNED = {"mrs_alpha": 0.1, "horizon": 2}
 ABLATION = ("ktransformers", "hybrimoe-sched-only", "hybrimoe-prefetch-only", "hybrimoe-cache-only", "hybrimoe")
 
 
