@@ -138,3 +138,17 @@ def test_a_prefetched_expert_stays_protected_until_its_layer_has_run():
     pipe.layer_done(1)
     pipe.layer_done(2)
     assert not pipe.pending - {(3, 5)}
+
+
+def test_in_prefill_a_prefetch_never_evicts_it_takes_a_free_slot_or_a_staging_buffer():
+    """As on-demand copies in prefill: evicting for a prompt's stream of copies drops experts that later
+    layers of the same forward need (they are beyond the look-ahead, so nothing protects them)."""
+    cache = CacheState(capacity=3, policy=make_policy("lru"))
+    _fill(cache, [(0, 0), (3, 5)])  # one free slot
+    pipe = _pipeline(cache, staging=1)
+    plan = HYBRID.plan(0, {0: 8}, {0}, COSTS)
+    predicted = {1: {2: 30, 3: 30, 4: 30}, 2: {}}
+    copies = pipe.idle(0, plan, 0.0, predicted, next_gap=10.0, gap=lambda f: 0.0, scheduler=HYBRID,
+                       current={(0, 0)}, counts={0: 8}, prefill=True)
+    assert [c.dest for c in copies] == ["slot", "staging"]  # the free slot, then the staging buffer, no more
+    assert (3, 5) in cache and len(cache) == 3

@@ -231,7 +231,7 @@ class HybridRuntime:
         next_gap = self.dense_gap.get(future[0], 0.0) if future else 0.0
         scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
         self.issue(self.pipeline.idle(layer, plan, now, predicted, next_gap, lambda f: self.dense_gap.get(f, 0.0),
-                                      scheduler, protect, counts))
+                                      scheduler, protect, counts, prefill=tokens > 1))
 
     def layer_done(self, layer: int) -> None:
         """The layer's work is issued: its staging buffers are free once the main stream has read them."""

@@ -120,17 +120,19 @@ class CopyPipeline:
 
     def idle(self, layer: int, plan: Plan, now: float, predicted: dict[int, dict[int, int]], next_gap: float,
              gap: Callable[[int], float], scheduler: Scheduler, current: set[ExpertKey],
-             counts: dict[int, int]) -> list[Copy]:
+             counts: dict[int, int], prefill: bool = False) -> list[Copy]:
         """Prefetches for the next layers, then fills, issued after the layer's own copies.
 
         predicted: {later MoE layer: {expert: tokens}} ({} = no prediction); next_gap: seconds from
         this layer's end to the next MoE layer's router output (or to the forward's end); gap(f): the
-        same before a later MoE layer f; counts: this layer's {expert: tokens} (fills: most loaded first)."""
+        same before a later MoE layer f; counts: this layer's {expert: tokens} (fills: most loaded first);
+        prefill: a prefetch takes a cache slot only while the layer's budget has a free one (as on-demand
+        copies: evicting for a prompt's stream of copies drops experts later layers need), else staging."""
         out: list[Copy] = []
         future = [f for f in self.future(layer) if f in predicted]
         window_end = now + plan.makespan + next_gap  # estimated start of the next MoE layer
         if future and not isinstance(self.prefetcher, NoPrefetch):
-            out += self._prefetch(layer, now, future, predicted, gap, scheduler, current, window_end)
+            out += self._prefetch(layer, now, future, predicted, gap, scheduler, current, window_end, prefill)
         if self.fill_misses:
             copy = self.costs(layer).copy()
             protect = current | self.pending
@@ -144,7 +146,7 @@ class CopyPipeline:
 
     def _prefetch(self, layer: int, now: float, future: list[int], predicted: dict[int, dict[int, int]],
                   gap: Callable[[int], float], scheduler: Scheduler, current: set[ExpertKey],
-                  window_end: float) -> list[Copy]:
+                  window_end: float, prefill: bool) -> list[Copy]:
         predicted = {f: predicted[f] for f in future}
         arrivals = {f: {e: a for e in predicted[f] if (a := self._arrival((f, e), now)) is not None}
                     for f in future}
@@ -159,8 +161,11 @@ class CopyPipeline:
         keep = current | self.pending | {(f, e) for f in future for e in predicted[f] if (f, e) in self.cache}
         copy = self.costs(layer).copy()
 
+        def slot_ok(key: ExpertKey) -> bool:
+            return not prefill or self.cache.has_room(key[0])
+
         def admissible(key: ExpertKey) -> bool:
-            return self.cache.can_insert(key, keep) or self.link.staging_free() > 0
+            return (slot_ok(key) and self.cache.can_insert(key, keep)) or self.link.staging_free() > 0
 
         ctx = PrefetchContext(layer, predicted, self.cache, self.link.start_of_next(now), window_end, starts,
                               arrivals, self.costs, scheduler, admissible)
@@ -177,7 +182,7 @@ class CopyPipeline:
             key = picked[0]
             if self.stage_first and self.link.staging_free() > 0:
                 issued = self.link.issue(key, "prefetch", "staging", now, copy)
-            elif self.cache.insert(key, protect=keep):
+            elif slot_ok(key) and self.cache.insert(key, protect=keep):
                 issued = self.link.issue(key, "prefetch", "slot", now, copy)
                 self.pending.add(key)
             else:

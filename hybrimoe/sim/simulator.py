@@ -248,7 +248,8 @@ class Simulator:
         if future and self.preset.prefetch != "none":
             predicted = self.predictor.predict(tokens, layer, future)
         next_gap = self._gap(future[0]) if future else tail
-        copies += pipeline.idle(layer, plan, t, predicted, next_gap, self._gap, scheduler, current, counts)
+        copies += pipeline.idle(layer, plan, t, predicted, next_gap, self._gap, scheduler, current, counts,
+                                prefill=len(tokens) > 1)
         for c in copies:
             run.busy["copy"] += c.end - c.start
             if record:
