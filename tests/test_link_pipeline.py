@@ -18,7 +18,7 @@ HYBRID = get_scheduler("hybrid")
 
 def _pipeline(cache: CacheState, staging: int = 2, prefetch: str = "impact") -> CopyPipeline:
     return CopyPipeline(cache, lambda layer: COSTS, [0, 1, 2, 3], horizon=2, prefetcher=get_prefetcher(prefetch),
-                        staging_slots=staging)
+                        staging_slots=staging, confidence_prior=(1e9, 0.0))  # predictions trusted: mechanics only
 
 
 def test_build_plan_starts_an_in_flight_expert_after_its_arrival():
@@ -152,3 +152,18 @@ def test_in_prefill_a_prefetch_never_evicts_it_takes_a_free_slot_or_a_staging_bu
                        current={(0, 0)}, counts={0: 8}, prefill=True)
     assert [c.dest for c in copies] == ["slot", "staging"]  # the free slot, then the staging buffer, no more
     assert (3, 5) in cache and len(cache) == 3
+
+
+def test_prefetch_gains_are_weighted_by_how_often_predictions_were_used():
+    """A copy that would delay layer 1's own copy pays off only if the prediction is likely right:
+    with a record of unused prefetches (confidence ~0) nothing is copied; trusted, it is."""
+    def run(prior):
+        cache = CacheState(capacity=8, policy=make_policy("lru"))
+        pipe = CopyPipeline(cache, lambda layer: COSTS, [0, 1, 2, 3], horizon=2,
+                            prefetcher=get_prefetcher("impact"), confidence_prior=prior)
+        plan = HYBRID.plan(0, {0: 1}, {0}, COSTS)
+        predicted = {1: {1: 30}, 2: {2: 30}}  # layer 1 will copy its expert itself at 0.25 s
+        return pipe.idle(0, plan, 0.0, predicted, next_gap=0.05, gap=lambda f: 0.05, scheduler=HYBRID,
+                         current={(0, 0)}, counts={0: 1})
+    assert [c.key for c in run((1e9, 0.0))]
+    assert run((0.0, 1e9)) == []

@@ -54,7 +54,8 @@ class LayerView:
 
 class CopyPipeline:
     def __init__(self, cache: CacheState, costs: CostsFor, moe_layers: list[int], horizon: int = 3,
-                 prefetcher: Prefetcher | None = None, fill_misses: bool = False, staging_slots: int = 4) -> None:
+                 prefetcher: Prefetcher | None = None, fill_misses: bool = False, staging_slots: int = 4,
+                 confidence_prior: tuple[float, float] = (1.0, 1.0)) -> None:
         self.cache, self.costs = cache, costs
         self.moe_layers = sorted(moe_layers)
         self._next = {l: self.moe_layers[i + 1: i + 1 + horizon] for i, l in enumerate(self.moe_layers)}
@@ -67,6 +68,14 @@ class CopyPipeline:
         # what a second of link time has recently bought when spent on prefetches (seconds saved per
         # link second, EMA over prefetch rounds; 0 while the prefetcher found nothing worth copying)
         self.link_value = 0.0
+        self.confidence_prior = confidence_prior  # Beta prior (used, unused) of the prefetch record
+
+    @property
+    def confidence(self) -> float:
+        """Share of the prefetches so far that their layer used (Beta prior `confidence_prior`, by
+        default (1, 1): 0.5 before any)."""
+        used, unused = self.confidence_prior
+        return (self.prefetched_used + used) / (self.link.copies["prefetch"] + used + unused)
 
     def future(self, layer: int) -> list[int]:
         """The MoE layers a prefetch after `layer` may serve."""
@@ -168,7 +177,7 @@ class CopyPipeline:
             return (slot_ok(key) and self.cache.can_insert(key, keep)) or self.link.staging_free() > 0
 
         ctx = PrefetchContext(layer, predicted, self.cache, self.link.start_of_next(now), window_end, starts,
-                              arrivals, self.costs, scheduler, admissible)
+                              arrivals, self.costs, scheduler, admissible, confidence=self.confidence)
         out: list[Copy] = []
         while ctx.link_free < window_end:
             if not self.prefetcher.crosses_layers and ctx.link_free + copy > window_end + 1e-12:

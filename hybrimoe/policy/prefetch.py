@@ -40,6 +40,7 @@ class PrefetchContext:
     scheduler: Scheduler
     admissible: Callable[[ExpertKey], bool]  # whether the pick could land (slot or staging buffer)
     taken: set[ExpertKey] = field(default_factory=set)  # picked so far (in flight now)
+    confidence: float = 1.0  # chance that a predicted expert is used (the pipeline's running record)
     memo: dict = field(default_factory=dict)  # prefetcher's scratch: plans already priced this round
 
 
@@ -77,7 +78,9 @@ class ImpactPrefetcher:
     lands after its layer would have finished anyway, or that pushes the next layer's own copies back
     by more than it saves, has no positive gain. The best admissible candidate with a positive gain
     is picked; the pipeline asks again with the pick in flight (gains that overlap are not counted
-    twice). Only the `max_candidates` most loaded candidates per layer are evaluated, and of those with
+    twice). The saving is weighted by `ctx.confidence`, the share of earlier prefetches that their
+    layer used (a poor predictor's copies mostly delay and evict); the delay they cause is certain.
+    Only the `max_candidates` most loaded candidates per layer are evaluated, and of those with
     the same predicted load only one (they are interchangeable: same costs, none on the GPU side);
     plans are memoised within a round (one layer's prefetch decisions).
     """
@@ -102,8 +105,9 @@ class ImpactPrefetcher:
             seen: dict[int, float] = {}  # token count -> gain: candidates of equal load are interchangeable
             for e in _candidates(ctx, f)[: self.max_candidates]:
                 n = ctx.predicted[f][e]
-                if n not in seen:
-                    seen[n] = before[f] - self._makespan(ctx, f, land, (e, land)) - others
+                if n not in seen:  # expected gain: the saving if the prediction holds, the delay surely
+                    seen[n] = ctx.confidence * (before[f] - self._makespan(ctx, f, land, (e, land))) \
+                        - (1.0 - ctx.confidence) * (delayed[f] - before[f]) - others
                 if seen[n] > 1e-12:
                     ranked.append((-seen[n], f, e))
         for neg_gain, f, e in sorted(ranked):  # best gain first; ties: earlier layer, lower id
