@@ -29,18 +29,13 @@ from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.policy.presets import PRESETS
 from hybrimoe.runtime_options import RuntimeOptions
 from hybrimoe.tiny import FAMILIES, tiny_config
+from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
 
 PROMPTS = ([5, 17, 42, 9, 77, 3, 120, 64], [1, 2, 3, 4, 200, 150, 99])
 NEW_TOKENS = 6
 COSTS = LinearCosts(cpu_per_token=2e-5, gpu_fixed=3e-5, copy_seconds=6e-5, cpu_fixed=2e-5, cpu_first_extra=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
 
 
 def run(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> tuple[list[int], torch.Tensor]:
