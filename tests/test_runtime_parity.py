@@ -119,7 +119,7 @@ def test_prefetch_and_fill_copies_keep_parity_and_happen() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs the copy stream, events, "
                     "pinned store and CUDA timers for real)")
-@pytest.mark.parametrize("policy,ratio", [("hybrimoe", 0.25), ("gpu-lru", 0.0), ("gpu-lru", 0.5),
+@pytest.mark.parametrize("policy,ratio", [("hybrimoe", 0.25), ("hybrimoe", 0.0), ("gpu-lru", 0.0), ("gpu-lru", 0.5),
                                           ("ktransformers", 0.25), ("hybrimoe-cache-only", 0.5), ("resident", 1.0)])
 def test_cuda_matches_the_cpu_reference(policy: str, ratio: float) -> None:
     import copy
