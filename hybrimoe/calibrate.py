@@ -31,8 +31,8 @@ import torch
 from hybrimoe.errors import ConfigError
 from hybrimoe.moe.expert_layout import ExpertLayout, expert_nbytes
 from hybrimoe.moe.quant import ExpertFormat
-from hybrimoe.policy.cost import (CPU_FUSED_KERNEL_MAX_TOKENS, PARAMETERS, CostModel, fit_affine, fit_penalty,
-                                  fit_roofline, fit_roofline_two_sizes)
+from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS, PARAMETERS, CostModel
+from hybrimoe.policy.fit import fit_affine, fit_penalty, fit_roofline, fit_roofline_two_sizes
 from hybrimoe.policy.shape import ExpertShape
 
 log = logging.getLogger(__name__)

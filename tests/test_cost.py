@@ -86,7 +86,7 @@ def test_load_errors_and_round_trip(tmp_path: Path) -> None:
 
 
 def test_fits_recover_known_parameters() -> None:
-    from hybrimoe.policy.cost import fit_affine, fit_penalty, fit_roofline
+    from hybrimoe.policy.fit import fit_affine, fit_penalty, fit_roofline
 
     tokens = [1, 2, 4, 8, 16, 32, 64, 128]
     truth = [max(2e-3, 5e-5 * n) + 1e-4 for n in tokens]  # knee at 40 tokens
@@ -120,7 +120,7 @@ def test_calibrate_cli_writes_loadable_profile(tmp_path: Path) -> None:
 def test_two_size_roofline_recovers_bandwidth_overhead_and_flops() -> None:
     """Synthetic CPU: 50 GB/s, 1 TFLOP/s, 200 us per expert. One expert size alone cannot split
     bandwidth from overhead; a second size can, and the fit recovers all three."""
-    from hybrimoe.policy.cost import fit_roofline_two_sizes
+    from hybrimoe.policy.fit import fit_roofline_two_sizes
 
     bw, flops_rate, overhead = 50e9, 1e12, 200e-6
     big, small = ExpertShape(2048, 1408, 16), ExpertShape(2048, 704, 16)

@@ -13,9 +13,10 @@ from hybrimoe.cli import main
 PROMPT = "the quick brown fox jumps"
 
 
-def generate_json(capsys, model: Path, *flags: str) -> dict:
+def generate_json(capsys, model: Path, *flags: str, prompt: str = PROMPT) -> dict:
+    """`hybrimoe generate --json` greedy, 12 tokens, fp32: its JSON output (the command must succeed)."""
     capsys.readouterr()
-    code = main(["generate", "--model", str(model), "--prompt", PROMPT, "--dtype", "fp32", "--json",
+    code = main(["generate", "--model", str(model), "--prompt", prompt, "--dtype", "fp32", "--json",
                  "--temperature", "0", "--max-new-tokens", "12", *flags])
     captured = capsys.readouterr()
     assert code == 0, captured.err

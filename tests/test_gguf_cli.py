@@ -5,29 +5,23 @@ kind keeps the CLI runs few."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
 from gguf_fixtures import tiny_gguf  # noqa: F401  (fixture)
-from hybrimoe.cli import main
 from hybrimoe.engine import Engine
 from hybrimoe.gguf.files import open_gguf
 from hybrimoe.gguf.tokenizer import byte_level_tokenizer
+from test_generate_runtime import generate_json as generate_cli_json
 
 PROMPT = "Hello, world. What is the capital of France?"
 TEXTS = [PROMPT, "  two spaces\n\nnew lines\ttab 0123456789", "<|im_start|>user\nhi<|im_end|>\n", "ünïcödé 漢字 😀"]
 
 
 def generate_json(capsys, model: Path, *flags: str) -> dict:
-    capsys.readouterr()
-    code = main(["generate", "--model", str(model), "--prompt", PROMPT, "--dtype", "fp32", "--json",
-                 "--temperature", "0", "--max-new-tokens", "12", *flags])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
+    return generate_cli_json(capsys, model, *flags, prompt=PROMPT)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2-moe", "olmoe", "deepseek-v2-lite"])

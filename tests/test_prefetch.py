@@ -4,11 +4,11 @@ import random
 
 import pytest
 
-from hybrimoe.policy.cache_policy import LRUPolicy, make_policy
+from hybrimoe.policy.cache_policy import LRUPolicy
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.policy.predictor import TruthWithNoise
-from hybrimoe.policy.prefetch import ImpactPrefetcher, get_prefetcher
+from hybrimoe.policy.prefetch import ImpactPrefetcher
 from hybrimoe.policy.presets import get_preset
 from hybrimoe.policy.schedule import get_scheduler
 from hybrimoe.sim.costs import UniformCosts

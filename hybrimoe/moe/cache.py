@@ -82,10 +82,6 @@ class GpuExpertCache:
     def capacity_bytes(self) -> int:
         return self.num_slots * self.store.expert_nbytes
 
-    @property
-    def staging_bytes(self) -> int:
-        """Device bytes of the staging buffers once all are in use (transient + prefetch)."""
-        return (STAGING_BUFFERS + self.staging_slots) * self.store.expert_nbytes
 
     def cached_experts(self, layer: int) -> set[int]:
         return self.state.cached_experts(layer)
@@ -114,18 +110,6 @@ class GpuExpertCache:
 
     def end_layer(self) -> None:
         self.state.unpin_all()
-
-    def admit(self, layer: int, expert: int, protect: Iterable[ExpertKey] = (),
-              by_value: bool = False) -> torch.Tensor | None:
-        """Give (layer, expert) a slot (evicting the policy's victim if needed) and return the slot
-        tensor [numel] to copy into; None when the cache does not take it (use `staging_buffer`).
-        `by_value`: admit only if the policy values the newcomer above its victim."""
-        key = (layer, expert)
-        if key in self._slot_of:
-            return None  # already resident (e.g. prefetched twice): nothing to copy
-        if not self.state.insert(key, set(protect), by_value=by_value):
-            return None
-        return self.slot(key)
 
     def slot(self, key: ExpertKey) -> torch.Tensor:
         """The slot tensor [3*I*H] of a resident expert."""

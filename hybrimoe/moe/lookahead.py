@@ -43,7 +43,7 @@ class Lookahead:
         future = pipeline.future(layer)
         if not future:
             return None
-        window_end = now + plan.makespan + runtime.dense_gap.get(future[0], 0.0)  # seconds (perf_counter)
+        window_end = pipeline.next_layer_start(now, plan, runtime.dense_gap.get(future[0], 0.0))
         if pipeline.link.start_of_next(now) >= window_end:
             return None
         if runtime.replay is not None:

@@ -60,7 +60,6 @@ class MRSPolicy:
         self.p = p if p is not None else 2 * top_k
         self._raw: dict[int, dict[int, float]] = {}
         self._scale: dict[int, float] = {}
-        self._observed: dict[int, int] = {}  # per layer, observations so far (invalidates _order)
         self._order: dict[int, tuple[int, list[tuple[float, int]]]] = {}  # layer -> (version, sorted (raw, e))
 
     def observe(self, layer: int, scores: list[float] | None, selected: list[int],
@@ -89,7 +88,6 @@ class MRSPolicy:
                     del lst[i]
                     bisect.insort(lst, (raw[e], e))
         self._scale[layer] = scale
-        self._observed[layer] = self._observed.get(layer, 0) + 1
 
     def priority(self, layer: int, expert: int) -> float:
         """S of one expert (0 if never scored)."""

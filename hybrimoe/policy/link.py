@@ -88,10 +88,6 @@ class LinkQueue:
         """Absolute arrival of a slot or staging copy of `key` not yet used (None: none pending)."""
         return self._arrival.get(key)
 
-    def in_flight(self, now: float) -> dict[ExpertKey, float]:
-        """Slot or staging copies still on the link at `now`: {key: absolute arrival}."""
-        return {k: a for k, a in self._arrival.items() if a > now}
-
     # -- the end of a layer ------------------------------------------------------------------------
     def layer_done(self, layer: int) -> list[ExpertKey]:
         """The layer has run: its staged experts leave their buffers (used or mispredicted) and its
@@ -102,8 +98,3 @@ class LinkQueue:
         for k in [k for k in self._arrival if k[0] == layer]:
             del self._arrival[k]
         return freed
-
-    def forget(self, key: ExpertKey) -> None:
-        """`key` left the cache (evicted) before it was used: no arrival to wait for any more."""
-        if key not in self._staged:
-            self._arrival.pop(key, None)

@@ -139,7 +139,7 @@ class CopyPipeline:
         copies: evicting for a prompt's stream of copies drops experts later layers need), else staging."""
         out: list[Copy] = []
         future = [f for f in self.future(layer) if f in predicted]
-        window_end = now + plan.makespan + next_gap  # estimated start of the next MoE layer
+        window_end = self.next_layer_start(now, plan, next_gap)
         if future and not isinstance(self.prefetcher, NoPrefetch):
             out += self._prefetch(layer, now, future, predicted, gap, scheduler, current, window_end, prefill)
         if self.fill_misses:
@@ -152,6 +152,13 @@ class CopyPipeline:
                 if key not in self.cache and self.cache.insert(key, protect=protect, by_value=True):
                     out.append(self.link.issue(key, "fill", "slot", now, copy))
         return out
+
+    @staticmethod
+    def next_layer_start(now: float, plan: Plan, next_gap: float) -> float:
+        """Estimated start of the next MoE layer: this layer's predicted end + the dense gap after it.
+        Prefetches must start before it (`idle`); a caller may skip predicting when the link is
+        booked past it."""
+        return now + plan.makespan + next_gap
 
     def _prefetch(self, layer: int, now: float, future: list[int], predicted: dict[int, dict[int, int]],
                   gap: Callable[[int], float], scheduler: Scheduler, current: set[ExpertKey],
