@@ -123,7 +123,7 @@ class CopyPipeline:
         out = []
         for e in plan.copies:
             key = (layer, e)
-            slot = (not prefill or self.cache.has_room(layer)) and self.cache.insert(key, protect=protect)
+            slot = self._may_take_slot(key, prefill) and self.cache.insert(key, protect=protect)
             out.append(self.link.issue(key, "demand", "slot" if slot else "transient", now, copy))
         return out
 
@@ -177,11 +177,9 @@ class CopyPipeline:
         keep = current | self.pending | {(f, e) for f in future for e in predicted[f] if (f, e) in self.cache}
         copy = self.costs(layer).copy()
 
-        def slot_ok(key: ExpertKey) -> bool:
-            return not prefill or self.cache.has_room(key[0])
-
         def admissible(key: ExpertKey) -> bool:
-            return (slot_ok(key) and self.cache.can_insert(key, keep)) or self.link.staging_free() > 0
+            return (self._may_take_slot(key, prefill) and self.cache.can_insert(key, keep)) \
+                or self.link.staging_free() > 0
 
         ctx = PrefetchContext(layer, predicted, self.cache, self.link.start_of_next(now), window_end, starts,
                               arrivals, self.costs, scheduler, admissible, confidence=self.confidence)
@@ -198,7 +196,7 @@ class CopyPipeline:
             key = picked[0]
             if self.stage_first and self.link.staging_free() > 0:
                 issued = self.link.issue(key, "prefetch", "staging", now, copy)
-            elif slot_ok(key) and self.cache.insert(key, protect=keep):
+            elif self._may_take_slot(key, prefill) and self.cache.insert(key, protect=keep):
                 issued = self.link.issue(key, "prefetch", "slot", now, copy)
                 self.pending.add(key)
             else:
@@ -209,6 +207,11 @@ class CopyPipeline:
             ctx.link_free = self.link.start_of_next(now)
             out.append(issued)
         return out
+
+    def _may_take_slot(self, key: ExpertKey, prefill: bool) -> bool:
+        """In prefill a copy takes a cache slot only while its layer's budget has a free one: evicting
+        for a prompt's stream of copies drops experts that later layers of the forward need."""
+        return not prefill or self.cache.has_room(key[0])
 
     def _arrival(self, key: ExpertKey, now: float) -> float | None:
         """Arrival of a copy of `key` issued earlier and not landed by `now`; None when none pends."""
