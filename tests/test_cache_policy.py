@@ -108,22 +108,32 @@ def test_static_cache_never_evicts_its_hot_set():
     assert cache.resident() == set(hot)
 
 
-def test_fast_victim_paths_agree_with_the_definition():
+@pytest.mark.parametrize("name,alpha", [("mrs", 0.5), ("mrs", 1.0), ("lru", None)])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_fast_victim_paths_agree_with_the_definition(name, alpha, per_layer):
+    """The incremental victim search (MRS: one min over per-layer heads; LRU: the touch order) equals
+    the brute-force minimum over the candidates, with pins, random protected sets (often holding a
+    layer's lowest resident), per-layer budgets and MRS's scale folding (alpha 1 folds every step)."""
     rng = random.Random(4)
-    for name in ("mrs", "lru"):
-        policy = make_policy(name, top_k=2)
-        cache = CacheState(capacity=12, policy=policy)
-        for _ in range(200):
-            layer = rng.randrange(4)
-            selected = rng.sample(range(8), 2)
-            policy.observe(layer, _softmax(rng, 8), selected)
-            for e in selected:
-                cache.access((layer, e))
-                cache.insert((layer, e), protect={(layer, x) for x in selected})
-            view = cache._candidates(0, set())
-            fast = policy.victim(view)
-            slow = policy.victim(list(view))
-            assert fast == slow
+    policy = make_policy(name, top_k=2, **({} if alpha is None else {"alpha": alpha}))
+    cache = CacheState(capacity=12, policy=policy,
+                       layer_capacity={layer: 3 for layer in range(4)} if per_layer else None)
+    for _ in range(300):
+        layer = rng.randrange(4)
+        selected = rng.sample(range(8), 2)
+        policy.observe(layer, _softmax(rng, 8), selected)
+        cache.pin((layer, e) for e in selected)
+        for e in selected:
+            cache.access((layer, e))
+            cache.insert((layer, e), protect={(layer, x) for x in selected})
+        residents = sorted(cache.resident())
+        protect = set(rng.sample(residents, min(len(residents), rng.randrange(4))))
+        if residents and rng.random() < 0.5:  # protect some layer's lowest resident
+            protect.add(min(residents, key=lambda k: (policy.score(k), k)))
+        for probe in range(4):
+            view = cache._candidates(probe, protect)
+            assert policy.victim(view) == policy.victim(list(view))
+        cache.unpin_all()
 
 
 def test_unknown_policy_lists_known_names():

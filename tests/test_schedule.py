@@ -178,3 +178,27 @@ def test_hybrid_plans_follow_the_papers_priority_rules(name):
         stole += bool(cpu_cached)
         copied += bool(plan.copies)
     assert stole > 10 and copied > 10  # both rules were exercised
+
+
+def test_hybrid_memoised_plans_equal_fresh_plans():
+    """The hybrid scheduler reuses a plan template for layers with the same memo key (the multiset of
+    (tokens, status), free times, costs): each reused plan must equal, field by field, the plan a
+    fresh scheduler computes for the same layer. Few distinct loads and free times, random expert
+    ids, cached sets and arrivals, so most calls hit the memo with other ids."""
+    rng = random.Random(11)
+    costs = LinearCosts(cpu_per_token=1.0, gpu_fixed=0.3, copy_seconds=1.7, cpu_fixed=0.5, cpu_first_extra=0.4,
+                        gpu_per_token=0.05)
+    shared = get_scheduler("hybrid")
+    hits = 0
+    for _ in range(600):
+        experts = rng.sample(range(64), rng.randint(1, 6))
+        counts = {e: rng.choice([1, 1, 2, 5]) for e in experts}
+        cached = {e for e in experts if rng.random() < 0.4}
+        arrivals = {e: rng.choice([0.5, 2.0]) for e in experts if e not in cached and rng.random() < 0.3}
+        free = rng.choice([0.0, 0.0, 1.0])
+        key = shared._key(counts, cached, costs, free, 0.0, 0.0, arrivals)
+        hits += key in shared._memo and shared._memo[key][2] is not None
+        memoised = shared.plan(3, counts, cached, costs, copy_free_at=free, arrivals=arrivals)
+        fresh = get_scheduler("hybrid").plan(3, counts, cached, costs, copy_free_at=free, arrivals=arrivals)
+        assert memoised == fresh
+    assert hits > 100  # the reuse path ran

@@ -14,12 +14,12 @@ Registry: `make_policy(name, top_k=..., ...)`; unknown name -> ConfigError listi
 
 from __future__ import annotations
 
-import bisect
 import heapq
 from collections import OrderedDict
 from typing import Iterable, Protocol
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.policy.mrs_order import SortedResidents
 from hybrimoe.policy.plan import ExpertKey
 
 _RESCALE_BELOW = 1e-150  # MRS lazy-decay scale renormalised below this (float underflow guard)
@@ -60,7 +60,7 @@ class MRSPolicy:
         self.p = p if p is not None else 2 * top_k
         self._raw: dict[int, dict[int, float]] = {}
         self._scale: dict[int, float] = {}
-        self._order: dict[int, tuple[int, list[tuple[float, int]]]] = {}  # layer -> (version, sorted (raw, e))
+        self._sorted = SortedResidents()  # residents in eviction order, per layer (mrs_order.py)
 
     def observe(self, layer: int, scores: list[float] | None, selected: list[int],
                 weights: list[float] | None = None) -> None:
@@ -76,18 +76,13 @@ class MRSPolicy:
             for e in raw:
                 raw[e] *= scale
             scale = 1.0
-            self._order.pop(layer, None)  # stored raw values changed: re-sort at the next victim
-        order = self._order.get(layer)
+            self._sorted.invalidate(layer)  # stored raw values changed: re-sort at the next victim
         for e, s in known.items():
             old = raw.get(e, 0.0)
             raw[e] = old + self.alpha * s / scale
-            if order is not None:  # keep the layer's sorted residents sorted: O(log n) find, O(n) move
-                lst = order[1]
-                i = bisect.bisect_left(lst, (old, e))
-                if i < len(lst) and lst[i] == (old, e):
-                    del lst[i]
-                    bisect.insort(lst, (raw[e], e))
+            self._sorted.raw_changed(layer, e, old, raw[e])
         self._scale[layer] = scale
+        self._sorted.refresh_head(layer, scale)
 
     def priority(self, layer: int, expert: int) -> float:
         """S of one expert (0 if never scored)."""
@@ -103,45 +98,14 @@ class MRSPolicy:
         """CacheState's notice that `key` joined or left the residents (now at `version` for its
         layer): the layer's sorted order is patched in O(log n + n) instead of re-sorted."""
         layer, e = key
-        cached = self._order.get(layer)
-        if cached is None or cached[0] != version - 1:
-            self._order.pop(layer, None)  # not in step: rebuilt at the next victim
-            return
-        item = (self._raw.get(layer, {}).get(e, 0.0), e)
-        lst = cached[1]
-        if added:
-            bisect.insort(lst, item)
-        else:
-            i = bisect.bisect_left(lst, item)
-            assert i < len(lst) and lst[i] == item, (key, item)
-            del lst[i]
-        self._order[layer] = (version, lst)
+        self._sorted.resident_changed(layer, e, self._raw.get(layer, {}).get(e, 0.0), added, version,
+                                      self._scale.get(layer, 1.0))
 
     def victim(self, candidates: Iterable[ExpertKey]) -> ExpertKey | None:
-        if hasattr(candidates, "by_layer"):  # CandidateView: per-layer sorted residents, O(layers)
-            return self._victim_view(candidates)
+        if hasattr(candidates, "by_layer"):  # CandidateView: one min over the layers' lowest residents
+            return self._sorted.victim(candidates, lambda layer: self._raw.get(layer, {}),
+                                       lambda layer: self._scale.get(layer, 1.0))
         return min(candidates, key=lambda k: (self.score(k), k), default=None)
-
-    def _victim_view(self, view) -> ExpertKey | None:
-        best: tuple[float, int, int] | None = None
-        for layer in view.layers:
-            resident = view.by_layer.get(layer)
-            if not resident:
-                continue
-            stamp = view.versions.get(layer, 0)  # residents changed without added/removed: re-sort
-            cached = self._order.get(layer)
-            if cached is None or cached[0] != stamp:
-                raw = self._raw.get(layer, {})
-                cached = (stamp, sorted((raw.get(e, 0.0), e) for e in resident))
-                self._order[layer] = cached
-            scale = self._scale.get(layer, 1.0)
-            for raw_score, e in cached[1]:
-                if (layer, e) not in view.excluded:
-                    cand = (scale * raw_score, layer, e)
-                    if best is None or cand < best:
-                        best = cand
-                    break
-        return None if best is None else (best[1], best[2])
 
 
 class LRUPolicy:

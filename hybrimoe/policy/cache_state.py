@@ -17,15 +17,19 @@ from hybrimoe.policy.cache_policy import CachePolicy
 from hybrimoe.policy.plan import ExpertKey
 
 
-@dataclass(frozen=True)
 class CandidateView:
     """The eviction candidates: resident experts of `layers` minus `excluded`. Iterable of keys;
-    policies may also read the per-layer sets directly to avoid materialising the keys."""
+    policies may also read the per-layer sets directly to avoid materialising the keys.
+    (A plain slotted class: one is built for every eviction, on the layer's critical path.)"""
 
-    by_layer: dict[int, set[int]]
-    layers: list[int]
-    excluded: set[ExpertKey]
-    versions: dict[int, int]  # per layer, bumped whenever its resident set changes
+    __slots__ = ("by_layer", "layers", "excluded", "versions")
+
+    def __init__(self, by_layer: dict[int, set[int]], layers: list[int], excluded: set[ExpertKey],
+                 versions: dict[int, int]) -> None:
+        self.by_layer = by_layer
+        self.layers = layers
+        self.excluded = excluded
+        self.versions = versions  # per layer, bumped whenever its resident set changes
 
     def __iter__(self):
         for layer in self.layers:
@@ -71,6 +75,10 @@ class CacheState:
         """Experts of `layer` resident now (a copy)."""
         return set(self._by_layer.get(layer, ()))
 
+    def live_layer(self, layer: int) -> set[int] | frozenset[int]:
+        """Experts of `layer` resident now: the set itself (read only; `cached_experts` copies)."""
+        return self._by_layer.get(layer, frozenset())
+
     def resident(self) -> set[ExpertKey]:
         return set(self._resident)
 
@@ -89,7 +97,9 @@ class CacheState:
 
     def _candidates(self, layer: int, protect: set[ExpertKey]) -> "CandidateView":
         layers = [layer] if self.layer_capacity is not None else list(self._by_layer)
-        return CandidateView(self._by_layer, layers, self._pinned | protect, self._versions)
+        pinned = self._pinned  # usually within `protect` (the layer's experts): then no new set
+        excluded = protect if pinned <= protect else pinned | protect
+        return CandidateView(self._by_layer, layers, excluded, self._versions)
 
     # -- accounting ----------------------------------------------------------------------------
     def access(self, key: ExpertKey) -> bool:

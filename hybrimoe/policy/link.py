@@ -22,6 +22,7 @@ off changes decisions, never results).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from hybrimoe.policy.plan import ExpertKey
 
@@ -29,8 +30,9 @@ DESTINATIONS = ("slot", "staging", "transient")
 KINDS = ("demand", "prefetch", "fill")
 
 
-@dataclass(frozen=True)
-class Copy:
+class Copy(NamedTuple):
+    """One copy on the link (a named tuple: built on every layer's critical path)."""
+
     key: ExpertKey
     kind: str  # demand | prefetch | fill
     dest: str  # slot | staging | transient
@@ -83,6 +85,11 @@ class LinkQueue:
 
     def staged_keys(self) -> set[ExpertKey]:
         return set(self._staged)
+
+    def live_views(self) -> tuple[dict[ExpertKey, Copy], dict[ExpertKey, float]]:
+        """The staged copies and the pending arrivals themselves (read only: for per-layer scans on
+        the critical path, without a call per key)."""
+        return self._staged, self._arrival
 
     def arrival(self, key: ExpertKey) -> float | None:
         """Absolute arrival of a slot or staging copy of `key` not yet used (None: none pending)."""

@@ -29,8 +29,7 @@ runtime on its copy stream, one event each). Rules:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from hybrimoe.policy.cache_state import CacheState
 from hybrimoe.policy.link import Copy, LinkQueue
@@ -43,8 +42,7 @@ LINK_VALUE_EMA = 0.1  # weight of the newest prefetch gain in `link_value`
 _NEVER = 1e30  # a link free time no copy can wait for: plans without on-demand copies
 
 
-@dataclass(frozen=True)
-class LayerView:
+class LayerView(NamedTuple):
     """What the scheduler of one layer is told (seconds from the layer's MoE start)."""
 
     cached: set[int]  # on the GPU side and landed: cache slots and staging buffers
@@ -86,15 +84,18 @@ class CopyPipeline:
         """The layer's activated experts split into landed and in flight, and the link's free time.
         Counts prefetched experts that are used (`prefetched_used`)."""
         cached, arrivals = set(), {}
+        resident = self.cache.live_layer(layer)
+        staged, pending_arrival = self.link.live_views()
         for e in counts:
             key = (layer, e)
-            if key in self.cache or self.link.staged(key):
-                arrival = self.link.arrival(key)
+            is_staged = key in staged
+            if e in resident or is_staged:
+                arrival = pending_arrival.get(key)
                 if arrival is not None and arrival > now:
                     arrivals[e] = arrival - now
                 else:
                     cached.add(e)
-                if key in self.pending or self.link.staged(key):
+                if is_staged or key in self.pending:
                     self.prefetched_used += 1
         return LayerView(cached, arrivals, max(0.0, self.link.free_at - now))
 
@@ -118,6 +119,8 @@ class CopyPipeline:
     def demand(self, layer: int, plan: Plan, now: float, prefill: bool, current: set[ExpertKey]) -> list[Copy]:
         """Issue the plan's on-demand copies: into a cache slot, or a transient buffer when the cache
         does not take the expert (in prefill: whenever that would evict)."""
+        if not plan.copies:
+            return []
         copy = self.costs(layer).copy()
         protect = current | self.pending
         out = []

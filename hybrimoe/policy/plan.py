@@ -15,7 +15,7 @@ The layer is done when both compute timelines are done: `makespan = max(cpu_fini
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 ExpertKey = tuple[int, int]  # (layer index in the model, expert id)
 RESOURCES = ("cpu", "gpu", "copy")
@@ -67,8 +67,9 @@ class LinearCosts:
         return self.copy_seconds
 
 
-@dataclass(frozen=True)
-class Task:
+class Task(NamedTuple):
+    """One expert's use of one resource (a named tuple: plans are built on every layer's critical path)."""
+
     resource: str  # "cpu" | "gpu" | "copy"
     expert: int
     start: float  # seconds from the layer's MoE start
@@ -145,3 +146,38 @@ def build_plan(layer: int, counts: dict[int, int], gpu_order: list[int] | tuple[
                 tasks=tuple(tasks), cpu_finish=t_cpu, gpu_finish=t_gpu,
                 copy_finish=max(t_copy, copy_free_at),
                 counts=tuple(sorted((e, counts[e]) for e in counts)))
+
+
+_new_task = tuple.__new__  # Task(*fields) without the named tuple's Python-level __new__
+
+
+@dataclass(frozen=True)
+class PlanTemplate:
+    """A Plan with each expert replaced by its position in an ordered candidate list (a scheduler's
+    ordering of the layer's experts). Two layers whose candidates match position by position in
+    tokens and status get the same decisions and times, so the scheduler plans once per such key and
+    instantiates the template with the other layer's expert ids."""
+
+    gpu_order: tuple[int, ...]
+    copies: tuple[int, ...]
+    cpu_order: tuple[int, ...]
+    tasks: tuple[tuple[str, int, float, float], ...]  # (resource, position, start, end)
+    cpu_finish: float
+    gpu_finish: float
+    copy_finish: float
+
+    @classmethod
+    def of(cls, plan: Plan, candidates: list[int]) -> "PlanTemplate":
+        pos = {e: i for i, e in enumerate(candidates)}
+        return cls(tuple(pos[e] for e in plan.gpu_order), tuple(pos[e] for e in plan.copies),
+                   tuple(pos[e] for e in plan.cpu_order),
+                   tuple((t.resource, pos[t.expert], t.start, t.end) for t in plan.tasks),
+                   plan.cpu_finish, plan.gpu_finish, plan.copy_finish)
+
+    def instantiate(self, layer: int, counts: dict[int, int], candidates: list[int]) -> Plan:
+        c = candidates
+        return Plan(layer=layer, gpu_order=tuple(c[i] for i in self.gpu_order),
+                    copies=tuple(c[i] for i in self.copies), cpu_order=tuple(c[i] for i in self.cpu_order),
+                    tasks=tuple([_new_task(Task, (r, c[i], start, end)) for r, i, start, end in self.tasks]),
+                    cpu_finish=self.cpu_finish, gpu_finish=self.gpu_finish, copy_finish=self.copy_finish,
+                    counts=tuple(sorted(counts.items())))

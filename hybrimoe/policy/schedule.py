@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Callable, Protocol
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.policy.plan import ExpertCosts, Plan, build_plan
+from hybrimoe.policy.plan import ExpertCosts, Plan, PlanTemplate, build_plan
 
 
 class Scheduler(Protocol):
@@ -32,8 +32,11 @@ class Scheduler(Protocol):
 
 
 def _desc(experts, counts: dict[int, int]) -> list[int]:
-    """Highest token count first; ties by expert id (deterministic)."""
-    return sorted(experts, key=lambda e: (-counts[e], e))
+    """Highest token count first; ties by expert id (deterministic). Two C-level sorts: by id, then
+    stably by count (reverse keeps equal counts in id order)."""
+    order = sorted(experts)
+    order.sort(key=counts.__getitem__, reverse=True)
+    return order
 
 
 def _asc(experts, counts: dict[int, int]) -> list[int]:
@@ -85,43 +88,84 @@ class HybridScheduler:
     def plan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
              copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
              arrivals: dict[int, float] | None = None) -> Plan:
+        """The best split's Plan. A layer whose memo key was planned before reuses that plan's
+        template (its experts as positions in the ordered candidate list, `PlanTemplate`): the same
+        key gives the same decisions and times position by position, only the expert ids differ."""
         arrivals = arrivals or {}
-        _, gpu_order, cpu_order, copies, inflight = self._search(counts, cached, costs, copy_free_at, gpu_free_at,
-                                                                 cpu_free_at, arrivals)
-        return build_plan(layer, counts, gpu_order, copies, cpu_order, costs,
+        lists = self._lists(counts, cached, arrivals)
+        candidates = lists[1] + lists[2]  # uncached (in-flight first), then cached
+        key = self._key(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals)
+        found = self._memo.get(key)
+        if found is not None and found[2] is not None:
+            return found[2].instantiate(layer, counts, candidates)
+        span, gpu_order, cpu_order, copies, inflight, best = self._search(
+            lists, counts, costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals,
+            None if found is None else found[1])
+        plan = build_plan(layer, counts, gpu_order, copies, cpu_order, costs,
                           copy_free_at, gpu_free_at, cpu_free_at, {e: arrivals[e] for e in inflight})
+        self._remember(key, (span, best, PlanTemplate.of(plan, candidates)))
+        return plan
 
     def makespan(self, layer: int, counts: dict[int, int], cached: set[int], costs: ExpertCosts,
                  copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
                  arrivals: dict[int, float] | None = None) -> float:
         """`plan(...).makespan` without building the Plan (the prefetcher prices many what-ifs).
-        Memoised on what the makespan depends on: the multiset of (tokens, cached / arrival / neither)
-        (expert ids only break ties), the free times and the costs (the key holds the costs object, so
-        an id is never reused for another while memoised)."""
+        Memoised with the best copy count (`_key`), which `plan` reuses to simulate one split only."""
         arrivals = arrivals or {}
-        key = (costs, copy_free_at, gpu_free_at, cpu_free_at,
-               tuple(sorted((n, 0.0 if e in cached else arrivals.get(e, -1.0)) for e, n in counts.items())))
+        key = self._key(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at, arrivals)
         found = self._memo.get(key)
         if found is None:
-            if len(self._memo) >= _MEMO_LIMIT:
-                self._memo.clear()
-            found = self._memo[key] = self._search(counts, cached, costs, copy_free_at, gpu_free_at, cpu_free_at,
-                                                   arrivals)[0]
-        return found
+            result = self._search(self._lists(counts, cached, arrivals), counts, costs, copy_free_at,
+                                  gpu_free_at, cpu_free_at, arrivals)
+            found = self._remember(key, (result[0], result[5], None))
+        return found[0]
 
-    def _search(self, counts: dict[int, int], cached: set[int], costs: ExpertCosts, copy_free_at: float,
-                gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float]
-                ) -> tuple[float, list[int], list[int], list[int], list[int]]:
-        """-> (makespan, GPU order, CPU order, copies, in-flight experts) of the best split."""
-        inflight = sorted((e for e in counts if e not in cached and e in arrivals),
-                          key=lambda e: (arrivals[e], -counts[e], e))
+    @staticmethod
+    def _key(counts: dict[int, int], cached: set[int], costs: ExpertCosts, copy_free_at: float,
+             gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float]) -> tuple:
+        """What the best split depends on: the multiset of (tokens, cached / arrival / neither) (expert
+        ids only break ties between equal loads), the free times and the costs (the key holds the
+        costs object, so an id is never reused for another while memoised)."""
+        return (costs, copy_free_at, gpu_free_at, cpu_free_at,
+                tuple(sorted((n, 0.0 if e in cached else arrivals.get(e, -1.0)) for e, n in counts.items())))
+
+    def _remember(self, key: tuple, value: tuple) -> tuple:
+        """value: (makespan, best copy count, PlanTemplate or None)."""
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = value
+        return value
+
+    @staticmethod
+    def _lists(counts: dict[int, int], cached: set[int], arrivals: dict[int, float]
+               ) -> tuple[list[int], list[int], list[int]]:
+        """-> (in flight by arrival, uncached = in flight + the others by load, cached by load)."""
+        hits, others = [], []
+        for e in counts:
+            (hits if e in cached else others).append(e)
+        if arrivals:
+            inflight = sorted((e for e in others if e in arrivals), key=lambda e: (arrivals[e], -counts[e], e))
+            others = [e for e in others if e not in arrivals]
+        else:
+            inflight = []
         # in-flight experts first (their copy costs the link nothing more), then the others by load
-        uncached = inflight + _desc([e for e in counts if e not in cached and e not in arrivals], counts)
-        gpu_cached = _desc([e for e in counts if e in cached], counts)
+        return inflight, inflight + _desc(others, counts), _desc(hits, counts)
+
+    def _search(self, lists: tuple[list[int], list[int], list[int]], counts: dict[int, int], costs: ExpertCosts,
+                copy_free_at: float, gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float],
+                known_best: int | None = None) -> tuple[float, list[int], list[int], list[int], list[int], int]:
+        """-> (makespan, GPU order, CPU order, copies, in-flight experts, copy count) of the best split.
+        `known_best`: the copy count a search with the same memo key found (the split depends on the
+        key only, so the search is skipped and that split simulated once)."""
+        inflight, uncached, gpu_cached = lists
         memo: dict[int, tuple[float, list[int], list[int]]] = {}
-        g = {e: costs.gpu(n) for e, n in counts.items()}  # seconds, per expert
-        c = {e: costs.cpu(n, False) for e, n in counts.items()}
-        cf = {e: costs.cpu(n, True) for e, n in counts.items()}  # as the CPU's first expert
+        loads = set(counts.values())  # costs are priced once per distinct token count
+        g_n = {n: costs.gpu(n) for n in loads}
+        c_n = {n: costs.cpu(n, False) for n in loads}
+        cf_n = {n: costs.cpu(n, True) for n in loads}
+        g = {e: g_n[n] for e, n in counts.items()}  # seconds, per expert
+        c = {e: c_n[n] for e, n in counts.items()}
+        cf = {e: cf_n[n] for e, n in counts.items()}  # as the CPU's first expert
         ready, t, copy = [arrivals[e] for e in inflight], copy_free_at, costs.copy()
         for _ in uncached[len(inflight):]:  # the link copies back to back, highest count first
             t += copy
@@ -134,7 +178,9 @@ class HybridScheduler:
             return memo[n_copy][0]
 
         n = len(uncached)
-        if n <= self.full_search_limit:
+        if known_best is not None:
+            candidates: range = range(known_best, known_best + 1)
+        elif n <= self.full_search_limit:
             candidates = range(n + 1)
         else:  # makespan(n_copy) = max(CPU finish falling, GPU finish rising): ~unimodal
             lo, hi = 0, n
@@ -147,7 +193,7 @@ class HybridScheduler:
             candidates = range(max(0, lo - 2), min(n, hi + 2) + 1)
         best = min(candidates, key=lambda k: (span(k), k))
         makespan, gpu_order, cpu_order = memo[best]
-        return makespan, gpu_order, cpu_order, uncached[len(inflight):best], inflight
+        return makespan, gpu_order, cpu_order, uncached[len(inflight):best], inflight, best
 
     @staticmethod
     def _simulate(g: dict[int, float], c: dict[int, float], cf: dict[int, float], gpu_cached_desc: list[int],
