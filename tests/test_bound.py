@@ -1,4 +1,4 @@
-"""The fluid lower bound (hybrimoe.sim.bound): hand-computed values and simulated runs (the exact LP
+"""The lower bound (hybrimoe.sim.bound): hand-computed values and simulated runs (the exact LP
 value and the comparison with integral schedules are in test_bound_lp.py)."""
 
 import json
@@ -48,7 +48,9 @@ def test_a_layer_that_may_run_experts_on_the_cpu_pays_its_smallest_surcharge():
     # both at CPU share m, C = 2 m + 5 m, G = 10 (2 - 2 m) -> m = 20/27, T = 140/27 = 5.19 s
     costs = UniformCosts(LinearCosts(cpu_per_token=1.0, gpu_fixed=10.0, copy_seconds=0.0, cpu_first_extra=5.0))
     f = _forward(0.0, [({0: 1, 1: 1}, set())])
-    assert forward_bound(f, costs).seconds == pytest.approx(140 / 27, rel=1e-12)
+    assert forward_bound(f, costs, exact_items=0).seconds == pytest.approx(140 / 27, rel=1e-12)
+    # with the layer integral (forward_bound's default for small layers): both on the CPU, 1 + 1 + 5
+    assert forward_bound(f, costs).seconds == pytest.approx(7.0, rel=1e-12)
     assert fluid_bound(0.0, [(0.0, 0.0, ((1.0, 10.0, True),) * 2)]).seconds == pytest.approx(20 / 11, rel=1e-12)
     # and the real optimum pays the surcharge once: 1 + 6 = 7 s on the CPU, or 10 s on the GPU
     assert _brute_force_layer({0: 1, 1: 1}, set(), costs.expert) == pytest.approx(7.0)
@@ -64,8 +66,12 @@ def test_the_surcharge_is_the_smallest_of_the_layer_and_meets_the_link():
     costs = UniformCosts(ScaledFirstCosts(cpu_per_token=1.0, gpu_fixed=0.1, copy_seconds=4.0, penalty=2.0))
     f = _forward(0.0, [({0: 1, 1: 3}, set())])
     assert forward_items(f, costs) == [(4.0, 1.0, ((1.0, 0.1, True), (3.0, 0.1, True)))]
-    b = forward_bound(f, costs)
+    b = forward_bound(f, costs, exact_items=0)
     assert b.seconds == pytest.approx(20 / 7, rel=1e-12) and b.no_link_seconds == pytest.approx(4 / 21, rel=1e-12)
+    # integral: without the link both on the GPU (0.2 s); with it, time-sharing "A on the CPU, B copied"
+    # (2 s, 4 s of link) with "both on the CPU" (1 + 3 + 1 = 5 s, no link) still meets at 20/7 s
+    b = forward_bound(f, costs)
+    assert b.seconds == pytest.approx(20 / 7, rel=1e-12) and b.no_link_seconds == pytest.approx(0.2, rel=1e-12)
     assert _brute_force_layer({0: 1, 1: 3}, set(), costs.expert) == pytest.approx(4.1)
 
 
@@ -74,7 +80,8 @@ def test_a_layer_whose_cpu_runs_nothing_pays_no_surcharge():
     # 0.2 s. The fluid optimum moves shares m of both to the CPU: 2 m + 5 m = 0.2 (1 - m) -> 7/36 s
     costs = UniformCosts(LinearCosts(cpu_per_token=1.0, gpu_fixed=0.1, copy_seconds=1.0, cpu_first_extra=5.0))
     f = _forward(0.5, [({0: 1, 1: 1}, {0, 1})])
-    assert forward_bound(f, costs).seconds == pytest.approx(0.5 + 7 / 36, rel=1e-12)
+    assert forward_bound(f, costs, exact_items=0).seconds == pytest.approx(0.5 + 7 / 36, rel=1e-12)
+    assert forward_bound(f, costs).seconds == pytest.approx(0.5 + 0.2, rel=1e-12)  # integral: both on the GPU
     assert _brute_force_layer({0: 1, 1: 1}, {0, 1}, costs.expert) == pytest.approx(0.2)
 
 
@@ -100,7 +107,7 @@ def test_bound_row_is_the_hybrimoe_runs_bound(capsys):
     assert main(["simulate", "--trace", path, "--policy", "hybrimoe,bound", "--prompt-tokens", "32",
                  "--max-decode", "4", "--json"]) == 0
     hyb, bound = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
-    assert bound["policy"] == "bound" and "fluid lower bound" in bound["notes"][0]
+    assert bound["policy"] == "bound" and "lower bound for the cache content" in bound["notes"][0]
     assert bound["ttft_seconds"] == hyb["bound_ttft_seconds"] < hyb["ttft_seconds"]
     assert bound["tbt_seconds"] == hyb["bound_tbt_seconds"] < hyb["tbt_seconds"]
     assert main(["simulate", "--trace", path, "--policy", "bound", "--max-decode", "2"]) == 0

@@ -1,7 +1,7 @@
 """Over the whole `hybrimoe bench` matrix (every policy x model x cache ratio x prompt length, eval
 traces, paper-a6000, the bench's tuned settings), plus `resident` (every expert on the GPU: the
 cache content farthest from the others, so a bound computed on another row's cache content shows):
-no row is faster than the fluid lower bound for the cache content its own run held. One simulation
+no row is faster than the lower bound for the cache content its own run held. One simulation
 of the matrix (~45 s of CPU) is shared by the assertions."""
 
 import dataclasses

@@ -37,7 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--policy", type=_names, default=["hybrimoe", "ktransformers"], metavar="NAME[,NAME...]",
                    help="presets: hybrimoe, ktransformers, llamacpp, gpu-lru, fiddler, resident, hybrimoe-oracle "
                         "(true future routing + optimal plans; a policy, not a limit), the hybrimoe-* ablations; "
-                        "and bound: the fluid lower bound for the cache content hybrimoe held")
+                        "and bound: the computed lower bound for the cache content hybrimoe held")
     p.add_argument("--cache-ratio", type=_floats, default=[0.25], metavar="R[,R...]",
                    help="fraction of all routed experts the GPU cache holds (default 0.25)")
     p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         if not trace.tokens:
             raise TraceError(f"{path}: the trace has a header but no routed tokens; nothing to simulate")
     if not args.json:
-        print("bound = fluid lower bound for the cache content of the row's own run; reach = bound / time "
+        print("bound = lower bound for the cache content of the row's own run; reach = bound / time "
               "(the fraction of the bound's speedup the policy reaches). Simulated, not measured.")
         print(f"{'trace':22s} {'policy':24s} {'cache':>5s} {'prompt':>6s} {'TTFT ms':>9s} {'bound':>8s} "
               f"{'reach':>5s} {'TBT ms':>8s} {'bound':>7s} {'reach':>5s} {'hit':>6s} {'GB copied':>9s} "

@@ -93,7 +93,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     Preset("hybrimoe-oracle", "optimal", "optimal", "mrs", "impact", fill_misses=True, oracle=True,
            description="hybrimoe with the true future routing for prefetch and optimal per-layer plans "
                        "(<= 10 experts, else hybrid); a policy, not a limit: other schedules can beat it "
-                       "(the limit is the fluid bound, hybrimoe.sim.bound)"),
+                       "(the limit is the computed bound, hybrimoe.sim.bound)"),
 ]}
 # old name -> new name; the old name still works and logs a warning
 DEPRECATED = {"oracle": "hybrimoe-oracle"}

@@ -2,7 +2,7 @@
 
 Blocks (each row is also written to bench.json):
 1. main: TTFT at several prompt lengths and TBT (mean decode step) for every policy and cache
-   ratio, as speedups over kTransformers; every row also carries its fluid lower bound for the
+   ratio, as speedups over kTransformers; every row also carries its computed lower bound for the
    cache content that row's run held (`bound_ttft_seconds` / `bound_tbt_seconds`,
    hybrimoe.sim.bound), and a `bound` row per setting gives the bound of the `hybrimoe` run;
 2. ablation at the smallest cache ratio: each HybriMoE technique alone on the kTransformers baseline;
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 BASELINE = "ktransformers"
 # Chosen on DEV traces by benchmarks/tune_on_dev.py (benchmarks/tune_on_dev.json): MRS alpha from
 # {0.1, 0.3, 0.5, 0.7, 0.9} by decode hit rate, look-ahead L from {1, 2, 3, 4} by relative TBT.
-TUNED = {"mrs_alpha": 0.1, "horizon": 2}
+TUNED = {"mrs_alpha": 0.1, "horizon": 6}
 ABLATION = ("ktransformers", "hybrimoe-sched-only", "hybrimoe-prefetch-only", "hybrimoe-cache-only", "hybrimoe")
 
 
@@ -96,7 +96,7 @@ def _decode(setups: list[Setup], policy, ratio: float, config: BenchConfig, **kw
 def main_block(config: BenchConfig, model: str, setups: list[Setup], progress: "_Progress | None" = None
                ) -> list[dict]:
     """The main block's rows of one model: per cache ratio and policy, one prefill row per prompt
-    length and one decode row, each with its own fluid bound; after each cache ratio's rows, the
+    length and one decode row, each with its own lower bound; after each cache ratio's rows, the
     `bound` rows (the bound of the `hybrimoe` rows) when hybrimoe is among the policies."""
     rows: list[dict] = []
     first = setups[0]

@@ -65,7 +65,7 @@ class SimResult:
     model: str = ""
     profile: str = ""
     notes: list[str] = field(default_factory=list)
-    # fluid lower bounds (hybrimoe.sim.bound) for the cache content THIS run held; None: not computed
+    # lower bounds (hybrimoe.sim.bound) for the cache content THIS run held; None: not computed
     bound_ttft_seconds: float | None = None  # of the prefill forward
     bound_tbt_seconds: float | None = None  # mean over the decode forwards
 

@@ -27,7 +27,7 @@ def markdown(doc: dict) -> str:
              f"MRS alpha {tuned.get('mrs_alpha', 0.5)}, prefetch look-ahead L = {tuned.get('horizon', 3)} "
              "(chosen on dev traces); prefetch predictor accuracy 0.8 unless stated.", ""]
     lines += ["### Mean speedup over kTransformers", "",
-              "`bound` = the fluid lower bound (`hybrimoe/sim/bound.py`) for the cache content `hybrimoe` "
+              "`bound` = the lower bound (`hybrimoe/sim/bound.py`) for the cache content `hybrimoe` "
               "held: no schedule with that cache content is faster. \"of bound\" = the fraction of its own "
               "bound's speedup a policy reaches (its bound's time / its time, mean over rows), each policy "
               "against the bound for the cache content IT held.", "",

@@ -1,5 +1,5 @@
 """Glue shared by `hybrimoe simulate` and `hybrimoe bench`: load a trace's model shape, profile and
-warm-up traces, and run a grid of (policy, cache ratio) simulations. Every result carries the fluid
+warm-up traces, and run a grid of (policy, cache ratio) simulations. Every result carries the
 lower bound (hybrimoe.sim.bound) for the cache content its own run held; the pseudo-policy `bound`
 is the `hybrimoe` run's bound, reported as a row of its own."""
 
@@ -21,9 +21,9 @@ from hybrimoe.sim.simulator import SimConfig, Simulator
 from hybrimoe.trace.format import RoutingTrace
 
 log = logging.getLogger(__name__)
-BOUND = "bound"  # pseudo-policy: the fluid lower bound for the cache content `hybrimoe` held
+BOUND = "bound"  # pseudo-policy: the lower bound for the cache content `hybrimoe` held
 BOUND_OF = "hybrimoe"
-BOUND_NOTE = f"fluid lower bound for the cache content {BOUND_OF} held (hybrimoe.sim.bound), not a policy"
+BOUND_NOTE = f"lower bound for the cache content {BOUND_OF} held (hybrimoe.sim.bound), not a policy"
 
 
 @dataclass
