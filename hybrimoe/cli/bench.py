@@ -44,5 +44,6 @@ def run(args: argparse.Namespace) -> int:
     text = batch_markdown(doc) if args.batch_only else markdown(doc)
     (out / "bench.md").write_text(text, encoding="utf-8")
     print(text)
-    log.info("wrote %s (bench.json, bench.md, speedup_*.png, hit_rates.png, timeline_*.png)", out)
+    log.info("wrote %s (bench.json, bench.md%s)", out,
+             "" if args.batch_only else ", speedup_*.png, hit_rates.png, timeline_*.png")
     return 0
