@@ -67,6 +67,20 @@ def test_batched_dense_part_reads_weights_once_and_each_sequences_kv():
     assert costs.lm_head(16) == model.lm_head_time(shape, 16) >= costs.lm_head(1)
 
 
+def test_a_batched_step_pays_the_batched_dense_part_and_b_rows_of_logits():
+    t = packaged_traces("qwen1.5-moe-a2.7b", "eval")[0]
+    setup = make_setup(RoutingTrace.load(t.path), t.path.name, t.model, "paper-a6000", t.path)
+    r, sim = simulate_one(setup, "ktransformers", 0.25, None, 2, batch=4)
+    costs = sim.phase_costs("decode")  # CUDA-graph launch costs: kTransformers' decode
+    steps = [f for f in sim.forwards if f.phase == "decode"]
+    assert [f.context for f in steps] == [r.prompt_tokens, r.prompt_tokens + 1] and steps[0].tokens == 4
+    for f in steps:
+        dense = sum(costs.dense_decode(layer, (f.context,) * 4) for layer in range(setup.shape.num_layers))
+        assert f.dense_seconds == pytest.approx(dense + costs.lm_head(4), rel=1e-12)
+        one_sequence = sum(costs.dense(layer, 4, f.context) for layer in range(setup.shape.num_layers))
+        assert f.dense_seconds > one_sequence + costs.lm_head(1)  # not a 4-token prompt's pricing
+
+
 def test_each_preset_plans_a_batched_decode_step_as_its_system_does():
     """kTransformers (and every preset but those placing by tokens per op) keeps its decode rule at any
     batch; llama.cpp offloads CPU layers' experts only from 32 tokens per op (op offload), in decode too;
@@ -102,6 +116,29 @@ def test_simulate_cli_batch(capsys):
     assert rows[1]["policy"] == "bound" and rows[1]["tbt_seconds"] <= rows[0]["tbt_seconds"]
     assert main(["simulate", "--trace", trace, "--batch", "0"]) == 2
     assert "--batch must be >= 1" in capsys.readouterr().err
+
+
+def test_bench_batch_only_writes_the_batch_table(tmp_path, capsys):
+    from hybrimoe.cli import main
+
+    assert main(["bench", "--quick", "--batch-only", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "bench.json").read_text())
+    rows = doc["rows"]
+    assert {r["block"] for r in rows} == {"batch"} and {r["batch"] for r in rows} == {1, 4}
+    policies = set(doc["config"]["policies"]) | {"bound"}
+    assert {r["policy"] for r in rows} == policies
+    for r in rows:  # --quick: 4 steps of the one eval trace; tokens/s = B / TBT; the bound is below
+        assert r["decode_steps"] == 4 and r["tokens_per_second"] == pytest.approx(r["batch"] / r["tbt_seconds"])
+        assert r["bound_tbt_seconds"] <= r["tbt_seconds"] * (1 + 1e-12)
+    kt = {r["batch"]: r["tbt_seconds"] for r in rows if r["policy"] == "ktransformers"}
+    for policy in ("hybrimoe", "bound"):  # the summary is kTransformers' TBT / the policy's (one model, ratio)
+        for r in rows:
+            if r["policy"] == policy:
+                got = doc["batch_summary"][policy][str(r["batch"])]["decode_speedup"]
+                assert got == pytest.approx(kt[r["batch"]] / r["tbt_seconds"])
+    text = (tmp_path / "bench.md").read_text()
+    assert text.startswith("### Batched decode (simulated)") and "measured batch 1 only" in text
+    assert "| policy | B=1 | B=4 |" in text and text in capsys.readouterr().out
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--write"]:

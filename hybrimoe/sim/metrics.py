@@ -50,7 +50,7 @@ class SimResult:
     decode_steps: int
     ttft_seconds: float | None  # prefill forward incl. LM head; None without a prefill
     tbt_seconds: float | None  # mean decode forward = time between two tokens of a sequence; None: no decode
-    hit_rate: float  # all activations (a prefill activation = one expert of one layer in the forward)
+    hit_rate: float  # all activations (in a prompt or a batched decode step: one per expert of a layer)
     prefill_hit_rate: float | None
     decode_hit_rate: float | None
     bytes_copied: int  # on-demand + prefetch + fill copies over the link
