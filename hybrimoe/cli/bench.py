@@ -21,6 +21,9 @@ def register(subparsers) -> None:
                    help="make the profile's CPU S times slower (bandwidth and FLOP rate / S, per-expert overhead "
                         "x S); docs/BENCH.md's sensitivity table uses the rate fitted to the paper's measured "
                         "kTransformers (benchmarks/fit_cpu_rate.py)")
+    p.add_argument("--batch-only", action="store_true",
+                   help="only the batched-decode table (batch 1, 4, 16 for every policy; docs/BENCH.md "
+                        "\"Batched decode\"); bench.json and bench.md hold just that block")
     p.set_defaults(func=run)
 
 
@@ -28,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
     import dataclasses
 
     from hybrimoe.policy.cost import CostModel
+    from hybrimoe.sim.batch_bench import batch_markdown
     from hybrimoe.sim.bench import BenchConfig, run_bench
     from hybrimoe.sim.report import markdown
 
@@ -36,9 +40,10 @@ def run(args: argparse.Namespace) -> int:
     config = BenchConfig.quick() if args.quick else BenchConfig()
     config = dataclasses.replace(config, profile=args.profile, cpu_rate_scale=args.cpu_rate_scale)
     out = Path(args.out)
-    doc = run_bench(config, out)
-    text = markdown(doc)
+    doc = run_bench(config, out, only_batch=args.batch_only)
+    text = batch_markdown(doc) if args.batch_only else markdown(doc)
     (out / "bench.md").write_text(text, encoding="utf-8")
     print(text)
-    log.info("wrote %s (bench.json, bench.md, speedup_*.png, hit_rates.png, timeline_*.png)", out)
+    log.info("wrote %s (bench.json, bench.md%s)", out,
+             "" if args.batch_only else ", speedup_*.png, hit_rates.png, timeline_*.png")
     return 0

@@ -43,6 +43,10 @@ def register(subparsers) -> None:
     p.add_argument("--prompt-tokens", type=int, default=None, metavar="N",
                    help="prompt length (default: the trace's own prefill tokens)")
     p.add_argument("--max-decode", type=int, default=None, metavar="N", help="at most N decode steps")
+    p.add_argument("--batch", type=int, default=1, metavar="B",
+                   help="decode B sequences together (continuous batching): each decode step carries one token of "
+                        "each; the B lanes start at B evenly spaced offsets of the trace's decode tokens and wrap "
+                        "(default 1). TBT is then the step, tok/s = B / TBT; the prompt is still one sequence's")
     p.add_argument("--predictor-accuracy", type=float, default=0.8, metavar="A",
                    help="accuracy of the prefetch predictor (true routing with noise; default 0.8)")
     p.add_argument("--predictor", choices=("noise", "cross-layer"), default="noise",
@@ -79,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
             get_preset(name)  # fail early on a bad name
     if any(not 0.0 <= r <= 1.0 for r in args.cache_ratio):
         raise ConfigError(f"--cache-ratio values must be in [0, 1], got {args.cache_ratio}")
+    if args.batch < 1:
+        raise ConfigError(f"--batch must be >= 1, got {args.batch}")
     if not 0.0 <= args.predictor_accuracy <= 1.0:
         raise ConfigError(f"--predictor-accuracy must be in [0, 1], got {args.predictor_accuracy}")
     if args.plot is not None:
@@ -92,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
               "(the fraction of the bound's speedup the policy reaches). Simulated, not measured.")
         print(f"{'trace':22s} {'policy':24s} {'cache':>5s} {'prompt':>6s} {'TTFT ms':>9s} {'bound':>8s} "
               f"{'reach':>5s} {'TBT ms':>8s} {'bound':>7s} {'reach':>5s} {'hit':>6s} {'GB copied':>9s} "
-              f"{'cpu/gpu/link busy':>18s}")
+              f"{'cpu/gpu/link busy':>18s} {'B':>3s} {'tok/s':>8s}")
     plotted = False
     for path, trace in traces:
         setup = make_setup(trace, Path(path).name, args.model_shape, args.profile, Path(path), args.cpu_rate_scale)
@@ -108,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                 result, sim = simulate_one(setup, policy, ratio, args.prompt_tokens, args.max_decode,
                                            args.predictor_accuracy, args.plot_step if want_plot else None,
                                            horizon=args.horizon, mrs_alpha=args.mrs_alpha, predictor=predictor,
-                                           per_layer_cache=args.per_layer_cache)
+                                           per_layer_cache=args.per_layer_cache, batch=args.batch)
                 if want_plot:
                     from hybrimoe.sim.plot import plot_timeline
 
@@ -125,5 +131,6 @@ def run(args: argparse.Namespace) -> int:
                           f"{_reach(result.bound_ttft_seconds, result.ttft_seconds):>5s} "
                           f"{_fmt(result.tbt_seconds):>8s} {_fmt(result.bound_tbt_seconds):>7s} "
                           f"{_reach(result.bound_tbt_seconds, result.tbt_seconds):>5s} {result.hit_rate:6.3f} "
-                          f"{result.bytes_copied / 1e9:9.2f} {busy:>18s}", flush=True)
+                          f"{result.bytes_copied / 1e9:9.2f} {busy:>18s} {result.batch:3d} "
+                          f"{_fmt(result.decode_tokens_per_second, 1.0):>8s}", flush=True)
     return 0

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from hybrimoe.errors import ConfigError
 from hybrimoe.jsonfile import read_json_object
@@ -182,6 +182,21 @@ class CostModel:
         weight_bytes = params * self.dense_bits / 8.0
         state_bytes = model.kv_cache_bytes(layer, context + tokens)
         flops = 2.0 * params * tokens + model.attention_core_flops(layer, tokens, context)
+        return max((weight_bytes + state_bytes) / self.gpu_hbm_bandwidth, flops / self.gpu_dense_flops) + self.gpu_layer_overhead
+
+    def gpu_dense_time_batch(self, model: ModelShape, layer: int, contexts: Sequence[int]) -> float:
+        """Seconds of the same GPU part for one decode step of len(contexts) sequences, one new token
+        each after contexts[i] cached ones (continuous batching): the weights are read once, each
+        sequence's attention state and attention core are its own.
+
+        state bytes [B] = sum_i KV cache of contexts[i] + 1 positions; flops [FLOP] = 2 * params * B +
+        sum_i attention core of 1 token after contexts[i]; time as `gpu_dense_time`. One sequence
+        gives exactly `gpu_dense_time(model, layer, 1, contexts[0])`."""
+        assert len(contexts) >= 1 and min(contexts) >= 0, contexts
+        params = model.attention_params(layer) + model.dense_mlp_params(layer) + 2 * model.hidden  # + 2 RMSNorms
+        weight_bytes = params * self.dense_bits / 8.0
+        state_bytes = sum(model.kv_cache_bytes(layer, c + 1) for c in contexts)
+        flops = 2.0 * params * len(contexts) + sum(model.attention_core_flops(layer, 1, c) for c in contexts)
         return max((weight_bytes + state_bytes) / self.gpu_hbm_bandwidth, flops / self.gpu_dense_flops) + self.gpu_layer_overhead
 
     def lm_head_time(self, model: ModelShape, tokens: int) -> float:

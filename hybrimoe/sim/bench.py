@@ -8,7 +8,10 @@ Blocks (each row is also written to bench.json):
 2. ablation at the smallest cache ratio: each HybriMoE technique alone on the kTransformers baseline;
 3. caching: decode hit rate of MRS vs LRU (same scheduling, same miss filling);
 4. prefetching: HybriMoE decode with predictor accuracies, a dev-trained cross-layer predictor,
-   and no prefetch.
+   and no prefetch;
+5. batched decode (hybrimoe.sim.batch_bench): TBT and tokens/s of every policy and cache ratio at
+   batch 1, 4 and 16 (B sequences per decode step), with the bound (`run_bench(..., only_batch=True)`
+   runs this block alone).
 Every number is simulated with a cost profile (paper-a6000 by default), not measured. Parameters
 (MRS alpha, look-ahead L) are the defaults chosen on DEV traces by benchmarks/tune_on_dev.py.
 """
@@ -48,6 +51,8 @@ class BenchConfig:
     models: tuple[str, ...] | None = None  # None: every model with eval traces
     traces_per_model: int | None = None  # None: all eval traces of a model
     ablation_prompt: int = 128
+    batches: tuple[int, ...] = (1, 4, 16)  # batched-decode block: sequences per decode step
+    batch_decode: int = 16  # batched-decode block: decode steps per eval trace (each of `batch` tokens)
     profile: str = "paper-a6000"
     cpu_rate_scale: float = 1.0  # the profile's CPU this many times slower (sensitivity; docs/BENCH.md)
 
@@ -55,7 +60,7 @@ class BenchConfig:
     def quick(cls) -> "BenchConfig":
         return cls(policies=("hybrimoe", "ktransformers", "llamacpp", "gpu-lru", "fiddler"), ratios=(0.25,),
                    prompts=(32,), max_decode=6, accuracies=(0.5, 1.0), models=("qwen1.5-moe-a2.7b",),
-                   traces_per_model=1, ablation_prompt=32)
+                   traces_per_model=1, ablation_prompt=32, batches=(1, 4), batch_decode=4)
 
 
 class _Progress:
@@ -130,15 +135,27 @@ def bound_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def run_bench(config: BenchConfig, out: Path) -> dict:
-    """Run every block, write bench.json and the PNGs into `out`, return the JSON document."""
+def run_bench(config: BenchConfig, out: Path, only_batch: bool = False) -> dict:
+    """Run every block (`only_batch`: the batched-decode block alone), write bench.json and the PNGs
+    (not for `only_batch`) into `out`, return the JSON document."""
+    from hybrimoe.sim.batch_bench import batch_block, summarise_batch
+
     out.mkdir(parents=True, exist_ok=True)
     models = _setups(config)
     n_models = len(models)
+    n_batch = len(config.ratios) * len(config.batches) * len(config.policies)
     total = n_models * (len(config.ratios) * len(config.policies) * (len(config.prompts) + 1) + 2 * len(ABLATION)
-                        + 2 * len(config.ratios) + len(config.accuracies) + 2)
-    progress = _Progress(total)
+                        + 2 * len(config.ratios) + len(config.accuracies) + 2 + n_batch)
+    progress = _Progress(n_models * n_batch if only_batch else total)
     rows: list[dict] = []
+    if only_batch:
+        for model, setups in models.items():
+            rows += batch_block(config, model, setups, progress)
+        doc = {"profile": config.profile, "cpu_rate_scale": config.cpu_rate_scale, "simulated": True,
+               "config": dataclasses.asdict(config), "tuned": TUNED, "rows": rows,
+               "batch_summary": summarise_batch(rows)}
+        (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+        return doc
     for model, setups in models.items():
         first = setups[0]
         rows += main_block(config, model, setups, progress)
@@ -173,9 +190,10 @@ def run_bench(config: BenchConfig, out: Path) -> dict:
             rows.append({"block": "prefetch", "phase": "decode", "model": model, "variant": label,
                          "cache_ratio": ratio, **_decode(setups, policy, ratio, config, **kw)})
             progress.tick(f"{model} prefetch {label}")
+        rows += batch_block(config, model, setups, progress)
     doc = {"profile": config.profile, "cpu_rate_scale": config.cpu_rate_scale, "simulated": True, "config": dataclasses.asdict(config), "tuned": TUNED,
            "rows": rows,
-           "summary": summarise(rows)}
+           "summary": summarise(rows), "batch_summary": summarise_batch(rows)}
     (out / "bench.json").write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
     _plots(config, models, rows, out)
     return doc

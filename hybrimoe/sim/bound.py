@@ -1,6 +1,7 @@
 """A computed lower bound on the duration of one forward, for the cache content a policy held.
 
-Any schedule of the simulator's form (batch 1; per layer the dense GPU part, then the MoE part;
+Any schedule of the simulator's form (a prompt, or a decode step of B sequences; per layer the
+dense GPU part, then the MoE part over the forward's per-expert token counts;
 an activated expert runs wholly on the CPU, or on the GPU after a host->GPU copy when it is not
 already on the GPU side) with the same experts landed on the GPU side at each MoE layer's access
 (`LayerLog`: cached or staged and arrived; one still in flight counts as a miss, whose copy, if

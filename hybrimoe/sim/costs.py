@@ -26,8 +26,14 @@ class SimCosts(Protocol):
         experts (dense MLP for dense layers), for `tokens` new tokens after `context` cached ones."""
         ...
 
+    def dense_decode(self, layer: int, contexts: tuple[int, ...]) -> float:
+        """GPU seconds of the same part for one decode step of len(contexts) sequences, one new token
+        each after contexts[i] cached ones (batch 1: `dense(layer, 1, contexts[0])`)."""
+        ...
+
     def lm_head(self, tokens: int) -> float:
-        """GPU seconds of the final norm + LM head (logits of the last token only in prefill)."""
+        """GPU seconds of the final norm + LM head over `tokens` positions whose logits are needed
+        (a prompt: 1, its last; a decode step of B sequences: B)."""
         ...
 
     def with_cuda_graphs(self) -> "SimCosts":
@@ -49,6 +55,9 @@ class UniformCosts:
         return self.expert
 
     def dense(self, layer: int, tokens: int, context: int) -> float:
+        return self.dense_seconds
+
+    def dense_decode(self, layer: int, contexts: tuple[int, ...]) -> float:
         return self.dense_seconds
 
     def lm_head(self, tokens: int) -> float:
@@ -87,14 +96,14 @@ class ProfileCosts:
     """`SimCosts` of a `ModelShape` under a `CostModel` profile (hybrimoe.policy.cost).
 
     Every MoE layer of a model has the same expert shape, so one memoised table serves all layers.
-    Dense times are memoised per (layer, tokens, context).
+    Dense times are memoised per (layer, tokens, context), a decode step's per (layer, contexts).
     """
 
     def __init__(self, cost_model, shape) -> None:
         self.cost_model, self.shape = cost_model, shape
         self._experts = _Memo(cost_model.expert_costs(shape))
         self.expert_bytes = int(round(shape.expert_bytes(cost_model.gpu_bits)))
-        self._dense: dict[tuple[int, int, int], float] = {}
+        self._dense: dict[tuple, float] = {}  # (layer, tokens, context) or (layer, -1, decode contexts)
         self._graph: ProfileCosts | None = None
 
     def experts(self, layer: int) -> ExpertCosts:
@@ -106,8 +115,14 @@ class ProfileCosts:
             self._dense[key] = self.cost_model.gpu_dense_time(self.shape, layer, tokens, context)
         return self._dense[key]
 
+    def dense_decode(self, layer: int, contexts: tuple[int, ...]) -> float:
+        key = (layer, -1, contexts)  # -1: not a token count (decode step of len(contexts) sequences)
+        if key not in self._dense:
+            self._dense[key] = self.cost_model.gpu_dense_time_batch(self.shape, layer, contexts)
+        return self._dense[key]
+
     def lm_head(self, tokens: int) -> float:
-        return self.cost_model.lm_head_time(self.shape, 1)  # only the last position's logits are needed
+        return self.cost_model.lm_head_time(self.shape, tokens)
 
     def with_cuda_graphs(self) -> "ProfileCosts":
         """The profile's graph-captured launch overheads (`CostModel.with_cuda_graphs`)."""

@@ -49,8 +49,8 @@ class SimResult:
     prompt_tokens: int
     decode_steps: int
     ttft_seconds: float | None  # prefill forward incl. LM head; None without a prefill
-    tbt_seconds: float | None  # mean decode forward; None without decode steps
-    hit_rate: float  # all activations (a prefill activation = one expert of one layer in the forward)
+    tbt_seconds: float | None  # mean decode forward = time between two tokens of a sequence; None: no decode
+    hit_rate: float  # all activations (in a prompt or a batched decode step: one per expert of a layer)
     prefill_hit_rate: float | None
     decode_hit_rate: float | None
     bytes_copied: int  # on-demand + prefetch + fill copies over the link
@@ -68,6 +68,8 @@ class SimResult:
     # lower bounds (hybrimoe.sim.bound) for the cache content THIS run held; None: not computed
     bound_ttft_seconds: float | None = None  # of the prefill forward
     bound_tbt_seconds: float | None = None  # mean over the decode forwards
+    batch: int = 1  # sequences per decode step (each step carries one token of each)
+    decode_tokens_per_second: float | None = None  # batch * decode steps / decode seconds (all sequences)
 
     def row(self) -> dict:
         """JSON-friendly dict (one line of `hybrimoe simulate --json`)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from hybrimoe.sim.batch_bench import batch_markdown
 from hybrimoe.sim.bench import BASELINE, _speedup, bound_share
 from hybrimoe.sim.runner import BOUND
 
@@ -91,4 +92,5 @@ def markdown(doc: dict) -> str:
             used = f"{r['prefetch_useful'] / r['prefetch_copies']:.0%}" if r["prefetch_copies"] else "-"
             lines.append(f"| {r['model']} | {r['variant']} | {_ms(r['tbt_seconds'])} | {r['prefetch_copies']} "
                          f"| {used} |")
-    return "\n".join(lines) + "\n"
+    batch = batch_markdown(doc)
+    return "\n".join(lines) + "\n" + ("\n" + batch if batch else "")

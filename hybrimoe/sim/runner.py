@@ -70,15 +70,16 @@ def make_setup(trace: RoutingTrace, name: str, shape_name: str | None, profile: 
 def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_tokens: int | None = None,
                  max_decode: int | None = None, predictor_accuracy: float = 0.8, timeline_step: int | None = None,
                  horizon: int = 3, mrs_alpha: float = 0.5, predictor=None,
-                 per_layer_cache: bool = False) -> tuple[SimResult, Simulator]:
+                 per_layer_cache: bool = False, batch: int = 1) -> tuple[SimResult, Simulator]:
     """Simulate `policy` (a preset name, a Preset, or `bound`) on `setup`'s trace; the result carries
     `bound_ttft_seconds` / `bound_tbt_seconds` of its own run. For `bound` the row is the `hybrimoe`
-    run with TTFT and TBT replaced by that run's bounds (its other fields are the hybrimoe run's)."""
+    run with TTFT and TBT replaced by that run's bounds (its other fields are the hybrimoe run's).
+    `batch`: sequences decoded together (hybrimoe.sim.prompt); TBT is then the mean step."""
     if policy == BOUND:
         result, sim = simulate_one(setup, BOUND_OF, cache_ratio, prompt_tokens, max_decode, predictor_accuracy,
-                                   timeline_step, horizon, mrs_alpha, predictor, per_layer_cache)
+                                   timeline_step, horizon, mrs_alpha, predictor, per_layer_cache, batch)
         return as_bound_row(result), sim
-    workload = build_workload(setup.trace, prompt_tokens, max_decode)
+    workload = build_workload(setup.trace, prompt_tokens, max_decode, batch)
     preset = get_preset(policy) if isinstance(policy, str) else policy
     config = SimConfig(preset, cache_ratio, predictor_accuracy=predictor_accuracy, predictor=predictor,
                        horizon=horizon, mrs_alpha=mrs_alpha, timeline_step=timeline_step,
@@ -97,8 +98,9 @@ def simulate_one(setup: Setup, policy: str | Preset, cache_ratio: float, prompt_
 
 def as_bound_row(result: SimResult) -> SimResult:
     """The `bound` row made from the `hybrimoe` run's result: TTFT / TBT are its bounds."""
+    tps = None if not result.bound_tbt_seconds else result.batch / result.bound_tbt_seconds
     return replace(result, policy=BOUND, ttft_seconds=result.bound_ttft_seconds,
-                   tbt_seconds=result.bound_tbt_seconds,
+                   tbt_seconds=result.bound_tbt_seconds, decode_tokens_per_second=tps,
                    notes=[BOUND_NOTE + f"; TTFT {_ms(result.ttft_seconds)} ms and TBT {_ms(result.tbt_seconds)} ms "
                           f"under {result.policy}; the other fields are that run's"] + list(result.notes))
 

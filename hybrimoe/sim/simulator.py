@@ -1,6 +1,7 @@
-"""Trace-driven simulation of one policy on a virtual clock (batch 1).
+"""Trace-driven simulation of one policy on a virtual clock.
 
-Per forward (the prompt in one prefill forward, then one forward per decoded token), per layer:
+Per forward (the prompt in one prefill forward, then one forward per decode step: one token at batch
+1, one token of each of B sequences at batch B, `Workload.decode_steps`), per layer:
 1. dense GPU work (attention, router, shared experts; `SimCosts.dense`); the router's output is
    known at its end, so the MoE part starts there;
 2. MoE layers: the cache policy observes every token's router scores; the copy pipeline
@@ -18,8 +19,18 @@ The link is one FIFO queue across layers; its busy time is charged from the copi
 Planning takes no simulated time (the runtime's cost of it: benchmarks/bench_planning.py).
 The forward ends with the LM head. TTFT = prefill forward; TBT = mean decode forward.
 A forward of fewer than `preset.prefill_min_tokens` tokens is planned by the decode scheduler
-(llama.cpp: 32); decode forwards of a `preset.cuda_graphs` preset are priced by
-`costs.with_cuda_graphs()` (graph-captured launch overheads), everything else by `costs`.
+(llama.cpp: 32); a decode step of B tokens by the decode scheduler too, unless the preset places
+by tokens per op (`Preset.scheduler_role`: llama.cpp's op offload at B >= 32); decode forwards of a
+`preset.cuda_graphs` preset are priced by `costs.with_cuda_graphs()` (graph-captured launch
+overheads), everything else by `costs`.
+Batch B (continuous batching): a decode step's B tokens are routed together, so each MoE layer
+plans the UNION of their experts with per-expert token counts (an expert two sequences chose runs
+once over 2 tokens, as in a prompt); the cache policy observes each token's scores in lane order
+(MRS's decay is per token: B updates per step); a hit or miss is counted once per activated expert
+of the step; the pipeline's prefill rule (no eviction for a prompt's copies) is for prompts only; the
+dense part reads the weights once and each sequence's KV (`SimCosts.dense_decode`, every lane at
+context = prompt length + steps so far, as at batch 1); the LM head computes B rows of logits.
+TBT = mean decode step (the time between two tokens of each sequence); tokens/s = B / TBT.
 """
 
 from __future__ import annotations
@@ -129,19 +140,21 @@ class Simulator:
                                 self.preset.fill_misses, self.config.staging_slots)
         pipeline.link.log = []
         run = _Run(cache=cache, pipeline=pipeline)
-        steps = ([workload.prefill] if workload.prefill else []) + [[t] for t in workload.decode]
+        decode_steps = workload.decode_steps or [[t] for t in workload.decode]
+        steps = ([workload.prefill] if workload.prefill else []) + decode_steps
         prefill_time = None
         decode_times: list[float] = []
         hm = {"prefill": [0, 0], "decode": [0, 0]}
-        context = 0
         for index, tokens in enumerate(steps):
             phase = "prefill" if (workload.prefill and index == 0) else "decode"
             h0, m0 = run.cache.hits, run.cache.misses
             record = index == self.config.timeline_step
+            # KV context of every sequence of the forward: the prompt's 0; each decode lane's, the
+            # prompt length + the steps before this one (index counts the prefill forward)
+            context = 0 if phase == "prefill" else len(workload.prefill) + index - (1 if workload.prefill else 0)
             seconds = self._forward(run, tokens, context, phase, record)
             hm[phase][0] += run.cache.hits - h0
             hm[phase][1] += run.cache.misses - m0
-            context += len(tokens)
             if phase == "prefill":
                 prefill_time = seconds
             else:
@@ -156,6 +169,8 @@ class Simulator:
             policy=self.preset.name, cache_ratio=self.config.cache_ratio, cache_slots=run.cache.capacity,
             prompt_tokens=len(workload.prefill), decode_steps=len(decode_times), ttft_seconds=prefill_time,
             tbt_seconds=sum(decode_times) / len(decode_times) if decode_times else None,
+            batch=workload.batch,
+            decode_tokens_per_second=workload.batch * len(decode_times) / sum(decode_times) if decode_times else None,
             hit_rate=run.cache.hit_rate, prefill_hit_rate=rate(*hm["prefill"]), decode_hit_rate=rate(*hm["decode"]),
             bytes_copied=sum(run.pipeline.link.copies.values()) * int(self.costs.expert_bytes),
             prefetch_copies=run.pipeline.link.copies["prefetch"], prefetch_useful=run.pipeline.prefetched_used, cpu_busy=run.busy["cpu"] / total,
@@ -169,14 +184,23 @@ class Simulator:
         return result
 
     def _forward(self, run: _Run, tokens: list[TokenRouting], context: int, phase: str, record: bool) -> float:
-        """Simulate one forward; returns its seconds and advances `run.clock`."""
+        """Simulate one forward (a prompt, or a decode step of len(tokens) sequences at `context` each);
+        returns its seconds and advances `run.clock`."""
         start = run.clock
         n = len(tokens)
         self.costs = self._decode_costs if phase == "decode" else self._eager_costs  # costs hook (above)
-        scheduler = self.prefill_scheduler if self.preset.uses_prefill_scheduler(n) else self.decode_scheduler
-        dense = [self.costs.dense(layer, n, context) for layer in range(self.shape.num_layers)]
+        role = self.preset.scheduler_role(n, phase == "prefill")
+        scheduler = self.prefill_scheduler if role == "prefill" else self.decode_scheduler
+        if phase == "prefill":
+            dense = [self.costs.dense(layer, n, context) for layer in range(self.shape.num_layers)]
+            logits = 1  # only the prompt's last position
+        else:
+            dense = [self.costs.dense_decode(layer, (context,) * n) for layer in range(self.shape.num_layers)]
+            logits = n
         self._dense_gap = self._gaps(dense)
-        log_ = ForwardLog(phase, n, context, sum(dense) + self.costs.lm_head(n), 0.0)
+        self._prompt = phase == "prefill" and n > 1  # the pipeline's prefill rule (a 1-token prompt: decode's)
+        head = self.costs.lm_head(logits)
+        log_ = ForwardLog(phase, n, context, sum(dense) + head, 0.0)
         run.forwards.append(log_)
         run.held_at_start = run.cache.resident() | run.pipeline.link.staged_keys()
         t = start
@@ -187,9 +211,8 @@ class Simulator:
             t += dense[layer]
             if layer not in self.moe_layers:
                 continue
-            tail = sum(dense[layer + 1:]) + self.costs.lm_head(n)  # after the last MoE layer: to the forward's end
+            tail = sum(dense[layer + 1:]) + head  # after the last MoE layer: to the forward's end
             t = self._moe_layer(run, tokens, layer, t, start, tail, scheduler, record)
-        head = self.costs.lm_head(n)
         if record:
             run.spans.append(Span("gpu", self.shape.num_layers, -1, t - start, t + head - start, "dense"))
         run.busy["gpu"] += head
@@ -234,7 +257,7 @@ class Simulator:
         plan: Plan = pipeline.plan(layer, counts, view, scheduler, self.costs.experts(layer))
         current = {(layer, e) for e in counts}
         cache.pin(current)
-        copies = pipeline.demand(layer, plan, t, len(tokens) > 1, current)
+        copies = pipeline.demand(layer, plan, t, self._prompt, current)
         for task in plan.tasks:
             if task.resource == "copy":
                 continue  # charged from the link's own record below
@@ -249,7 +272,7 @@ class Simulator:
             predicted = self.predictor.predict(tokens, layer, future)
         next_gap = self._gap(future[0]) if future else tail
         copies += pipeline.idle(layer, plan, t, predicted, next_gap, self._gap, scheduler, current, counts,
-                                prefill=len(tokens) > 1)
+                                prefill=self._prompt)
         for c in copies:
             run.busy["copy"] += c.end - c.start
             if record:
