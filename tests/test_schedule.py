@@ -194,7 +194,8 @@ def test_hybrid_memoised_plans_equal_fresh_plans():
         experts = rng.sample(range(64), rng.randint(1, 6))
         counts = {e: rng.choice([1, 1, 2, 5]) for e in experts}
         cached = {e for e in experts if rng.random() < 0.4}
-        arrivals = {e: rng.choice([0.5, 2.0]) for e in experts if e not in cached and rng.random() < 0.3}
+        # arrivals of 0 s or in the past occur in the prefetcher's what-ifs: they must not pass for cached
+        arrivals = {e: rng.choice([0.0, -0.3, 0.5, 2.0]) for e in experts if e not in cached and rng.random() < 0.3}
         free = rng.choice([0.0, 0.0, 1.0])
         key = shared._key(counts, cached, costs, free, 0.0, 0.0, arrivals)
         hits += key in shared._memo and shared._memo[key][2] is not None

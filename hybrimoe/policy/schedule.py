@@ -123,11 +123,13 @@ class HybridScheduler:
     @staticmethod
     def _key(counts: dict[int, int], cached: set[int], costs: ExpertCosts, copy_free_at: float,
              gpu_free_at: float, cpu_free_at: float, arrivals: dict[int, float]) -> tuple:
-        """What the best split depends on: the multiset of (tokens, cached / arrival / neither) (expert
-        ids only break ties between equal loads), the free times and the costs (the key holds the
+        """What the best split depends on: the multiset of (tokens, cached / in flight with its arrival /
+        neither) (expert ids only break ties between equal loads; the status is a tag, not an arrival
+        value, so an arrival of 0 s is not taken for a cached expert), the free times and the costs (the key holds the
         costs object, so an id is never reused for another while memoised)."""
         return (costs, copy_free_at, gpu_free_at, cpu_free_at,
-                tuple(sorted((n, 0.0 if e in cached else arrivals.get(e, -1.0)) for e, n in counts.items())))
+                tuple(sorted((n, 0, 0.0) if e in cached else (n, 1, arrivals[e]) if e in arrivals else (n, 2, 0.0)
+                             for e, n in counts.items())))
 
     def _remember(self, key: tuple, value: tuple) -> tuple:
         """value: (makespan, best copy count, PlanTemplate or None)."""
