@@ -26,27 +26,35 @@ def plan_rows(capsys, argv: list[str]) -> list[dict]:
     return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
 
 
-def tiny_gpu_bytes(path, experts: int) -> int:
+def tiny_gpu_bytes(path, experts: int, fmt: str = "bf16") -> int:
     """GPU memory for the dense part, KV at 32 tokens, transient + 4 staging buffers and `experts`
-    bf16-sized experts (more in int8/int4), with no reserve."""
+    experts of format `fmt` (more of a smaller format), with no reserve."""
     target = resolve_target(str(path))
-    mem = format_memory(target, ExpertFormat.parse("bf16", torch.bfloat16), Machine(0, 0, 32, 0, "cpu"))
+    mem = format_memory(target, ExpertFormat.parse(fmt, torch.bfloat16), Machine(0, 0, 32, 0, "cpu"))
     return mem.dense_bytes + mem.kv_bytes + (2 + 4 + experts) * mem.expert_bytes
 
 
-@pytest.mark.parametrize("family,policy", [("mixtral", None), ("deepseek-v2-lite", "hybrimoe"),
-                                           ("qwen2-moe", "ktransformers"), ("qwen3-moe", "llamacpp")])
-def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, capsys, family, policy):
+@pytest.mark.parametrize("family,policy,fmt", [("mixtral", "hybrimoe", "bf16"), ("deepseek-v2-lite", "hybrimoe", "int4"),
+                                               ("qwen2-moe", "ktransformers", "int8"), ("qwen3-moe", "llamacpp", "bf16"),
+                                               ("olmoe", None, "bf16,int8,int4")])
+def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, capsys, family, policy, fmt):
+    """The command of the largest cache that fits (every fitting row has one; the recommended row's is
+    the plan's recommendation) starts the runtime, which allocates exactly the planned cache and store."""
     path = tiny_checkpoint(family, experts=8)
-    gpu = tiny_gpu_bytes(path, 6)
+    gpu = tiny_gpu_bytes(path, 6, fmt.split(",")[0])
     argv = ["--model", str(path), "--gpu-memory", str(gpu), "--host-memory", "1GB", "--gpu-reserve", "0",
-            "--device", "cpu", "--context", "32", "--prompt-tokens", "8", "--decode-tokens", "4"]
+            "--device", "cpu", "--context", "32", "--prompt-tokens", "8", "--decode-tokens", "4",
+            "--expert-dtype", fmt]
     rows = plan_rows(capsys, argv + (["--policy", policy] if policy else []))
-    rec = [r for r in rows if r["recommended"]]
-    assert len(rec) == 1 and rec[0]["fits"] and rec[0]["synthetic"]  # no trace of a tiny model: labelled
-    rec = rec[0]
-    assert 0 < rec["cache_slots"] < rec["store_bytes"] // rec["expert_bytes"]  # a partial cache, as planned
-    assert policy is None or rec["policy"] == policy
+    recommended = [r for r in rows if r["recommended"]]
+    assert len(recommended) == 1 and recommended[0]["fits"] and recommended[0]["synthetic"]  # no tiny trace: labelled
+    assert all((r["command"] is not None) == r["fits"] for r in rows)
+    if policy is None:  # the plan's own choice
+        rec = recommended[0]
+    else:  # the largest cache of that policy, the tightest fit
+        rec = max((r for r in rows if r["fits"] and r["policy"] == policy and r["cache"] == "largest"),
+                  key=lambda r: r["cache_slots"])
+        assert 0 < rec["cache_slots"] < rec["store_bytes"] // rec["expert_bytes"]  # a partial cache, as planned
     argv = shlex.split(rec["command"])
     assert argv[:2] == ["hybrimoe", "serve"]
     args = build_parser().parse_args(argv[1:])  # every flag exists in `serve`

@@ -6,6 +6,7 @@ from typing import Any
 
 from hybrimoe.plan.build import PlanResult, Row
 from hybrimoe.plan.memory import gb
+from hybrimoe.plan.recommend import serve_command
 
 
 def row_json(plan: PlanResult, row: Row) -> dict[str, Any]:
@@ -26,7 +27,7 @@ def row_json(plan: PlanResult, row: Row) -> dict[str, Any]:
         "dense_bytes": m.dense_bytes, "kv_bytes": m.kv_bytes, "transient_bytes": m.transient_bytes,
         "reserve_bytes": b.reserve_bytes, "expert_bytes": m.expert_bytes, "store_bytes": m.store_bytes,
         "memory_estimated": m.estimated, "fits": b.fits, "reason": b.reason or None,
-        "recommended": row.recommended, "command": plan.command if row.recommended else None,
+        "recommended": row.recommended, "command": serve_command(plan, row) if b.fits else None,
         "routing": routing.label if routing else None, "synthetic": bool(routing and routing.synthetic),
         "profile": plan.profile, "simulated": True, "context": plan.machine.context,
         "prompt_tokens": p.prompt_tokens if p else plan.prompt_tokens,
