@@ -92,6 +92,8 @@ def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
     if not args.calibrate:
         profile = CostModel.load(args.profile or "desktop-4090")
         return (lambda mem: format_costs(profile, shape, mem.expert_bytes, machine.dtype)), profile.name
+    import torch
+
     from hybrimoe.calibrate import CalibrationSettings, calibrate
 
     measured = {}
@@ -99,7 +101,10 @@ def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
         log.info("calibrating %s experts %dx%d on this machine", name, shape.hidden, shape.moe_intermediate)
         settings = CalibrationSettings(hidden=shape.hidden, intermediate=shape.moe_intermediate, dtype=machine.dtype,
                                        expert_dtype=name, int4_group=args.int4_group, layers=3)
-        measured[name] = calibrate(settings, name=f"measured-{name}", progress=log.info)
+        # inference mode, as the engine runs its kernels: the per-thread dequantisation workspace
+        # (hybrimoe.moe.kernels.workspace) made under inference mode cannot be written outside it
+        with torch.inference_mode():
+            measured[name] = calibrate(settings, name=f"measured-{name}", progress=log.info)
     first = next(iter(measured.values()))
     device = first.extra.get("samples", {}).get("gpu_device", "cpu")
     return ((lambda mem: format_costs(measured[mem.fmt.name], shape, mem.expert_bytes, machine.dtype,
