@@ -140,3 +140,20 @@ def test_bad_input_is_one_line(capsys, argv, message):
     assert main(["plan", "--host-memory", "64GB", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_recorded_trace_is_used_and_checked(tiny_checkpoint, tmp_path, capsys):
+    path = tiny_checkpoint("qwen3-moe")
+    trace = tmp_path / "routing.jsonl.gz"
+    assert main(["generate", "--model", str(path), "--prompt", "Hello world", "--max-new-tokens", "6",
+                 "--record-trace", str(trace), "--json"]) == 0
+    capsys.readouterr()
+    rows = plan_rows(capsys, ["--model", str(path), "--gpu-memory", str(tiny_gpu_bytes(path, 6)), "--host-memory",
+                              "1GB", "--gpu-reserve", "0", "--device", "cpu", "--context", "32", "--prompt-tokens",
+                              "8", "--decode-tokens", "4", "--trace", str(trace), "--policy", "hybrimoe"])
+    assert rows and all(not r["synthetic"] and r["routing"] == "recorded trace routing.jsonl.gz" for r in rows)
+    other = tiny_checkpoint("deepseek-v2-lite")
+    assert main(["plan", "--model", str(other), "--gpu-memory", "1GB", "--host-memory", "1GB", "--device", "cpu",
+                 "--gpu-reserve", "0",
+                 "--context", "32", "--prompt-tokens", "8", "--trace", str(trace)]) == 2
+    assert "was recorded from" in capsys.readouterr().err

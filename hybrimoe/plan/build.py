@@ -70,7 +70,8 @@ def make_plan(target: Target, machine: Machine, costs_for: Callable[[FormatMemor
               formats: tuple[str, ...] = DEFAULT_FORMATS, policies: tuple[str, ...] = DEFAULT_POLICIES,
               prompt_tokens: int = 512, decode_tokens: int = 16, trace_file: str | None = None,
               int4_group: int | None = None, staging: int = 4, objective: str = "decode",
-              seed: int = 0) -> PlanResult:
+              seed: int = 0, sweep: bool = True) -> PlanResult:
+    """`sweep`: also the 1/2 and 1/4 caches in the best format (the plot's points)."""
     for name in policies:
         get_preset(name)  # an unknown name fails before any work
     memory = [format_memory(target, ExpertFormat.parse(f, machine.torch_dtype, int4_group), machine)
@@ -96,7 +97,7 @@ def make_plan(target: Target, machine: Machine, costs_for: Callable[[FormatMemor
 
     plan.rows = [run(b, "largest") for b in budgets]
     best = pick(plan.rows, objective)
-    if best is not None:
+    if best is not None and sweep:
         extra = []
         for row in plan.rows:
             b = row.budget
@@ -119,6 +120,9 @@ def make_plan(target: Target, machine: Machine, costs_for: Callable[[FormatMemor
     if any(m.pinned for m in memory):
         plan.notes.append("host: a pinned store takes the next power of two of its bytes (torch's caching host "
                           "allocator); --no-pin-memory avoids that at the cost of pageable copies")
+    if machine.pinned and any(m.host_fits and not m.pinned for m in memory):
+        plan.notes.append("formats whose store fits only unpinned run with --no-pin-memory: copies from pageable "
+                          "memory are slower than the profile's pinned copy rate, so their figures are optimistic")
     return plan
 
 

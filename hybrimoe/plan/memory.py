@@ -41,7 +41,8 @@ TRANSIENT_EXPERTS = STAGING_BUFFERS  # GpuExpertCache's transient buffers (alloc
 
 
 def gb(n: float) -> str:
-    return f"{n / 1e9:.1f} GB"
+    """Bytes for people: GB (1e9) with one decimal, MB below 0.1 GB (tiny models, small shortfalls)."""
+    return f"{n / 1e9:.1f} GB" if abs(n) >= 1e8 else f"{n / 1e6:.2f} MB"
 
 
 def pinned_bytes(n: int) -> int:
