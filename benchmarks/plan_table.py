@@ -21,6 +21,7 @@ import time
 from hybrimoe.plan.build import make_plan
 from hybrimoe.plan.memory import Machine
 from hybrimoe.plan.predict import format_costs
+from hybrimoe.plan.recommend import pick
 from hybrimoe.plan.target import resolve_target
 from hybrimoe.policy.cost import CostModel
 
@@ -54,6 +55,11 @@ def cell(model: str, profile: CostModel, gpu: int, host: int) -> dict:
         return out
     b, p = rec.budget, rec.prediction
     kt = next((r for r in plan.rows if r.budget.policy == "ktransformers" and r.budget.mem is b.mem and r.prediction), None)
+    bf16 = pick([r for r in plan.rows if r.budget.mem.fmt.name == "bf16"])
+    why = min((r.budget.reason for r in plan.rows if r.budget.mem.fmt.name == "bf16" and not r.budget.fits), key=len,
+              default="")
+    out["bf16"] = (f"{bf16.budget.policy} {bf16.prediction.decode_tokens_per_second:.1f}"
+                   f"{'' if bf16.budget.mem.pinned else ' (unpinned)'}" if bf16 else why)
     out.update(policy=b.policy, expert_dtype=b.mem.fmt.name, cache_slots=b.slots, cache_ratio=b.ratio,
                gpu_bytes=b.gpu_bytes, host_bytes=b.mem.host_bytes, pinned=b.mem.pinned,
                decode_tokens_per_second=p.decode_tokens_per_second, ttft_seconds=p.ttft_seconds,
@@ -63,20 +69,20 @@ def cell(model: str, profile: CostModel, gpu: int, host: int) -> dict:
 
 
 def markdown(rows: list[dict]) -> list[str]:
-    lines = ["| model | profile | GPU | host | recommended | cache | tok/s | TTFT s | kTransformers preset (same format): tok/s, TTFT s |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | profile | GPU | host | recommended | cache | tok/s | TTFT s | kTransformers preset, same format: tok/s, TTFT s | best bf16 (checkpoint weights): tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         name = r["model"] + (" (synthetic routing)" if r["synthetic"] else "") + \
             (" (memory estimated, no serve)" if r["memory_estimated"] else "")
         head = f"| {name} | {r['profile']} | {r['gpu_gb']} GB | {r['host_gb']} GB |"
         if "refused" in r:
-            lines.append(f"{head} refused: {r['refused'].split(': ', 1)[1]} | | | | |")
+            lines.append(f"{head} refused: {r['refused'].split(': ', 1)[1]} | | | | | |")
             continue
         kt = "-" if r["ktransformers_decode_tokens_per_second"] is None else \
             f"{r['ktransformers_decode_tokens_per_second']:.1f}, {r['ktransformers_ttft_seconds']:.2f}"
         lines.append(f"{head} {r['policy']}, {r['expert_dtype']}{'' if r['pinned'] else ', --no-pin-memory'} | "
                      f"{r['cache_slots']} ({r['cache_ratio']:.0%}) | {r['decode_tokens_per_second']:.1f} | "
-                     f"{r['ttft_seconds']:.2f} | {kt} |")
+                     f"{r['ttft_seconds']:.2f} | {kt} | {r['bf16']} |")
     return lines
 
 

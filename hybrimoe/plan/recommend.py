@@ -36,13 +36,17 @@ def size_arg(low: int, high: int) -> str:
     return str(high)
 
 
-def sort_key(row: "Row", objective: str = "decode") -> tuple[float, float, float]:
-    """Larger is better: decode tokens/s (or -TTFT), then the other, then less GPU memory."""
+PREFERRED = ("hybrimoe", "resident")  # on an exact tie (e.g. every expert cached), these first
+
+
+def sort_key(row: "Row", objective: str = "decode") -> tuple[float, float, float, bool]:
+    """Larger is better: decode tokens/s (or -TTFT), then the other, then less GPU memory, then a
+    preferred policy."""
     p = row.prediction
     assert p is not None and p.tbt_seconds and p.ttft_seconds is not None
     tps, ttft = 1.0 / p.tbt_seconds, p.ttft_seconds
     first, second = (tps, -ttft) if objective == "decode" else (-ttft, tps)
-    return first, second, -row.budget.gpu_bytes
+    return first, second, -row.budget.gpu_bytes, row.budget.policy in PREFERRED
 
 
 def pick(rows: list["Row"], objective: str = "decode") -> "Row | None":
