@@ -96,6 +96,9 @@ def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
 
     from hybrimoe.calibrate import CalibrationSettings, calibrate
 
+    if not torch.cuda.is_available():
+        log.warning("--calibrate: no CUDA device here, so the GPU side is measured on the CPU (the runtime's CPU "
+                    "fallback); the predictions describe that, not the GPU of --gpu-memory")
     measured = {}
     for name in formats:
         log.info("calibrating %s experts %dx%d on this machine", name, shape.hidden, shape.moe_intermediate)
