@@ -34,17 +34,19 @@ def tiny_gpu_bytes(path, experts: int, fmt: str = "bf16") -> int:
     return mem.dense_bytes + mem.kv_bytes + (2 + 4 + experts) * mem.expert_bytes
 
 
-@pytest.mark.parametrize("family,policy,fmt", [("mixtral", "hybrimoe", "bf16"), ("deepseek-v2-lite", "hybrimoe", "int4"),
-                                               ("qwen2-moe", "ktransformers", "int8"), ("qwen3-moe", "llamacpp", "bf16"),
-                                               ("olmoe", None, "bf16,int8,int4")])
-def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, capsys, family, policy, fmt):
+@pytest.mark.parametrize("family,policy,fmt,extra", [
+    ("mixtral", "hybrimoe", "bf16", []), ("deepseek-v2-lite", "hybrimoe", "int4", []),
+    ("qwen2-moe", "ktransformers", "int8", []), ("qwen3-moe", "llamacpp", "bf16", []),
+    ("olmoe", None, "bf16,int8,int4", []), ("deepseek-v3", "hybrimoe", "int8", ["--staging-slots", "0"]),
+    ("deepseek-v2", "hybrimoe", "bf16", ["--staging-slots", "2"])])
+def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, capsys, family, policy, fmt, extra):
     """The command of the largest cache that fits (every fitting row has one; the recommended row's is
     the plan's recommendation) starts the runtime, which allocates exactly the planned cache and store."""
     path = tiny_checkpoint(family, experts=8)
     gpu = tiny_gpu_bytes(path, 6, fmt.split(",")[0])
     argv = ["--model", str(path), "--gpu-memory", str(gpu), "--host-memory", "1GB", "--gpu-reserve", "0",
             "--device", "cpu", "--context", "32", "--prompt-tokens", "8", "--decode-tokens", "4",
-            "--expert-dtype", fmt]
+            "--expert-dtype", fmt, *extra]
     rows = plan_rows(capsys, argv + (["--policy", policy] if policy else []))
     recommended = [r for r in rows if r["recommended"]]
     assert len(recommended) == 1 and recommended[0]["fits"] and recommended[0]["synthetic"]  # no tiny trace: labelled
@@ -135,8 +137,11 @@ def test_plot_and_calibrate(tiny_checkpoint, tmp_path, capsys):
     (["--model", "mixtral-8x7b", "--gpu-memory", "24GB", "--expert-dtype", "int3"], "formats are"),
     (["--model", "mixtral-8x7b", "--gpu-memory", "24GB", "--policy", "nope"], "unknown policy"),
     (["--model", "mixtral-8x7b", "--gpu-memory", "24GB", "--context", "100"], "must exceed --prompt-tokens"),
+    (["--model", "mixtral-8x7b"], "no CUDA device here"),
 ])
 def test_bad_input_is_one_line(capsys, argv, message):
+    if "--gpu-memory" not in argv and torch.cuda.is_available():
+        pytest.skip("this machine's GPU gives the default --gpu-memory")
     assert main(["plan", "--host-memory", "64GB", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
