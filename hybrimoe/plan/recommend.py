@@ -13,6 +13,7 @@ import shlex
 from typing import TYPE_CHECKING
 
 from hybrimoe.moe.quant import DEFAULT_INT4_GROUP
+from hybrimoe.policy.presets import get_preset
 from hybrimoe.runtime_options import parse_bytes
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def serve_command(plan: "PlanResult", row: "Row") -> str | None:
         eb = mem.expert_bytes
         args += ["--expert-cache", size_arg(budget.slots * eb, (budget.slots + 1) * eb - 1)]
     args += ["--gpu-memory", size_arg(budget.runtime_bytes, mem.runtime_gpu_memory(machine))]
-    if budget.staging_slots and budget.staging_slots != DEFAULT_STAGING:
+    if get_preset(budget.policy).prefetch != "none" and budget.staging_slots != DEFAULT_STAGING:
         args += ["--staging-slots", str(budget.staging_slots)]
     if machine.pinned and not mem.pinned:
         args += ["--no-pin-memory"]
