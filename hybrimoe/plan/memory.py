@@ -182,7 +182,7 @@ def device_budget(target: Target, mem: FormatMemory, machine: Machine, policy: s
                        f"{gb(mem.host_available)}")
     if available < least:
         what = "dense part + every expert" if resident else "dense part" + (" + staging" if n_staging else "")
-        return refused(f"GPU: {what} + KV cache + reserve need "
+        return refused(f"GPU: {what} + KV cache + 2 transient expert buffers + reserve need "
                        f"{gb(least + machine.gpu_bytes - available)}, {gb(least - available)} more than {gb(machine.gpu_bytes)}")
     if target.config is None:  # estimate: plan_budget's own rule
         got = want if (resident or slots is not None) else min(total, (available - least) // eb)
