@@ -32,7 +32,7 @@ def _set_openmp_defaults() -> None:
 
 # Subcommand modules, in the order `--help` lists them. A module that does not exist yet is skipped.
 SUBCOMMAND_MODULES = [
-    "generate", "chat", "serve", "simulate", "bench", "calibrate", "make_tiny", "import_trace",
+    "generate", "chat", "serve", "simulate", "bench", "calibrate", "plan", "make_tiny", "import_trace",
 ]
 
 
