@@ -78,6 +78,10 @@ class FakeModel:
         assert max_tokens <= self.config.max_position_embeddings
         return FakeKV(max_tokens)
 
+    def forward_batch(self, segments: list[tuple[torch.Tensor, int, "FakeKV"]]) -> torch.Tensor:
+        """The MoETransformer.forward_batch contract: last-token logits [S, V] of each (ids, start_pos, kv)."""
+        return torch.stack([self.forward(ids, start, kv)[-1] for ids, start, kv in segments])
+
     def forward(self, input_ids: torch.Tensor, start_pos: int, kv: FakeKV) -> torch.Tensor:
         assert input_ids.dim() == 1 and start_pos == kv.length, (input_ids.shape, start_pos, kv.length)
         t = input_ids.shape[0]

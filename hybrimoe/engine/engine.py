@@ -20,8 +20,7 @@ from jinja2 import TemplateError  # transformers renders chat templates with jin
 
 from hybrimoe.engine.options import EngineOptions, check_dtype
 from hybrimoe.engine.recorder import RoutingRecorder
-from hybrimoe.engine.sampling import make_generator, sample_next
-from hybrimoe.engine.stopping import IncrementalDetokenizer, StopStringFilter
+from hybrimoe.engine.sequence import SequenceState
 from hybrimoe.engine.types import GenerationResult, SamplingParams, StreamChunk
 from hybrimoe.errors import CheckpointError, ConfigError, HybrimoeError
 
@@ -45,14 +44,6 @@ def _eos_ids(model_dir: Path | None, config: Any, tokenizer: Any) -> set[int]:
     if getattr(tokenizer, "eos_token_id", None) is not None:
         ids.add(int(tokenizer.eos_token_id))
     return ids
-
-
-class _NoText:
-    """Detokeniser stand-in for a model without a tokenizer (--dummy-weights without --model): ids, no text."""
-
-    @staticmethod
-    def decode(ids: list[int], **_: Any) -> str:
-        return ""
 
 
 # A checkpoint's tokenizer comes in one of these files (transformers builds an empty one without them).
@@ -227,11 +218,8 @@ class Engine:
         recorder.end_step()
         return logits
 
-    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
-        """Chunks as tokens are generated; the last one carries `finish_reason` and `result`.
-
-        Parameters and prompt are checked here, before the first chunk is asked for.
-        """
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as ints after checking it and `params` (ConfigError / PromptError naming the problem)."""
         params.validate()
         prompt_ids = [int(t) for t in prompt_ids]
         self._check_prompt(prompt_ids)
@@ -239,55 +227,33 @@ class Engine:
         outside = sorted(t for t in params.logit_bias if t >= vocab)
         if outside:
             raise PromptError(f"logit_bias names token ids {outside[:5]} outside the vocabulary 0..{vocab - 1}")
-        return self._run(prompt_ids, params)
+        return prompt_ids
 
-    def _run(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
-        n_prompt = len(prompt_ids)
-        budget = min(params.max_new_tokens, self.max_context - n_prompt)  # tokens we may produce
-        stop_ids = self.eos_token_ids | set(params.stop_token_ids)
-        generator = make_generator(params.seed)
-        detok = IncrementalDetokenizer(self.tokenizer if self.tokenizer is not None else _NoText())
-        stops = StopStringFilter(list(params.stop_strings))
-        kv = self.model.new_kv_cache(n_prompt + budget)
-        generated: list[int] = []
-        produced = 0  # tokens sampled, a final stop id included
-        decode_seconds = 0.0
+    def stream(self, prompt_ids: list[int], params: SamplingParams) -> Iterator[StreamChunk]:
+        """Chunks as tokens are generated; the last one carries `finish_reason` and `result`.
+
+        Parameters and prompt are checked here, before the first chunk is asked for.
+        """
+        return self._run(SequenceState(self, self.check_request(prompt_ids, params), params))
+
+    def _run(self, seq: SequenceState) -> Iterator[StreamChunk]:
+        """Drives one sequence: the whole prompt in one forward, then one token per forward."""
         try:
-            start = time.perf_counter()
-            with torch.inference_mode():
-                token = sample_next(self._forward(prompt_ids, 0, kv, "prefill"), params, generator, generated)
-            prefill_seconds = time.perf_counter() - start
             while True:
-                produced += 1
-                if token in stop_ids:
-                    finish, new_ids, text = "stop", [], ""
-                    break
-                generated.append(token)
-                text = stops.push(detok.push(token))
-                if stops.stopped:
-                    finish, new_ids = "stop", [token]
-                    break
-                if produced >= budget:
-                    finish, new_ids = "length", [token]
-                    break
-                yield StreamChunk(token_ids=[token], text=text)
+                ids = seq.next_ids()
                 start = time.perf_counter()
                 with torch.inference_mode():
-                    logits = self._forward([token], n_prompt + produced - 1, kv, "decode")
-                    token = sample_next(logits, params, generator, generated)
-                decode_seconds += time.perf_counter() - start
-            if not stops.stopped:
-                text += stops.push(detok.flush())
-                text += stops.flush()
+                    logits = self._forward(ids, seq.pos, seq.kv, seq.phase)
+                chunk = seq.advance(len(ids), logits, time.perf_counter() - start)
+                assert chunk is not None  # the whole prompt went in
+                if chunk.result is not None:
+                    break
+                yield chunk
         finally:
             if self.recorder is not None:
                 self.recorder.end_sequence()
-        result = GenerationResult(
-            text=stops.released_text, token_ids=generated, prompt_tokens=n_prompt, completion_tokens=produced,
-            finish_reason=finish, prefill_seconds=prefill_seconds, decode_seconds=decode_seconds,
-            decode_tokens_per_second=(produced - 1) / decode_seconds if decode_seconds > 0 else 0.0)
-        self._account(result)
-        yield StreamChunk(token_ids=new_ids, text=text, finish_reason=finish, result=result)
+        self._account(chunk.result)
+        yield chunk
 
     def generate(self, prompt_ids: list[int], params: SamplingParams) -> GenerationResult:
         for chunk in self.stream(prompt_ids, params):

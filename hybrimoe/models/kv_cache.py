@@ -9,6 +9,8 @@ device of what was written; later writes copy into them, so decoding never reall
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from hybrimoe.errors import HybrimoeError
@@ -65,3 +67,13 @@ class KVCache:
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+
+def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one token occupies in a `KVCache` over all layers: GQA 2 * kv_heads * head_dim values per
+    layer (k and v), MLA kv_lora_rank + qk_rope_head_dim (latent and shared rotary key), in `dtype`."""
+    if config.attention == "mla":
+        per_layer = config.kv_lora_rank + config.qk_rope_head_dim
+    else:
+        per_layer = 2 * config.num_kv_heads * config.head_dim
+    return int(config.num_layers) * per_layer * torch.empty((), dtype=dtype).element_size()
