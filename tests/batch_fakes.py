@@ -1,7 +1,7 @@
 """A stand-in batch for the server's batching tests: the Stepper interface over `Engine.stream`, every
 running request advanced by one chunk per step (in join order), as a BatchEngine returns them. Each
 request has its own stream (its own KV cache), so its tokens are its solo run's whatever joins or
-leaves; `steps` and `cancelled` record what the worker asked for. `gate` (a Semaphore) makes each
+leaves; a stream that raises ends its request with an error event; `steps` and `cancelled` record what the worker asked for. `gate` (a Semaphore) makes each
 step wait for the test."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from hybrimoe.engine.types import SamplingParams, StreamChunk
-from hybrimoe.server.batching import BatchEvent
+from hybrimoe.engine.batch import BatchEvent
 
 STEP_TIMEOUT = 10.0
 
@@ -55,7 +55,12 @@ class RoundRobinBatch:
             self.running_streams[request_id] = stream
         events = []
         for request_id, stream in list(self.running_streams.items()):
-            chunk = next(stream)
+            try:
+                chunk = next(stream)
+            except Exception as exc:  # as BatchEngine: an error event, and the request leaves
+                events.append(BatchEvent(request_id, StreamChunk(token_ids=[], text=""), error=exc))
+                del self.running_streams[request_id]
+                continue
             events.append(BatchEvent(request_id, chunk))
             if chunk.result is not None:
                 del self.running_streams[request_id]

@@ -6,8 +6,8 @@
                    request's prefill runs between decode steps
 
 Both answer `submit` (the prompt and parameter checks of `Engine.stream`, raised before anything runs),
-`cancel`, `step() -> [BatchEvent]` (each request's chunks, in order; its last one carries the result),
-`has_work()`, `running`, `waiting`. `check_batch_memory` refuses a batch whose KV cache at the context
+`cancel`, `step() -> [BatchEvent]` (each request's chunks, in order; its last one carries the result;
+a request that failed gets one event with `error` set and leaves), `has_work()`, `running`, `waiting`. `check_batch_memory` refuses a batch whose KV cache at the context
 does not fit the device, before it is allocated.
 """
 
@@ -16,9 +16,9 @@ from __future__ import annotations
 import logging
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from hybrimoe.engine.batch import BatchEngine, BatchEvent
 from hybrimoe.engine.types import SamplingParams, StreamChunk
 from hybrimoe.errors import BudgetError
 
@@ -27,25 +27,10 @@ log = logging.getLogger(__name__)
 GIB = 1024 ** 3
 
 
-@dataclass
-class BatchEvent:
-    request_id: int
-    chunk: StreamChunk  # as Engine.stream yields; the request's last chunk has finish_reason and result
-
-
-class RequestFailed(Exception):
-    """One request of a step failed (and has left the batch); the others go on."""
-
-    def __init__(self, request_id: int, error: BaseException) -> None:
-        super().__init__(f"request {request_id} failed: {error}")
-        self.request_id = request_id
-        self.error = error
-
-
 class Stepper(Protocol):
     def submit(self, prompt_ids: list[int], params: SamplingParams) -> int: ...
     def cancel(self, request_id: int) -> None: ...
-    def step(self) -> list[Any]: ...  # objects with .request_id and .chunk (BatchEvent)
+    def step(self) -> list[BatchEvent]: ...
     def has_work(self) -> bool: ...
     @property
     def running(self) -> int: ...
@@ -54,8 +39,8 @@ class Stepper(Protocol):
 
 
 class SerialBatch:
-    """The Stepper interface over `Engine.stream`: one request at a time, one token per step. A stream
-    that raises fails its own request only (RequestFailed); a cancelled one is closed."""
+    """The Stepper interface over `Engine.stream`: one request at a time, one chunk per step. A stream
+    that raises ends its own request with an error event; a cancelled one is closed."""
 
     def __init__(self, engine: Any) -> None:
         self.engine = engine
@@ -89,10 +74,10 @@ class SerialBatch:
             chunk = next(stream)
         except StopIteration:
             self._close_current()
-            raise RequestFailed(request_id, RuntimeError("the engine's stream ended without a result")) from None
+            return [_failed(request_id, RuntimeError("the engine's stream ended without a result"))]
         except Exception as exc:
             self._close_current()
-            raise RequestFailed(request_id, exc) from exc
+            return [_failed(request_id, exc)]
         if chunk.result is not None:
             self._close_current()
         return [BatchEvent(request_id, chunk)]
@@ -114,6 +99,10 @@ class SerialBatch:
             self._current = None
 
 
+def _failed(request_id: int, error: Exception) -> BatchEvent:
+    return BatchEvent(request_id, StreamChunk(token_ids=[], text=""), error=error)
+
+
 def _close(stream: Iterator[StreamChunk]) -> None:
     close = getattr(stream, "close", None)
     if close is not None:
@@ -124,8 +113,6 @@ def make_stepper(engine: Any, max_batch: int) -> Stepper:
     """SerialBatch for 1, else a BatchEngine of `max_batch` sequences (its KV memory checked first)."""
     if max_batch == 1:
         return SerialBatch(engine)
-    from hybrimoe.engine.batch import BatchEngine
-
     check_batch_memory(engine, max_batch, BatchEngine.kv_bytes(engine, max_batch))
     return BatchEngine(engine, max_batch)
 

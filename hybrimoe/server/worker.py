@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from hybrimoe.errors import HybrimoeError
-from hybrimoe.server.batching import RequestFailed, Stepper, make_stepper
+from hybrimoe.server.batching import Stepper, make_stepper
 from hybrimoe.server.events import (  # noqa: F401  (re-exported: the worker's public face)
     BuildFn,
     Failed,
@@ -235,16 +235,16 @@ class EngineWorker:
             self.metrics.batch_step(self._running.count)
             try:
                 events = self._stepper.step()
-            except RequestFailed as failed:  # one request's own failure: the batch goes on
-                self._report(failed.error)
-                self._running.fail(failed.request_id, failed.error)
-                continue
-            except Exception as exc:  # the whole step failed: every request in it fails, the server stays
+            except Exception as exc:  # not a request's failure (those are error events): every request fails
                 self._report(exc)
                 self._reset_stepper(self._running.fail_all(exc))
                 continue
             finished = False
             for event in events:
+                if event.error is not None:  # this request failed and left the batch; the others go on
+                    self._report(event.error)
+                    self._running.fail(event.request_id, event.error)
+                    continue
                 seconds = self._running.deliver(event.request_id, event.chunk)
                 if seconds is not None:
                     finished = True
