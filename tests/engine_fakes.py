@@ -78,9 +78,17 @@ class FakeModel:
         assert max_tokens <= self.config.max_position_embeddings
         return FakeKV(max_tokens)
 
-    def forward_batch(self, segments: list[tuple[torch.Tensor, int, "FakeKV"]]) -> torch.Tensor:
-        """The MoETransformer.forward_batch contract: last-token logits [S, V] of each (ids, start_pos, kv)."""
-        return torch.stack([self.forward(ids, start, kv)[-1] for ids, start, kv in segments])
+    def forward_batch(self, segments: list[tuple[torch.Tensor, int, "FakeKV"]],
+                      prefill: bool | None = None) -> torch.Tensor:
+        """The MoETransformer.forward_batch contract: last-token logits [S, V] of each (ids, start_pos, kv);
+        the routing observer sees the rows of all segments together, once per MoE layer."""
+        observer, self.routing_observer = self.routing_observer, None
+        try:
+            logits = torch.stack([self.forward(ids, start, kv)[-1] for ids, start, kv in segments])
+        finally:
+            self.routing_observer = observer
+        self._observe(torch.cat([ids for ids, _, _ in segments]))
+        return logits
 
     def forward(self, input_ids: torch.Tensor, start_pos: int, kv: FakeKV) -> torch.Tensor:
         assert input_ids.dim() == 1 and start_pos == kv.length, (input_ids.shape, start_pos, kv.length)
@@ -95,9 +103,12 @@ class FakeModel:
                 i = p + 1 - self.prompt_len  # completion index predicted at this position
                 if 0 <= i < len(self.script):
                     logits[row, self.script[i]] += 20.0
+        self._observe(input_ids)
+        return logits
+
+    def _observe(self, input_ids: torch.Tensor) -> None:
         if self.routing_observer is not None:
             scores = torch.softmax(self.router[input_ids], dim=-1)  # [T, E]
             weights, ids = torch.topk(scores, self.config.top_k, dim=-1)  # [T, K]
             for layer in self.config.moe_layers:
                 self.routing_observer(layer, FakeRecord(layer, ids, weights, scores))
-        return logits

@@ -120,7 +120,7 @@ def test_mla_matches_transformers(
         expected = _hf_attention_run(family, hf_cfg, hf_attn, xs)
         kv = KVCache(num_layers=1, max_tokens=64)
         for x, want in zip(xs, expected):
-            got = ours(x, torch.arange(kv.length, kv.length + x.shape[0]), kv[0])
+            got = ours(x, torch.arange(kv.length, kv.length + x.shape[0]), [kv[0]], [x.shape[0]])
             kv.length += x.shape[0]
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     # the cache holds the latent and the rotated shared key only: L + R numbers per token
@@ -180,7 +180,7 @@ def test_mla_with_v2_lite_shapes_past_the_pretraining_context() -> None:
         expected = _hf_attention_run("v2", hf_cfg, hf_attn, xs, offset=5000)
         kv = KVCache(num_layers=1, max_tokens=PREFILL + 2)
         for x, want in zip(xs, expected):
-            got = ours(x, torch.arange(5000 + kv.length, 5000 + kv.length + x.shape[0]), kv[0])
+            got = ours(x, torch.arange(5000 + kv.length, 5000 + kv.length + x.shape[0]), [kv[0]], [x.shape[0]])
             kv.length += x.shape[0]
             assert want.abs().max() > 0.1  # not a vanishing output
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from hybrimoe.engine.forward import Segment, forward_segments
 from hybrimoe.engine.sequence import SequenceState
 from hybrimoe.engine.types import SamplingParams, StreamChunk
 from hybrimoe.errors import ConfigError
@@ -37,17 +38,6 @@ class BatchEvent:
     request_id: int
     chunk: StreamChunk
     error: Exception | None = None
-
-
-@dataclass
-class _Segment:
-    """One sequence's share of a step's forward: `ids` at positions start_pos.. of `seq.kv`."""
-
-    request_id: int
-    seq: SequenceState
-    ids: list[int]
-    start_pos: int
-    phase: str  # "prefill" | "decode"
 
 
 class BatchEngine:
@@ -110,36 +100,36 @@ class BatchEngine:
         while self._waiting and len(self._running) < self.max_batch:
             request_id, seq = self._waiting.popleft()
             self._running[request_id] = seq
-        segments = self._plan()
-        if not segments:
+        planned = self._plan()
+        if not planned:
             return []
         start = time.perf_counter()
         try:
-            logits = self._forward(segments)
+            logits = self._forward([segment for _, _, segment in planned])  # [S, V]
         except Exception as exc:  # the whole forward failed: every sequence in it ends with the error
-            log.warning("batch step of %d sequences failed: %s", len(segments), exc)
-            return [self._fail(s.request_id, exc) for s in segments]
+            log.warning("batch step of %d sequences failed: %s", len(planned), exc)
+            return [self._fail(request_id, exc) for request_id, _, _ in planned]
         seconds = time.perf_counter() - start  # every sequence of the step waited this long
         events: list[BatchEvent] = []
-        for segment, row in zip(segments, logits):
+        for (request_id, seq, segment), row in zip(planned, logits):
             try:
-                chunk = segment.seq.advance(len(segment.ids), row, seconds)
+                chunk = seq.advance(len(segment.ids), row, seconds)
             except Exception as exc:  # e.g. NonFiniteLogitsError in this sequence's sampling
-                events.append(self._fail(segment.request_id, exc))
+                events.append(self._fail(request_id, exc))
                 continue
             if chunk is None:
-                continue  # mid-prompt chunk
+                continue  # a prefill chunk that ended mid-prompt
             if chunk.result is not None:
-                self._leave(segment.request_id)
+                self._leave(request_id)
                 self.engine._account(chunk.result)
-            events.append(BatchEvent(segment.request_id, chunk))
+            events.append(BatchEvent(request_id, chunk))
         late = self._drop_cancelled()  # a cancel that arrived during the forward: no event for it
         return [e for e in events if e.request_id not in late]
 
-    def _plan(self) -> list[_Segment]:
+    def _plan(self) -> list[tuple[int, SequenceState, Segment]]:
         """Decoding sequences take one token each; prefilling ones share `prefill_chunk` prompt tokens,
         oldest first (a sequence left without any waits for a later step)."""
-        segments: list[_Segment] = []
+        out: list[tuple[int, SequenceState, Segment]] = []
         room = self.prefill_chunk
         for request_id, seq in self._running.items():
             if seq.prefilling:
@@ -149,22 +139,21 @@ class BatchEngine:
                 room -= len(ids)
             else:
                 ids = seq.next_ids()
-            segments.append(_Segment(request_id, seq, ids, seq.pos, seq.phase))
-        return segments
-
-    def _forward(self, segments: list[_Segment]) -> list[torch.Tensor | None]:
-        """Logits [V] of each segment's last token (None for a prefill chunk that ends mid-prompt)."""
-        if self.engine.recorder is not None:
-            raise ConfigError("routing traces are recorded by Engine.stream only, not in batch mode")
-        out: list[torch.Tensor | None] = []
-        for s in segments:
-            with torch.inference_mode():
-                out.append(self.engine._forward(s.ids, s.start_pos, s.seq.kv, s.phase))
+            out.append((request_id, seq, Segment(request_id, ids, seq.pos, seq.kv, seq.phase)))
         return out
+
+    def _forward(self, segments: list[Segment]) -> torch.Tensor:
+        """Logits [S, V] of each segment's last token: one `forward_batch` over all of them."""
+        if getattr(self.engine.runtime, "replay", None) is not None:
+            raise ConfigError("--replay-trace replays one sequence's routing in order; it cannot drive a batch")
+        with torch.inference_mode():
+            return forward_segments(self.engine, segments)
 
     # -- leaving ---------------------------------------------------------------------------------
     def _leave(self, request_id: int) -> None:
         self._running.pop(request_id, None)
+        if self.engine.recorder is not None:
+            self.engine.recorder.end_sequence(request_id)
 
     def _fail(self, request_id: int, exc: Exception) -> BatchEvent:
         self._leave(request_id)

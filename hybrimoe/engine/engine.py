@@ -18,6 +18,7 @@ from typing import Any, Iterator
 import torch
 from jinja2 import TemplateError  # transformers renders chat templates with jinja2
 
+from hybrimoe.engine.forward import Segment, forward_segments
 from hybrimoe.engine.options import EngineOptions, check_dtype
 from hybrimoe.engine.recorder import RoutingRecorder
 from hybrimoe.engine.sequence import SequenceState
@@ -195,28 +196,7 @@ class Engine:
     # -- generation ------------------------------------------------------------------------------
     def _forward(self, ids: list[int], start_pos: int, kv: Any, phase: str) -> torch.Tensor:
         """Logits [V] of the last of `ids`, the recorder (if any) seeing this step's routing."""
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.options.device)  # [T]
-        recorder = self.recorder
-        if recorder is None:
-            return self.model(input_ids, start_pos, kv)[-1]
-        previous = self.model.routing_observer
-        recorder.begin_step(phase, start_pos, ids)
-        if previous is None:
-            self.model.routing_observer = recorder.observe
-        else:  # the runtime's cache policy keeps observing router scores while we record
-            def observe_both(layer: int, record: Any) -> None:
-                recorder.observe(layer, record)
-                previous(layer, record)
-            self.model.routing_observer = observe_both
-        try:
-            logits = self.model(input_ids, start_pos, kv)[-1]
-        except BaseException:
-            recorder.cancel_step()
-            raise
-        finally:
-            self.model.routing_observer = previous
-        recorder.end_step()
-        return logits
+        return forward_segments(self, [Segment(None, ids, start_pos, kv, phase)])[0]
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
         """The prompt as ints after checking it and `params` (ConfigError / PromptError naming the problem)."""

@@ -42,22 +42,27 @@ class Attention(nn.Module):
                                 interleaved=False)   # "rotate half": pairs (x[i], x[i + D/2])
         self.rotary = Rotary(spec)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LayerKV) -> torch.Tensor:
-        """x [T, H], positions [T] (absolute) -> [T, H]; appends this step's k/v to `kv_layer`."""
-        t = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # [T, Hq*D], [T, Hkv*D] x2
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layers: list[LayerKV],
+                lengths: list[int]) -> torch.Tensor:
+        """x [N, H], positions [N] (absolute, per row) -> [N, H]. Segment i = the next lengths[i] rows: its
+        k/v are appended to kv_layers[i] and its queries attend to that cache only."""
+        n = x.shape[0]
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # [N, Hq*D], [N, Hkv*D] x2
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:
             q, k, v = (z.clamp(-self.clip, self.clip) for z in (q, k, v))
-        q = q.view(t, self.num_heads, self.head_dim)
-        k = k.view(t, self.num_kv_heads, self.head_dim)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
         if self.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, T, D]
-        cos, sin = self.rotary(positions)                                     # [T, D/2] fp32
+        q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, D]
+        cos, sin = self.rotary(positions)                                     # [N, D/2] fp32
         q, k = apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
-        k_all, v_all = kv_layer.append(k, v)                                  # [Hkv, S, D]
-        out = causal_attention(q, k_all, v_all, self.scale, self.sliding_window)  # [T, Hq*D]
-        return self.o_proj(out)
+        outs, lo = [], 0
+        for kv_layer, t in zip(kv_layers, lengths):
+            k_all, v_all = kv_layer.append(k[:, lo:lo + t], v[:, lo:lo + t])  # [Hkv, S_i, D]
+            outs.append(causal_attention(q[:, lo:lo + t], k_all, v_all, self.scale, self.sliding_window))  # [T_i, Hq*D]
+            lo += t
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))   # [N, H]

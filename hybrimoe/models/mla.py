@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention (MLA) of DeepSeek-V2 / V2-Lite / V3, batch 1.
+"""Multi-head Latent Attention (MLA) of DeepSeek-V2 / V2-Lite / V3, one or several sequences per call.
 
 T = new tokens, S = cached + new tokens, N = heads, L = kv_lora_rank, R = qk_rope_head_dim,
 D = qk_nope_head_dim, V = v_head_dim.
@@ -46,7 +46,7 @@ def mla_rope_spec(config: ModelConfig) -> RopeSpec:
 
 
 class MLAttention(nn.Module):
-    """DeepSeek MLA for one layer; forward(x [T, H], positions [T], kv_layer) -> [T, H]."""
+    """DeepSeek MLA for one layer; forward(x [N, H], positions [N], kv_layers, lengths) -> [N, H]."""
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -82,23 +82,31 @@ class MLAttention(nn.Module):
             return self.q_proj(x)
         return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layer: LayerKV) -> torch.Tensor:
-        """x [T, H], positions [T] absolute -> [T, H]; caches the latent [1, T, L] as `k` and the rotated
-        shared key [1, T, R] as `v` of `kv_layer` (L + R numbers per token instead of N * (D+R+V))."""
-        t, n = x.shape[0], self.num_heads
-        q = self._query(x).view(t, n, -1).transpose(0, 1)  # [N, T, D+R]
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layers: list[LayerKV],
+                lengths: list[int]) -> torch.Tensor:
+        """x [N, H], positions [N] absolute per row -> [N, H]. Segment i = the next lengths[i] rows: it caches
+        its latent [1, T_i, L] as `k` and rotated shared key [1, T_i, R] as `v` of kv_layers[i] (L + R numbers
+        per token instead of N * (D+R+V)) and attends to that cache only, in the form cheaper for its own
+        T_i and S_i (a decode row of a batch takes the absorbed path as a solo decode step does)."""
+        t_all, n = x.shape[0], self.num_heads
+        q = self._query(x).view(t_all, n, -1).transpose(0, 1)  # [N_heads, N, D+R]
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent)  # [T, L]
+        latent = self.kv_a_layernorm(latent)  # [N, L]
 
-        cos, sin = self.rotary(positions)  # [T, R/2]
-        q_rope = apply_rotary(q_rope, cos, sin, self.interleaved)  # [N, T, R]
-        k_rope = apply_rotary(k_rope, cos, sin, self.interleaved)  # [T, R]
-        latent_all, k_rope_all = kv_layer.append(latent[None], k_rope[None])  # [1, S, L], [1, S, R]
-        s = latent_all.shape[1]
-        absorb = self.absorb if self.absorb is not None else self.absorbed_is_cheaper(t, s)
-        attend = self._attend_absorbed if absorb else self._attend_expanded
-        return self.o_proj(attend(q_nope, q_rope, latent_all[0], k_rope_all))
+        cos, sin = self.rotary(positions)  # [N, R/2]
+        q_rope = apply_rotary(q_rope, cos, sin, self.interleaved)  # [N_heads, N, R]
+        k_rope = apply_rotary(k_rope, cos, sin, self.interleaved)  # [N, R]
+        outs, lo = [], 0
+        for kv_layer, t in zip(kv_layers, lengths):
+            rows = slice(lo, lo + t)
+            latent_all, k_rope_all = kv_layer.append(latent[None, rows], k_rope[None, rows])  # [1, S, L], [1, S, R]
+            s = latent_all.shape[1]
+            absorb = self.absorb if self.absorb is not None else self.absorbed_is_cheaper(t, s)
+            attend = self._attend_absorbed if absorb else self._attend_expanded
+            outs.append(attend(q_nope[:, rows], q_rope[:, rows], latent_all[0], k_rope_all))  # [T_i, N_heads*V]
+            lo += t
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
     def absorbed_is_cheaper(self, t: int, s: int) -> bool:
         """Multiply-accumulates of both attention forms for T queries over S cached tokens:

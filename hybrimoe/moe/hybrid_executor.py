@@ -72,7 +72,7 @@ class HybridExecutor:
                  k: int, plan: Any, counts: dict[int, int], now: float) -> torch.Tensor:
         rt, dev = self.rt, self.rt.devices
         protect = {(layer, e) for e in groups}
-        prefill = x.shape[0] > 1
+        prefill = rt.is_prefill(x.shape[0])  # a prompt's step, not a batched decode step of B tokens
         dev.copy_waits_for_main()  # a slot evicted below may still be read by earlier main-stream work
         demand = rt.pipeline.demand(layer, plan, now, prefill, protect)
         rt.issue(demand)

@@ -105,6 +105,7 @@ class ReferenceExecutor:
 class MoEHooks:
     """State shared by every MoE block of one model."""
     observer: RoutingObserver | None = None
+    prefill: bool | None = None  # the running forward carries prompt tokens; None outside a forward
 
 
 class Router(nn.Module):

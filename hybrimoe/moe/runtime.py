@@ -6,9 +6,11 @@
       -> HybridExecutor in every MoEBlock; the routing observer feeds router scores to the cache policy
 
 Per layer the executor asks the copy pipeline (hybrimoe.policy.pipeline, the object the simulator
-drives too) what is landed and what is still in flight, `plan_layer` for the preset's Plan (prefill
-scheduler when T >= preset.prefill_min_tokens, 2 for most presets and 32 for llama.cpp, else the
-decode scheduler), issues the pipeline's on-demand copies, and
+drives too) what is landed and what is still in flight, `plan_layer` for the preset's Plan (a prompt's
+step: prefill scheduler when T >= preset.prefill_min_tokens, 2 for most presets and 32 for llama.cpp,
+else the decode scheduler; a decode step of B sequences, T = B: the decode scheduler, except for
+presets that decide by tokens in decode too: `Preset.scheduler_role`), issues the pipeline's on-demand
+copies (the pipeline's prefill rule applies to prompt steps only: `is_prefill`), and
 `after_layer` issues its prefetches and fills; `layer_done` frees the layer's staging buffers. The
 pipeline's clock is `time.perf_counter()` with the cost model's copy seconds; CUDA events keep every
 read after its copy whatever those estimates say. `stats()` returns cache counters, measured busy
@@ -186,11 +188,23 @@ class HybridRuntime:
         self._last_end = (layer, time.perf_counter())
 
     # -- planning ---------------------------------------------------------------------------------
+    def is_prefill(self, tokens: int) -> bool:
+        """Whether the MoE call of `tokens` tokens belongs to a prompt's step: as the model's caller said
+        (`MoETransformer.forward_prefill`: a batched decode step of B sequences is not prefill), else (a
+        layer run outside a model forward) by its token count."""
+        said = getattr(self.model, "forward_prefill", None)
+        return tokens > 1 if said is None else said
+
+    def scheduler_for(self, tokens: int) -> Any:
+        """The preset's scheduler for a call of `tokens` tokens (`Preset.scheduler_role`): a prompt's by its
+        token count (prefill scheduler from `prefill_min_tokens`, llama.cpp: 32, op offload); a decode step
+        by `decode`, unless the preset decides by tokens in decode too (llama.cpp, Fiddler)."""
+        return self.schedulers[self.preset.scheduler_role(tokens, self.is_prefill(tokens))]
+
     def plan_layer(self, layer: int, counts: dict[int, int], view: LayerView, tokens: int, now: float) -> Plan:
-        """The preset's plan for a call of `tokens` tokens: its prefill scheduler for at least
-        `preset.prefill_min_tokens` tokens, else its decode scheduler (llama.cpp: 32, op offload)."""
-        phase = "prefill" if tokens > 1 else "decode"
-        scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
+        """The plan of `scheduler_for(tokens)`; counted under the call's phase (prefill or decode)."""
+        phase = "prefill" if self.is_prefill(tokens) else "decode"
+        scheduler = self.scheduler_for(tokens)
         plan = self.pipeline.plan(layer, counts, view, scheduler, self.costs(layer))
         if self.virtual_clock is not None:
             self.virtual_clock.planned(now, plan)
@@ -229,9 +243,8 @@ class HybridRuntime:
         future = self.pipeline.future(layer)
         predicted = self.lookahead.predicted(prepared) if self.lookahead is not None else {}
         next_gap = self.dense_gap.get(future[0], 0.0) if future else 0.0
-        scheduler = self.schedulers["prefill" if self.preset.uses_prefill_scheduler(tokens) else "decode"]
         self.issue(self.pipeline.idle(layer, plan, now, predicted, next_gap, lambda f: self.dense_gap.get(f, 0.0),
-                                      scheduler, protect, counts, prefill=tokens > 1))
+                                      self.scheduler_for(tokens), protect, counts, prefill=self.is_prefill(tokens)))
 
     def layer_done(self, layer: int) -> None:
         """The layer's work is issued: its staging buffers are free once the main stream has read them."""

@@ -13,7 +13,7 @@ copy pipeline (hybrimoe.policy.pipeline) built from it:
     counts = {expert: tokens}; cache.policy.observe(layer, scores, experts, weights) per token
     view = pipeline.view(layer, counts, now)                       # landed / in flight / link free
     for e in counts: cache.access((layer, e))                      # hit / miss counters
-    scheduler = prefill if preset.uses_prefill_scheduler(tokens of this forward) else decode
+    scheduler = preset.scheduler_role(tokens of this forward, is it a prompt's)   # "prefill" | "decode"
     plan = scheduler.plan(layer, counts, view.cached, costs, view.copy_free_at, arrivals=view.arrivals)
     cache.pin(current keys); pipeline.demand(layer, plan, now, prefill, current) -> on-demand copies
     run the plan on the three timelines
@@ -55,11 +55,25 @@ class Preset:
     oracle: bool = False  # predictions are the true future routing, whatever accuracy is asked
     prefill_min_tokens: int = 2  # forwards of fewer tokens use the decode scheduler (llama.cpp: 32)
     cuda_graphs: bool = False  # decode forwards replay a CUDA graph: graph-captured launch overheads
+    # the system picks its per-expert placement by the tokens an op carries in decode too (llama.cpp's
+    # op offload, Fiddler's per-expert cost rule): a batched decode step of >= prefill_min_tokens
+    # tokens is planned by `prefill`; else every decode step is planned by `decode`, whatever its batch
+    decode_by_tokens: bool = False
     description: str = ""
 
     def uses_prefill_scheduler(self, tokens: int) -> bool:
         """Whether a forward of `tokens` tokens (batch 1) is planned by `prefill` (else `decode`)."""
         return tokens >= self.prefill_min_tokens
+
+    def scheduler_role(self, tokens: int, prefill: bool) -> str:
+        """"prefill" | "decode": which of the preset's schedulers plans a forward of `tokens` new tokens,
+        a prompt's (`prefill`) or a decode step of `tokens` sequences, one token each. A prompt: by
+        `uses_prefill_scheduler`; a decode step: `decode`, unless `decode_by_tokens` and the step
+        carries at least `prefill_min_tokens` tokens (llama.cpp at batch >= 32). Batch 1 decode is
+        always `decode`, as before."""
+        if prefill or self.decode_by_tokens:
+            return "prefill" if self.uses_prefill_scheduler(tokens) else "decode"
+        return "decode"
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
@@ -75,7 +89,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
            description="static hot set; decode misses on CPU, under CUDA graphs; prefill copies misses, "
                        "CPU idle"),
     Preset("llamacpp", "gpu-only", "static-layer", "static", "none", initial="last-layers",
-           prefill_min_tokens=LLAMACPP_OP_OFFLOAD_MIN_TOKENS,
+           prefill_min_tokens=LLAMACPP_OP_OFFLOAD_MIN_TOKENS, decode_by_tokens=True,
            description="llama.cpp -ngl 99 --n-cpu-moe N: routed experts of the last layers that fit on "
                        "the GPU, of the first N layers on the CPU; forwards of >= 32 tokens copy a CPU "
                        "layer's experts to the GPU (op offload)"),
@@ -84,7 +98,7 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
                        "computed on the CPU"),
     Preset("gpu-lru", "gpu-only", "gpu-only", "lru", "none",
            description="every miss copied to the GPU, LRU cache (AdapMoE-like without prefetch)"),
-    Preset("fiddler", "fiddler-prefill", "cpu-on-miss", "static", "none",
+    Preset("fiddler", "fiddler-prefill", "cpu-on-miss", "static", "none", decode_by_tokens=True,
            description="static hot set; per-miss CPU vs copy+GPU choice by cost estimate"),
     Preset("resident", "hybrid", "hybrid", "static", "none", initial="all",
            description="every expert on the GPU (ignores the cache ratio), planned by the hybrid scheduler, "
