@@ -144,7 +144,8 @@ class ServerMetrics:
             lines += _scalar("hybrimoe_server_decode_seconds_total", "counter",
                              "Seconds spent in decode steps.", self.decode_seconds)
             lines += _scalar("hybrimoe_server_decode_tokens_per_second", "gauge",
-                             "Decode tokens/s over all finished requests.", average)
+                             "Decode tokens/s of a request over all finished ones (batched requests decode at once: "
+                             "the server's total is higher).", average)
             lines += _scalar("hybrimoe_server_last_decode_tokens_per_second", "gauge",
                              "Decode tokens/s of the last finished request.",
                              self.last_decode_tokens_per_second)

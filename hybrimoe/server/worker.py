@@ -287,18 +287,20 @@ class EngineWorker:
             job.cancel()
 
     def _leave_cancelled(self) -> None:
-        for request_id in self._running.cancelled_ids():
+        cancelled = self._running.cancelled_ids()
+        for request_id in cancelled:
             self._stepper.cancel(request_id)
             self._running.cancelled(request_id)
+        if cancelled and self._running.count == 0 and self._stepper.has_work():
+            self._stepper.step()  # BatchEngine drops cancelled requests at a step: free them before idling
 
     def _reset_stepper(self, failed: list[int]) -> None:
-        """After a step that failed as a whole: the failed requests leave the batch; if it still holds
-        work (its state is unknown), a fresh batch replaces it."""
+        """After a step that raised: the failed requests leave the batch; if it cannot even cancel them,
+        a fresh batch replaces it."""
         try:
             for request_id in failed:
                 self._stepper.cancel(request_id)
-            if not self._stepper.has_work():
-                return
+            return
         except Exception:
             log.exception("cannot cancel the failed requests; making a fresh batch")
         self._stepper = None  # type: ignore[assignment]  (the old one's KV cache is freed first)
