@@ -176,3 +176,29 @@ def test_kv_bytes_is_what_full_sequences_occupy(tiny_checkpoint) -> None:
         assert seq_kv.nbytes() > 0
         assert BatchEngine.kv_bytes(engine, 3) == 3 * seq_kv.nbytes()
         assert BatchEvent(1, None).error is None  # the error field is optional
+
+
+def test_a_replayed_trace_cannot_drive_a_batch(tokenizer) -> None:
+    from types import SimpleNamespace
+
+    engine = fake_engine(tokenizer)
+    engine.runtime = SimpleNamespace(replay=object())  # --replay-trace: one sequence's routing, in order
+    batch = BatchEngine(engine, max_batch=2)
+    ids = [batch.submit([1, 2], SamplingParams(max_new_tokens=3)) for _ in range(2)]
+    events = batch.step()
+    assert [e.request_id for e in events] == ids and not batch.has_work()
+    assert all(isinstance(e.error, ConfigError) and "replay" in str(e.error) for e in events)
+    assert engine.model.calls == []
+
+
+def test_running_streams_get_a_token_every_step_while_a_long_prompt_joins(tokenizer) -> None:
+    engine = fake_engine(tokenizer)
+    batch = BatchEngine(engine, max_batch=3, prefill_chunk=4)
+    running = [batch.submit([1, 2], SamplingParams(max_new_tokens=30)) for _ in range(2)]
+    batch.step()  # both prompts in one step: 4 tokens
+    joining = batch.submit(list(range(3, 23)), SamplingParams(max_new_tokens=2))  # 20 tokens: 5 chunks
+    engine.model.calls.clear()
+    for step in range(5):
+        events = batch.step()
+        assert [e.request_id for e in events] == running + ([joining] if step == 4 else [])
+    assert engine.model.calls == [c for i in range(5) for c in [(2 + i, 1), (2 + i, 1), (4 * i, 4)]]

@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 class Preset:
     name: str
     prefill: str  # scheduler name for prefill forwards (> 1 token)
-    decode: str  # scheduler name for decode forwards (1 token)
+    decode: str  # scheduler name for decode steps (1 token per sequence; any batch: `scheduler_role`)
     cache: str  # cache policy name: mrs | lru | lfu | static
     prefetch: str  # impact | next-layer-score | none
     initial: str = "hot"  # hot (frequency hot set) | last-layers (llama.cpp --n-cpu-moe) | all (everything)
