@@ -1,8 +1,8 @@
 """A stand-in batch for the server's batching tests: the Stepper interface over `Engine.stream`, every
 running request advanced by one chunk per step (in join order), as a BatchEngine returns them. Each
 request has its own stream (its own KV cache), so its tokens are its solo run's whatever joins or
-leaves; a stream that raises ends its request with an error event; `steps` and `cancelled` record what the worker asked for. `gate` (a Semaphore) makes each
-step wait for the test."""
+leaves; a stream that raises ends its request with an error event. `steps` and `cancelled` record
+what the worker asked for; `gate` (a Semaphore) makes each step wait for the test."""
 
 from __future__ import annotations
 

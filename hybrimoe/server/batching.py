@@ -7,8 +7,9 @@
 
 Both answer `submit` (the prompt and parameter checks of `Engine.stream`, raised before anything runs),
 `cancel`, `step() -> [BatchEvent]` (each request's chunks, in order; its last one carries the result;
-a request that failed gets one event with `error` set and leaves), `has_work()`, `running`, `waiting`. `check_batch_memory` refuses a batch whose KV cache at the context
-does not fit the device, before it is allocated.
+a request that failed gets one event with `error` set and leaves), `has_work()`, `running`, `waiting`.
+`check_batch_memory` refuses a batch whose KV cache at the context does not fit the device, before the
+batch is made.
 """
 
 from __future__ import annotations
