@@ -2,8 +2,8 @@
 RoundRobinBatch stand-in (tests/batch_fakes.py): each request gets exactly its solo tokens while
 others join and leave; a request joins a running batch (its first token before the earlier long
 request ends); cancelling one request frees that one only; a request refused by its checks fails
-alone; a step that fails as a whole fails the requests in it and a fresh batch serves the next; the
-KV memory check and the option."""
+alone; a step that fails as a whole fails the requests in it and a fresh batch serves the next;
+shutdown ends every running request after its grace; the KV memory check and the option."""
 
 from __future__ import annotations
 
@@ -316,3 +316,51 @@ def test_serve_max_batch_flag_and_the_kv_check_before_the_batch_is_made(tiny_che
         batching.make_stepper(engine, 8)
     monkeypatch.setattr(batching, "free_bytes_for", lambda device: needed)
     assert isinstance(batching.make_stepper(engine, 8), BatchEngine)
+
+
+def test_shutdown_refuses_the_queued_and_ends_every_running_request_after_its_grace() -> None:
+    from test_server_failures import sse_events
+
+    engine, gate = fake_engine(), threading.Semaphore(0)
+    batches: list[RoundRobinBatch] = []
+    body = {"model": "fake", "prompt": "hello", "max_tokens": 40, "stream": True}
+    results: dict[str, object] = {}
+
+    def make() -> RoundRobinBatch:
+        batches.append(RoundRobinBatch(engine, 2, gate))
+        return batches[-1]
+
+    with served(engine, stepper=make, max_batch=2, shutdown_timeout=0.5) as http:
+        state = http.app.state.server
+
+        def send(name: str) -> None:
+            results[name] = http.post("/v1/completions", json=body)
+
+        running = [threading.Thread(target=send, args=(f"running{i}",)) for i in range(2)]
+        for t in running:
+            t.start()
+        deadline, released = time.monotonic() + TIMEOUT, 0
+        while state.metrics.time_to_first_token.count < 2:  # steps one by one until both are streaming
+            assert time.monotonic() < deadline
+            if batches[0].asked > released:
+                released += 1
+                gate.release()
+            time.sleep(0.005)
+        queued = threading.Thread(target=send, args=("queued",))
+        queued.start()
+        while state.metrics.queue_depth < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        http.portal.call(state.begin_shutdown)  # what SIGTERM does; the worker waits in a step meanwhile
+        queued.join(TIMEOUT)
+        for t in running:
+            t.join(TIMEOUT)
+        for _ in range(100):  # let the worker notice the cancels and finish
+            gate.release()
+    assert results["queued"].status_code == 503 and results["queued"].json()["error"]["code"] == "shutting_down"
+    for i in range(2):
+        response = results[f"running{i}"]
+        events = sse_events(response)
+        assert events, (response.status_code, response.text[:300])
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "shutting_down", events
+    assert state.metrics.running == 0
