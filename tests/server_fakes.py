@@ -50,9 +50,10 @@ def fake_engine(fail_at: int | None = None, error: BaseException | None = None) 
 
 
 @contextmanager
-def served(engine: Engine | None = None, **options) -> Iterator[TestClient]:
-    """A TestClient of the app over `engine` (default: a fake engine) with ServerOptions(**options)."""
-    app = create_app(engine or fake_engine(), ServerOptions(**options))
+def served(engine: Engine | None = None, stepper=None, **options) -> Iterator[TestClient]:
+    """A TestClient of the app over `engine` (default: a fake engine) with ServerOptions(**options),
+    the worker stepping the batch `stepper()` makes (default: the server's own)."""
+    app = create_app(engine or fake_engine(), ServerOptions(**options), stepper=stepper)
     with TestClient(app, base_url=BASE_URL) as client:
         yield client
 

@@ -16,6 +16,7 @@ from hybrimoe.server.options import (
     DEFAULT_BODY_TIMEOUT,
     DEFAULT_HEADER_TIMEOUT,
     DEFAULT_KEEP_ALIVE_TIMEOUT,
+    DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
     DEFAULT_SHUTDOWN_TIMEOUT,
     ServerOptions,
@@ -40,8 +41,13 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                         help="uvicorn log level (default info)")
     group = parser.add_argument_group("admission, access and timeouts")
+    group.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, metavar="N",
+                       help=f"sequences decoded together (continuous batching): a request joins the running "
+                            f"batch while fewer than N run; the KV cache of N sequences at the context must "
+                            f"fit in memory (checked at start). 1 = one request at a time (default "
+                            f"{DEFAULT_MAX_BATCH})")
     group.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
-                       help=f"requests that may wait for the engine besides the running one; more get 429 "
+                       help=f"requests that may wait for the engine besides the running ones; more get 429 "
                             f"with Retry-After (default {DEFAULT_MAX_QUEUE})")
     group.add_argument("--api-key", action="append", default=[], metavar="KEY",
                        help=f"require 'Authorization: Bearer KEY' on /v1/* and /metrics (repeatable; also "
@@ -71,7 +77,7 @@ def register(subparsers: Any) -> None:
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     keys = list(args.api_key) + list(_names(os.environ.get(API_KEY_ENV, "")))
     return ServerOptions(bind_host=args.host, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                         api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=args.allowed_hosts,
+                         max_batch=args.max_batch, api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=args.allowed_hosts,
                          allowed_origins=tuple(args.allowed_origins), body_timeout=args.body_timeout,
                          header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
                          shutdown_timeout=args.shutdown_timeout, threads=args.threads)

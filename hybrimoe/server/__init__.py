@@ -2,7 +2,7 @@
 (`hybrimoe.server.runner.run_server`: timeouts, graceful shutdown).
 
     hybrimoe serve --model DIR [--host 127.0.0.1] [--port 8000] [--dtype bf16] [--served-model-name NAME]
-                   [--threads N] [--max-queue 16] [--api-key KEY ...] [--allowed-hosts H,...]
+                   [--threads N] [--max-batch 1] [--max-queue 16] [--api-key KEY ...] [--allowed-hosts H,...]
                    [--allowed-origins URL,...] [--max-body-bytes N] [--body-timeout 30] [--header-timeout 10]
                    [--keep-alive-timeout 5] [--shutdown-timeout 10]
 
@@ -27,8 +27,8 @@ localhost / 127.0.0.1 / ::1 are served (403; --allowed-hosts widens); a browser 
 origin or in --allowed-origins (403), which also turns on CORS for those origins; POST bodies must be
 application/json (415).
 
-Admission: one request runs; up to --max-queue more wait (being tokenised or queued); beyond that 429
-with Retry-After. Prompts are tokenised and checked against the context on a tokenizer pool before
+Admission: up to --max-batch requests run (default 1); up to --max-queue more wait (being tokenised or
+queued); beyond that 429 with Retry-After (waiting requests x mean service time / --max-batch seconds). Prompts are tokenised and checked against the context on a tokenizer pool before
 they are queued (a prompt whose length in characters cannot fit is refused without tokenising).
 
 Errors are `{"error": {"message", "type", "param", "code"}}`: 400 for malformed JSON, invalid Unicode
@@ -39,15 +39,25 @@ over the limit (default 64 KiB + 32 bytes per context token); 429 for a full que
 if the engine fails (a final `data: {"error": ...}` event once a stream has started); 503 while shutting
 down or when the engine worker has died. The server keeps serving after every 4xx and 500.
 
-One worker thread owns the Engine (single-sequence, not thread-safe) and serves requests in order;
-a client that disconnects frees the engine after the current token, or is dropped from the queue.
-SIGTERM: stop listening, 503 for new and queued requests, the running one has --shutdown-timeout
-seconds to finish (then it ends with an error event / 503), exit status 0.
+One worker thread owns the Engine (not thread-safe) and steps a batch (`hybrimoe.server.batching`):
+with --max-batch 1, `Engine.stream` of one request at a time (the server before batching); with N > 1
+a `BatchEngine`: a queued request joins the running batch as soon as fewer than N run (its prefill
+between decode steps), every step gives each running request its next token, and each request's
+chunks go to its own event queue, so its text is its solo run's. At start the KV cache of N
+sequences at the context must fit the free memory of the engine's device (host RAM on the CPU), else
+the server refuses to start with the numbers. A request whose checks fail is refused alone (400); a
+failure in one request's sampling ends that request only; a failed forward ends the requests in it
+(500 / error event) and the server goes on. A client that disconnects (or a request past the
+shutdown grace) leaves the batch at the next step, freeing its slot; a queued one is dropped.
+SIGTERM: stop listening, 503 for new and queued requests, the running ones have --shutdown-timeout
+seconds to finish (then they end with an error event / 503), exit status 0.
 
 Metrics: hybrimoe_server_requests_total{endpoint,status}, _rejected_requests_total{reason},
 _prompt_tokens_total, _generation_tokens_total, _decode_tokens_per_second, _time_to_first_token_seconds
-(histogram), _queue_wait_seconds, _request_duration_seconds, _cancelled_requests_total, _queue_depth,
-_max_queue, _running_requests, _engine_threads; and every numeric key of `Engine.stats()`: cumulative
+(histogram, per request: arrival to its first token), _queue_wait_seconds (arrival to joining the
+batch), _request_duration_seconds, _cancelled_requests_total, _queue_depth, _max_queue,
+_running_requests (in the batch), _max_batch, _batch_size (histogram of requests per engine step; mean
+= _sum / _count), _engine_threads; and every numeric key of `Engine.stats()`: cumulative
 ones as counters `hybrimoe_<key>_total`, the rest as gauges `hybrimoe_<key>` (nested dicts flattened
 with `_`, string values as labels of `hybrimoe_engine_info`).
 """

@@ -2,7 +2,8 @@
 
     HTTP ─► Guard (Host, Origin, API key, JSON) ─► [CORS] ─► BodyLimit (size, timeout)
         ─► handler: parse + check ─► admit (429 beyond --max-queue) ─► tokenise + size (tokenizer pool)
-        ─► EngineWorker queue ─► engine thread ◄── events (asyncio.Queue) ◄── tokens, one request at a time
+        ─► EngineWorker queue ─► engine thread: a batch of up to --max-batch requests, one step at a time
+        ◄── each request's events on its own asyncio.Queue ◄── its tokens
 
 Endpoints: GET /v1/models, POST /v1/chat/completions, POST /v1/completions, GET|HEAD /health,
 GET /metrics (Prometheus text).
@@ -22,6 +23,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.middleware.cors import CORSMiddleware
 
+from hybrimoe.server.batching import Stepper
 from hybrimoe.server.encoding import PromptEncoder
 from hybrimoe.server.errors import APIError, install_error_handlers
 from hybrimoe.server.guards import GuardMiddleware
@@ -52,29 +54,34 @@ class ServerState:
     shutdown_tasks: list[asyncio.Task] = field(default_factory=list)
 
     def begin_shutdown(self) -> None:
-        """SIGTERM: refuse new requests (503), fail the queued ones (503), and give the running one
-        `shutdown_timeout` seconds before it is ended with an error (an error event when streaming)."""
+        """SIGTERM: refuse new requests (503), fail the queued ones (503), and give the running ones
+        `shutdown_timeout` seconds before they are ended with an error (an error event when streaming)."""
         error = APIError(503, SHUTTING_DOWN, type_="service_unavailable", code="shutting_down")
         failed = self.worker.drain(error)
-        log.info("shutting down: %d queued request(s) refused; the running one has %g s to finish",
+        log.info("shutting down: %d queued request(s) refused; the running ones have %g s to finish",
                  failed, self.options.shutdown_timeout)
 
         async def abort_later() -> None:
             await asyncio.sleep(self.options.shutdown_timeout)
             if self.worker.abort_running(error):
-                log.warning("shutdown timeout (%g s): the running request was ended with an error",
+                log.warning("shutdown timeout (%g s): the running requests were ended with an error",
                             self.options.shutdown_timeout)
 
         self.shutdown_tasks.append(asyncio.ensure_future(abort_later()))
 
 
-def create_app(engine: Any, options: ServerOptions | None = None, model_name: str | None = None) -> FastAPI:
-    """An app serving `engine` (anything with the Engine contract); the worker runs while the app does."""
+def create_app(engine: Any, options: ServerOptions | None = None, model_name: str | None = None,
+               stepper: Callable[[], Stepper] | None = None) -> FastAPI:
+    """An app serving `engine` (anything with the Engine contract); the worker runs while the app does.
+    `stepper` makes the batch the worker steps (default: `batching.make_stepper(engine, options.max_batch)`,
+    which refuses a batch whose KV cache does not fit: BudgetError)."""
     options = options or ServerOptions()
     metrics = ServerMetrics()
     metrics.max_queue = options.max_queue
     context = int(engine.max_context)
-    state = ServerState(worker=EngineWorker(engine, metrics, max_queue=options.max_queue, threads=options.threads),
+    worker = EngineWorker(engine, metrics, max_queue=options.max_queue, threads=options.threads,
+                          max_batch=options.max_batch, stepper=stepper)
+    state = ServerState(worker=worker,
                         encoder=PromptEncoder(engine), metrics=metrics, options=options,
                         model_name=model_name or engine.model_name, max_context=context, created=int(time.time()))
     max_prompt_chars = state.encoder.max_prompt_chars(context)
@@ -82,8 +89,9 @@ def create_app(engine: Any, options: ServerOptions | None = None, model_name: st
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         state.worker.start()
-        log.info("serving model '%s' (context %d tokens; body limit %d bytes; queue %d)", state.model_name,
-                 state.max_context, options.body_limit(context), options.max_queue)
+        log.info("serving model '%s' (context %d tokens; body limit %d bytes; batch %d; queue %d)",
+                 state.model_name, state.max_context, options.body_limit(context), options.max_batch,
+                 options.max_queue)
         try:
             yield
         finally:

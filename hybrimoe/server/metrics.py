@@ -19,6 +19,8 @@ from hybrimoe.engine.types import GenerationResult
 
 # Seconds; spans a tiny CPU model (milliseconds) to a large offloaded one (tens of seconds).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Sequences per engine step (--max-batch up to a few hundred).
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -26,7 +28,7 @@ CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 class Histogram:
     """Cumulative-bucket histogram of observations (seconds)."""
 
-    buckets: tuple[float, ...] = LATENCY_BUCKETS
+    buckets: tuple[float, ...] = LATENCY_BUCKETS  # upper bounds (seconds, or sequences for batch sizes)
     counts: list[int] = field(default_factory=list)  # per bucket, not cumulative; last = +Inf
     total: float = 0.0
     count: int = 0
@@ -66,12 +68,14 @@ class ServerMetrics:
         self.cancelled_requests = 0
         self.rejected_requests: dict[str, int] = {}  # reason (queue_full, ...) -> count
         self.max_queue: int | None = None
+        self.max_batch: int | None = None
         self.engine_threads: int | None = None
         self.queue_depth = 0
         self.running = 0
         self.time_to_first_token = Histogram()
         self.queue_wait = Histogram()
         self.request_duration = Histogram()
+        self.batch_size = Histogram(buckets=BATCH_BUCKETS)  # requests in the batch at each engine step
 
     def request_done(self, endpoint: str, status: int, seconds: float) -> None:
         with self._lock:
@@ -87,6 +91,10 @@ class ServerMetrics:
         with self._lock:
             self.queue_wait.observe(waited_seconds)
             self.running += 1
+
+    def batch_step(self, sequences: int) -> None:
+        with self._lock:
+            self.batch_size.observe(sequences)
 
     def first_token(self, seconds_since_arrival: float) -> None:
         with self._lock:
@@ -136,7 +144,8 @@ class ServerMetrics:
             lines += _scalar("hybrimoe_server_decode_seconds_total", "counter",
                              "Seconds spent in decode steps.", self.decode_seconds)
             lines += _scalar("hybrimoe_server_decode_tokens_per_second", "gauge",
-                             "Decode tokens/s over all finished requests.", average)
+                             "Decode tokens/s of a request over all finished ones (batched requests decode at once: "
+                             "the server's total is higher).", average)
             lines += _scalar("hybrimoe_server_last_decode_tokens_per_second", "gauge",
                              "Decode tokens/s of the last finished request.",
                              self.last_decode_tokens_per_second)
@@ -155,7 +164,12 @@ class ServerMetrics:
                 lines += _scalar("hybrimoe_server_engine_threads", "gauge",
                                  "torch threads of the engine thread (serve --threads).", self.engine_threads)
             lines += _scalar("hybrimoe_server_running_requests", "gauge",
-                             "Requests being generated.", self.running)
+                             "Requests in the engine's batch (being prefilled or generated).", self.running)
+            if self.max_batch is not None:
+                lines += _scalar("hybrimoe_server_max_batch", "gauge",
+                                 "Requests the engine steps together (serve --max-batch).", self.max_batch)
+            lines += self.batch_size.render("hybrimoe_server_batch_size",
+                                            "Requests in the batch at each engine step (mean = sum / count).")
             lines += self.time_to_first_token.render(
                 "hybrimoe_server_time_to_first_token_seconds",
                 "Seconds from request arrival to the first generated token.")

@@ -14,7 +14,11 @@ from urllib.parse import urlsplit
 
 from hybrimoe.errors import ConfigError
 
-DEFAULT_MAX_QUEUE = 16  # requests waiting for the engine (tokenising or queued) beyond the running one
+DEFAULT_MAX_QUEUE = 16  # requests waiting for the engine (tokenising or queued) beyond the running ones
+# Sequences decoded together. 1 = one request at a time, exactly as before batching: a batch of N keeps
+# N sequences' KV cache at the full context, memory the operator must choose to spend (on a GPU it
+# competes with the expert cache: Mixtral-8x7B at 32k tokens needs 4 GiB per sequence in bf16).
+DEFAULT_MAX_BATCH = 1
 BODY_BYTES_PER_TOKEN = 32  # derived body limit: JSON-escaped text of a context-filling prompt fits easily
 BODY_BYTES_BASE = 64 * 1024  # ... plus room for the other fields
 DEFAULT_BODY_TIMEOUT = 30.0  # seconds to receive a whole request body
@@ -49,6 +53,7 @@ class ServerOptions:
     bind_host: str = "127.0.0.1"  # --host: decides the default Host check
     max_body_bytes: int | None = None  # None = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * context
     max_queue: int = DEFAULT_MAX_QUEUE  # beyond it: 429 with Retry-After
+    max_batch: int = DEFAULT_MAX_BATCH  # sequences the engine decodes together (--max-batch)
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     allowed_hosts: tuple[str, ...] | None = None  # Host header names; None = loopback names if bound there, else any
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed (and answered with CORS headers); "*" = any
@@ -63,6 +68,8 @@ class ServerOptions:
             raise ConfigError(f"max_body_bytes (--max-body-bytes) must be >= 1, got {self.max_body_bytes!r}")
         if not isinstance(self.max_queue, int) or self.max_queue < 0:
             raise ConfigError(f"max_queue (--max-queue) must be an integer >= 0, got {self.max_queue!r}")
+        if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) or self.max_batch < 1:
+            raise ConfigError(f"max_batch (--max-batch) must be an integer >= 1, got {self.max_batch!r}")
         for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "shutdown_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
