@@ -47,6 +47,16 @@ def expert_tensors(layer: int, args: argparse.Namespace) -> tuple[torch.Tensor, 
             torch.randn(e, h, i, generator=gen) * 0.02)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's sizes and our dense format (shared with profile_decode_cpu.py)."""
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--expert-intermediate", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--dense-dtype", default="bf16", help="our dense linears: bf16 | int8 | int4")
+
+
 def build_ours(args: argparse.Namespace):
     from unittest.mock import patch
 
@@ -152,11 +162,7 @@ def time_llama(llm, prompt: list[int], new: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--expert-intermediate", type=int, default=4096)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=4096)
+    add_model_arguments(parser)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
