@@ -34,6 +34,7 @@ from hybrimoe.policy.presets import PRESETS
 from hybrimoe.runtime_options import RuntimeOptions
 from hybrimoe.tiny import FAMILIES, tiny_config
 from test_format_parity import COSTS, PARITY_FAMILIES, PROMPTS, rel, run
+from gguf_fixtures import tiny_gguf  # noqa: F401 (fixture)
 from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
 
 
@@ -188,3 +189,25 @@ def test_generate_cli_with_int8_dense_weights_gives_the_fp32_tokens(tiny_checkpo
     with pytest.raises(SystemExit) as exc:  # argparse refuses an unknown format
         main(["generate", "--model", path, "--prompt", "x", "--dense-dtype", "bf16"])
     assert exc.value.code == 2
+
+
+# -- GGUF: Q4_0 dense linears keep their codes -----------------------------------------------------------------
+@pytest.mark.parametrize("family", ["mixtral", "qwen3-moe", "deepseek-v2"])  # mixtral: q/k rows permuted in the file
+def test_gguf_q4_0_dense_linears_keep_their_codes(family: str, tiny_gguf) -> None:
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    from hybrimoe.gguf.quantized import linear_name
+
+    g = tiny_gguf(family, "Q4_0")
+    floats = load_model(g.path, "fp32", progress=False)  # the file's values, dequantised exactly
+    int4 = load_model(g.path, "fp32", progress=False, dense_dtype="int4", lm_head_dtype="int4")
+    q4_0 = {linear_name(floats.config, t.name) for t in GGUFReader(str(g.path)).tensors
+            if t.tensor_type == GGMLQuantizationType.Q4_0} - {None}
+    assert len(q4_0) >= 4
+    for name in q4_0:
+        module = int4.get_submodule(name)
+        assert isinstance(module, QuantLinear) and module.group == 32, name
+        # w = (q - 8) * d exactly (fp32 scale, zero = -8 d + 8 d = 0): the same values as the float load
+        assert torch.equal(module.dequantized_weight(), floats.get_submodule(name).weight), name
+    prompt = PROMPTS[0]
+    assert rel(run(int4, prompt, 0)[1], run(floats, prompt, 0)[1]) <= 1e-4  # and the same logits

@@ -10,7 +10,8 @@ torch's fused CPU kernel up to the token-count crossover, dequantise + F.linear 
 devices). Kept in float: the routers (not nn.Linear), Qwen2-MoE's `shared_expert_gate` ([1, H], a gate
 like the router), and DeepSeek MLA's `kv_b_proj` (its absorbed decode reads the weight matrix itself).
 `matrices` maps a linear's qualified name (e.g. "model.layers.0.self_attn.q_proj") to an already
-quantised `Int4Matrix`/`Int8Matrix` (GGUF Q4_0 blocks), stored without re-rounding the codes.
+quantised `Int4Matrix`/`Int8Matrix` (GGUF Q4_0 blocks, hybrimoe.gguf.quantized), stored without
+re-rounding the codes when its group is the linear's (else re-quantised from its dequantised values).
 Shapes: x [..., K] -> [..., N]; weight [N, K].
 """
 
@@ -138,7 +139,9 @@ def quantize_dense(model: nn.Module, dense_dtype: str | None, lm_head_dtype: str
         fmt = ExpertFormat.parse(fmt_name, model.dtype, group)  # scales in the model's compute dtype
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), fmt, matrices.get(name)))
+        given = matrices.get(name)  # used only for the matching kind (an Int4Matrix for int4)
+        given = given if isinstance(given, Int4Matrix if fmt_name == "int4" else Int8Matrix) else None
+        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), fmt, given))
     if jobs:
         log.info("dense linears: %d in %s, lm_head in %s", sum(n != "lm_head" for n, _ in jobs),
                  dense_dtype, lm_head_dtype or "the model's dtype")
