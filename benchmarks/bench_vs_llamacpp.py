@@ -193,7 +193,7 @@ def machine_row(args: argparse.Namespace, model, ggufs: dict[str, Path]) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_arguments(parser)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", default="2", help="threads of both engines, or a comma list (variants)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
@@ -205,7 +205,8 @@ def main() -> None:
     denses = args.dense_dtype.split(",")
     if any(d not in GGUF_DENSE for d in denses):
         parser.error(f"--dense-dtype: each of {args.dense_dtype!r} must be one of {', '.join(GGUF_DENSE)}")
-    torch.set_num_threads(args.threads)
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(max(thread_counts))
     from hybrimoe.models.quant_linear import quantize_dense
 
     model = build_ours(args)
@@ -226,32 +227,37 @@ def main() -> None:
     for dense in denses:  # one expert store shared by every variant; dense weights copied, then quantised
         ours[dense] = copy.deepcopy(model, memo={id(model.expert_store): model.expert_store})
         quantize_dense(ours[dense], None if dense == "bf16" else dense, None if dense == "bf16" else dense, 32)
-        llamas[dense] = Llama(model_path=str(ggufs[dense]), n_threads=args.threads, n_threads_batch=args.threads,
-                              n_ctx=256, n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
+        for n in thread_counts:
+            llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
+                                     n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
-    times: dict[tuple[str, str], list[float]] = {}
-    for dense in denses:  # warm-up
+    variants = [(d, n) for d in denses for n in thread_counts]
+    times: dict[tuple[str, str, int], list[float]] = {}
+    for dense, n in variants:  # warm-up
+        torch.set_num_threads(n)
         time_ours(ours[dense], prompt, 4)
-        time_llama(llamas[dense], prompt, 4)
+        time_llama(llamas[dense, n], prompt, 4)
     for _ in range(args.repeats):  # interleaved: every variant of both engines in each round
-        for dense in denses:
-            times.setdefault(("hybrimoe", dense), []).append(time_ours(ours[dense], prompt, args.new_tokens))
-            times.setdefault(("llama.cpp", dense), []).append(time_llama(llamas[dense], prompt, args.new_tokens))
+        for dense, n in variants:
+            torch.set_num_threads(n)
+            times.setdefault(("hybrimoe", dense, n), []).append(time_ours(ours[dense], prompt, args.new_tokens))
+            times.setdefault(("llama.cpp", dense, n), []).append(time_llama(llamas[dense, n], prompt,
+                                                                            args.new_tokens))
     rows = [machine_row(args, model, ggufs)]
-    for (impl, dense), runs in times.items():
+    for (impl, dense, n), runs in times.items():
         s = statistics.median(runs)
         label = f"hybrimoe int4 g32 experts, {dense} dense" if impl == "hybrimoe" else \
             f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense"
-        rows.append({"kind": "decode", "impl": impl, "label": label, "dense": dense,
+        rows.append({"kind": "decode", "impl": impl, "label": label, "dense": dense, "threads": n,
                      "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
                      "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in runs],
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})
-    for dense in denses:
-        a, b = (statistics.median(times[(impl, dense)]) for impl in ("hybrimoe", "llama.cpp"))
-        rows.append({"kind": "ratio", "dense": dense, "ours_tokens_per_second_over_llamacpp": round(b / a, 3),
-                     "per_round": [round(y / x, 3) for x, y in zip(times[("hybrimoe", dense)],
-                                                                  times[("llama.cpp", dense)])], "measured": True})
+    for dense, n in variants:
+        a, b = (times[(impl, dense, n)] for impl in ("hybrimoe", "llama.cpp"))
+        rows.append({"kind": "ratio", "dense": dense, "threads": n,
+                     "ours_tokens_per_second_over_llamacpp": round(statistics.median(b) / statistics.median(a), 3),
+                     "per_round": [round(y / x, 3) for x, y in zip(a, b)], "measured": True})
     rows[0]["load_after"] = os.getloadavg()
     for r in rows:
         print(json.dumps(r))

@@ -118,6 +118,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = bench.build_ours(args)
+    if args.dense_dtype != "bf16":  # as bench_vs_llamacpp.py: dense linears and lm_head in the same format
+        from hybrimoe.models.quant_linear import quantize_dense
+        quantize_dense(model, args.dense_dtype, args.dense_dtype, 32)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (32,), generator=gen).tolist()
     decode(model, prompt, 4)
