@@ -211,3 +211,11 @@ def test_gguf_q4_0_dense_linears_keep_their_codes(family: str, tiny_gguf) -> Non
         assert torch.equal(module.dequantized_weight(), floats.get_submodule(name).weight), name
     prompt = PROMPTS[0]
     assert rel(run(int4, prompt, 0)[1], run(floats, prompt, 0)[1]) <= 1e-4  # and the same logits
+
+
+def test_dequantised_weights_outside_inference_mode_after_a_forward_inside_it() -> None:
+    """The per-thread dequantisation workspace is made by a forward (inference mode) and reused outside it."""
+    q = QuantLinear.from_linear(nn.Linear(64, 32), ExpertFormat("int4", torch.float32, 32))
+    with torch.inference_mode():
+        q(torch.randn(CPU_FUSED_KERNEL_MAX_TOKENS["int4"] + 1, 64))  # dequantise path: creates the workspace
+    assert q.dequantized_weight().shape == (32, 64)
