@@ -8,7 +8,9 @@ plain engine. Each variant undoes ONE change by patching it back to the previous
   half_bmm           attention's matmuls in bf16 again (oneDNN builds a kernel per new shape)
   grouped_executor   the one-token decode goes through group_by_expert again
   views_rebuilt      every expert view is rebuilt from its buffer on each call again
-Prints per variant the median ms per decode token over --rounds rounds and its ratio to base (JSON).
+Prints per variant the median ms per decode token over --rounds rounds, its ratio to base's, and the
+median of the per-round ratios (each variant against base in the same round: the robust figure on a
+shared machine) as JSON.
 """
 
 from __future__ import annotations
@@ -105,8 +107,9 @@ def main() -> None:
     base = statistics.median(times[names[0]])
     for name in names:
         ms = statistics.median(times[name])
+        paired = [t / b for t, b in zip(times[name], times[names[0]])]  # same round: same machine state
         print(json.dumps({"kind": "ab", "variant": name, "ms_per_token": round(ms * 1e3, 2),
-                          "vs_base": round(ms / base, 3), "runs_ms": [round(t * 1e3, 2) for t in times[name]],
+                          "vs_base": round(ms / base, 3), "vs_base_per_round_median": round(statistics.median(paired), 3), "runs_ms": [round(t * 1e3, 2) for t in times[name]],
                           "threads": args.threads, "dense_dtype": args.dense_dtype, "load": os.getloadavg(),
                           "torch": torch.__version__, "measured": True}))
 
