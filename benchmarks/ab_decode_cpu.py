@@ -90,7 +90,7 @@ def main() -> None:
     model = bench.build_ours(args)
     if args.dense_dtype != "bf16":
         from hybrimoe.models.quant_linear import quantize_dense
-        quantize_dense(model, args.dense_dtype, args.dense_dtype, 32)
+        quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
     prompt = torch.randint(259, args.vocab, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     names = args.variants.split(",")
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -109,7 +109,8 @@ def main() -> None:
         ms = statistics.median(times[name])
         paired = [t / b for t, b in zip(times[name], times[names[0]])]  # same round: same machine state
         print(json.dumps({"kind": "ab", "variant": name, "ms_per_token": round(ms * 1e3, 2),
-                          "vs_base": round(ms / base, 3), "vs_base_per_round_median": round(statistics.median(paired), 3), "runs_ms": [round(t * 1e3, 2) for t in times[name]],
+                          "vs_base": round(ms / base, 3),
+                          "vs_base_per_round_median": round(statistics.median(paired), 3), "runs_ms": [round(t * 1e3, 2) for t in times[name]],
                           "threads": args.threads, "dense_dtype": args.dense_dtype, "load": os.getloadavg(),
                           "torch": torch.__version__, "measured": True}))
 

@@ -60,6 +60,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--int4-group", type=int, default=32,
+                        help="our int4 group (32 = Q4_0's; others change the rounding, not the float weights)")
     parser.add_argument("--dense-dtype", default="bf16",
                         help="dense linears and lm_head: bf16 | int8 | int4, or a comma list (one variant each)")
 
@@ -77,7 +79,7 @@ def build_ours(args: argparse.Namespace):
 
     config = ModelConfig.from_dict(model_config(args))
     with patch.object(ExpertStore, "fill_random", lambda self, generator, std: None):  # experts come below
-        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=32)
+        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=args.int4_group)
     store = model.expert_store
     for layer in config.moe_layers:
         gate, up, down = expert_tensors(layer, args)
@@ -226,7 +228,8 @@ def main() -> None:
     ours, llamas = {}, {}
     for dense in denses:  # one expert store shared by every variant; dense weights copied, then quantised
         ours[dense] = copy.deepcopy(model, memo={id(model.expert_store): model.expert_store})
-        quantize_dense(ours[dense], None if dense == "bf16" else dense, None if dense == "bf16" else dense, 32)
+        fmt = None if dense == "bf16" else dense
+        quantize_dense(ours[dense], fmt, fmt, args.int4_group)
         for n in thread_counts:
             llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
                                      n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)

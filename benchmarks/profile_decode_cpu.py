@@ -120,7 +120,7 @@ def main() -> None:
     model = bench.build_ours(args)
     if args.dense_dtype != "bf16":  # as bench_vs_llamacpp.py: dense linears and lm_head in the same format
         from hybrimoe.models.quant_linear import quantize_dense
-        quantize_dense(model, args.dense_dtype, args.dense_dtype, 32)
+        quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (32,), generator=gen).tolist()
     decode(model, prompt, 4)
@@ -137,7 +137,8 @@ def main() -> None:
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     row = {"kind": "profile", "cpu": name, "threads": args.threads, "load": os.getloadavg(),
            "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-           "dense_dtype": args.dense_dtype, "ms_per_token_plain": round(plain * 1e3, 2),
+           "dense_dtype": args.dense_dtype, "int4_group": args.int4_group,
+           "ms_per_token_plain": round(plain * 1e3, 2),
            "ms_per_token_hooked": round(hooked * 1e3, 2),
            "parts_ms": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}, "measured": True}
     print(json.dumps(row))
