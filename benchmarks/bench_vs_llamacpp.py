@@ -236,6 +236,7 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
     variants = [(d, n) for d in denses for n in thread_counts]
+    load_before = os.getloadavg()
     times: dict[tuple[str, str, int], list[float]] = {}
     for dense, n in variants:  # warm-up
         torch.set_num_threads(n)
@@ -261,7 +262,7 @@ def main() -> None:
         rows.append({"kind": "ratio", "dense": dense, "threads": n,
                      "ours_tokens_per_second_over_llamacpp": round(statistics.median(b) / statistics.median(a), 3),
                      "per_round": [round(y / x, 3) for x, y in zip(a, b)], "measured": True})
-    rows[0]["load_after"] = os.getloadavg()
+    rows[0]["load_before"] = load_before  # "load" is taken after the runs
     for r in rows:
         print(json.dumps(r))
     if args.out:
