@@ -219,3 +219,26 @@ def test_dequantised_weights_outside_inference_mode_after_a_forward_inside_it() 
     with torch.inference_mode():
         q(torch.randn(CPU_FUSED_KERNEL_MAX_TOKENS["int4"] + 1, 64))  # dequantise path: creates the workspace
     assert q.dequantized_weight().shape == (32, 64)
+
+
+def test_the_runtime_budget_counts_quantised_dense_weights_at_their_stored_size() -> None:
+    from hybrimoe.moe.budget import dense_bytes
+    from hybrimoe.moe.install import model_dense_bytes
+
+    config = ModelConfig.from_dict(tiny_config("qwen2-moe", 256, [0], layers=3, experts=8, hidden=64).to_dict())
+    float_model = build_dummy_model(config, "fp32", seed=1)
+    assert model_dense_bytes(float_model) == dense_bytes(config, torch.float32)  # the config-only estimate
+    expert = float_model.expert_store.expert_nbytes
+    gpu_memory = dense_bytes(config, torch.float32) + 3 * expert + 5  # 3 slots with fp32 dense weights
+    slots = {}
+    for name in (None, "int4"):
+        model = build_dummy_model(config, "fp32", seed=1, dense_dtype=name, lm_head_dtype=name)
+        runtime = install_runtime(model, RuntimeOptions(policy="gpu-lru", gpu_memory_bytes=gpu_memory, cpu_threads=1),
+                                  costs=COSTS)
+        try:
+            slots[name] = runtime.stats()["cache"]["slots"]
+        finally:
+            runtime.close()
+        saved = dense_bytes(config, torch.float32) - model_dense_bytes(model)
+        assert slots[name] == 3 + saved // expert
+    assert slots["int4"] > slots[None] == 3

@@ -17,7 +17,7 @@ import torch
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import ConfigError
-from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, plan_budget
+from hybrimoe.moe.budget import CacheBudget, device_free_bytes, plan_budget
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
 from hybrimoe.moe.devices import Devices
@@ -106,6 +106,12 @@ def _config_from_file(path: str) -> ModelConfig:
         return ModelConfig.from_dict(json.load(f))
 
 
+def model_dense_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (its dense part: the expert store is neither). Equal to
+    `dense_bytes(config, dtype)` for float dense weights, smaller with --dense-dtype int8/int4."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
 def pin_store(store: ExpertStore) -> None:
     """Moves the expert store into page-locked host memory (`ExpertStore.pin`; callers must take
     `buffer()` views after this). No-op for an already pinned store."""
@@ -134,7 +140,7 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     if options.replay_trace is not None:
         routing = TraceRouting.load(options.replay_trace, config.moe_layers, config.num_experts)
         frequency = routing.frequency() if frequency is None else frequency
-    dense = dense_bytes(config, store.compute_dtype)
+    dense = model_dense_bytes(model)  # as loaded: int8/int4 dense linears count their stored bytes
     free = device_free_bytes(device)
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options
