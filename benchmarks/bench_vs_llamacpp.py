@@ -1,22 +1,28 @@
 """CPU decode, hybrimoe int4 experts vs llama.cpp Q4_0, on the same random Mixtral-shaped weights.
 
     pip install "llama-cpp-python==0.3.36" "gguf==0.19.0"     # builds llama.cpp (~15+ min); not a test dep
-    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_vs_llamacpp.py --out benchmarks/results/vs_llamacpp.json
+    OMP_WAIT_POLICY=PASSIVE .venv/bin/python benchmarks/bench_vs_llamacpp.py --dense-dtype bf16,int8,int4 \
+        --gguf-dir /tmp/bench-gguf --out benchmarks/results/vs_llamacpp.json
 
 Weights: seeded normal(0, 0.02) tensors for a Mixtral-shaped model (default hidden 2048, 8 layers,
 8 experts of intermediate 4096, top-2: 1.0 GB of int4 experts at group 32). Every expert's float
 matrices are drawn once and given to both engines: ours quantises them to int4 (group 32, asymmetric),
 the GGUF writer (`gguf` package, llama.cpp's tensor names, arch "llama" with experts) to Q4_0 with the
-package's quantiser. Dense weights are bf16 in ours and F16 in the GGUF (same bytes); q/k rows are not
-permuted, so the two models do not compute the same function (random weights: only speed is compared).
-Both decode the same token ids (a seeded 32-token prompt, then --new-tokens tokens), CPU only, the same
-thread count, alternately for --repeats rounds; ms per decode token and tokens/s, median per engine.
-One JSON row per engine plus a header row with the machine; never run in CI.
+package's quantiser. Dense weights (attention q/k/v/o and the output projection) at matching precision,
+one variant per --dense-dtype entry: ours bf16 / int8 (per-row) / int4 (group 32) against the GGUF's
+F16 / Q8_0 / Q4_0 (ours: `--dense-dtype X --lm-head-dtype X`); the token embedding is bf16 / F16 (one
+row read per token). q/k rows are not permuted, so the two models do not compute the same function
+(random weights: only speed is compared). Both decode the same token ids (a seeded 32-token prompt, then
+--new-tokens tokens), CPU only, the same thread count, alternately for --repeats rounds; ms per decode
+token and tokens/s, median per engine. Ours runs as `hybrimoe generate` does without runtime flags (the
+plain engine: the reference executor on the CPU). One JSON row per engine and variant plus a header row
+with the machine; never run in CI.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -47,7 +53,24 @@ def expert_tensors(layer: int, args: argparse.Namespace) -> tuple[torch.Tensor, 
             torch.randn(e, h, i, generator=gen) * 0.02)
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model's sizes and our dense format (shared with profile_decode_cpu.py)."""
+    parser.add_argument("--hidden", type=int, default=2048)
+    parser.add_argument("--expert-intermediate", type=int, default=4096)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=4096)
+    parser.add_argument("--int4-group", type=int, default=32,
+                        help="our int4 group (32 = Q4_0's; others change the rounding, not the float weights)")
+    parser.add_argument("--dense-dtype", default="bf16",
+                        help="dense linears and lm_head: bf16 | int8 | int4, or a comma list (one variant each)")
+
+
+GGUF_DENSE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the GGUF's matching dense type
+
+
 def build_ours(args: argparse.Namespace):
+    """Our model, dense weights bf16 (quantise them with `quantize_dense` after writing the GGUF)."""
     from unittest.mock import patch
 
     from hybrimoe.config import ModelConfig
@@ -56,7 +79,7 @@ def build_ours(args: argparse.Namespace):
 
     config = ModelConfig.from_dict(model_config(args))
     with patch.object(ExpertStore, "fill_random", lambda self, generator, std: None):  # experts come below
-        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=32)
+        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=args.int4_group)
     store = model.expert_store
     for layer in config.moe_layers:
         gate, up, down = expert_tensors(layer, args)
@@ -65,7 +88,8 @@ def build_ours(args: argparse.Namespace):
     return model
 
 
-def write_gguf(model, path: Path, args: argparse.Namespace) -> None:
+def write_gguf(model, path: Path, args: argparse.Namespace, dense: str = "bf16") -> None:
+    """The GGUF of `model` (bf16 dense weights), dense linears and output in GGUF_DENSE[dense]."""
     import gguf
 
     w = gguf.GGUFWriter(str(path), "llama")
@@ -81,7 +105,7 @@ def write_gguf(model, path: Path, args: argparse.Namespace) -> None:
     w.add_layer_norm_rms_eps(1e-5)
     w.add_expert_count(args.experts)
     w.add_expert_used_count(2)
-    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q4_0)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if dense == "int8" else gguf.LlamaFileType.MOSTLY_Q4_0)
     # a minimal SentencePiece-style vocabulary: ids only are fed, but llama.cpp wants one to load
     tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)]
     tokens += [f"t{i}" for i in range(args.vocab - len(tokens))]
@@ -99,22 +123,29 @@ def write_gguf(model, path: Path, args: argparse.Namespace) -> None:
     def f32(name: str, t: torch.Tensor) -> None:
         w.add_tensor(name, t.detach().float().numpy().astype(np.float32))
 
+    def quant(name: str, t: torch.Tensor, qtype: str) -> None:
+        kind = gguf.GGMLQuantizationType[qtype]
+        data = gguf.quants.quantize(t.detach().float().numpy(), kind)
+        w.add_tensor(name, data, raw_dtype=kind)
+
     def q4_0(name: str, t: torch.Tensor) -> None:
-        data = gguf.quants.quantize(t.float().numpy(), gguf.GGMLQuantizationType.Q4_0)
-        w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType.Q4_0)
+        quant(name, t, "Q4_0")
+
+    def linear(name: str, t: torch.Tensor) -> None:
+        f16(name, t) if dense == "bf16" else quant(name, t, GGUF_DENSE[dense])
 
     m = model.model
     f16("token_embd.weight", m.embed_tokens.weight)
     f32("output_norm.weight", m.norm.weight)
-    f16("output.weight", model.lm_head.weight)
+    linear("output.weight", model.lm_head.weight)
     for i, layer in enumerate(m.layers):
         att = layer.self_attn
         f32(f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight)
         f32(f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight)
-        f16(f"blk.{i}.attn_q.weight", att.q_proj.weight)
-        f16(f"blk.{i}.attn_k.weight", att.k_proj.weight)
-        f16(f"blk.{i}.attn_v.weight", att.v_proj.weight)
-        f16(f"blk.{i}.attn_output.weight", att.o_proj.weight)
+        linear(f"blk.{i}.attn_q.weight", att.q_proj.weight)
+        linear(f"blk.{i}.attn_k.weight", att.k_proj.weight)
+        linear(f"blk.{i}.attn_v.weight", att.v_proj.weight)
+        linear(f"blk.{i}.attn_output.weight", att.o_proj.weight)
         f32(f"blk.{i}.ffn_gate_inp.weight", layer.mlp.gate.weight)
         gate, up, down = expert_tensors(i, args)
         q4_0(f"blk.{i}.ffn_gate_exps.weight", gate)
@@ -150,53 +181,88 @@ def time_llama(llm, prompt: list[int], new: int) -> float:
     return (time.perf_counter() - start) / new
 
 
+def machine_row(args: argparse.Namespace, model, ggufs: dict[str, Path]) -> dict:
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
+    import llama_cpp
+
+    return {"kind": "machine", "cpu": name, "threads": args.threads, "load": os.getloadavg(), "measured": True,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "torch": torch.__version__,
+            "llama_cpp_python": llama_cpp.__version__, "int4_expert_bytes": model.expert_store.nbytes,
+            "gguf_bytes": {d: p.stat().st_size for d, p in ggufs.items()}, "config": model_config(args)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048)
-    parser.add_argument("--expert-intermediate", type=int, default=4096)
-    parser.add_argument("--experts", type=int, default=8)
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=4096)
-    parser.add_argument("--threads", type=int, default=2)
+    add_model_arguments(parser)
+    parser.add_argument("--threads", default="2", help="threads of both engines, or a comma list (variants)")
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--gguf", type=Path, help="reuse this GGUF (written by an earlier run with the same sizes)")
+    parser.add_argument("--gguf-dir", type=Path,
+                        help="keep the GGUFs here and reuse them (written by an earlier run with the same sizes)")
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--write-only", action="store_true", help="write the GGUF (to --gguf) and stop")
+    parser.add_argument("--write-only", action="store_true", help="write the GGUFs (to --gguf-dir) and stop")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    denses = args.dense_dtype.split(",")
+    if any(d not in GGUF_DENSE for d in denses):
+        parser.error(f"--dense-dtype: each of {args.dense_dtype!r} must be one of {', '.join(GGUF_DENSE)}")
+    thread_counts = [int(t) for t in args.threads.split(",")]
+    torch.set_num_threads(max(thread_counts))
+    from hybrimoe.models.quant_linear import quantize_dense
+
     model = build_ours(args)
     tmp = tempfile.TemporaryDirectory(prefix="bench-llamacpp-")
-    path = args.gguf or Path(tmp.name) / "mixtral-random-q4_0.gguf"
-    if not path.exists():
-        write_gguf(model, path, args)
+    where = args.gguf_dir or Path(tmp.name)
+    where.mkdir(parents=True, exist_ok=True)
+    tag = f"h{args.hidden}-i{args.expert_intermediate}-e{args.experts}-l{args.layers}-v{args.vocab}"
+    ggufs = {d: where / f"mixtral-random-{tag}-experts-q4_0-dense-{GGUF_DENSE[d].lower()}.gguf" for d in denses}
+    for dense, path in ggufs.items():
+        if not path.exists():
+            write_gguf(model, path, args, dense)
     if args.write_only:
-        print(json.dumps({"gguf": str(path), "bytes": path.stat().st_size}))
+        print(json.dumps({d: str(p) for d, p in ggufs.items()}))
         return
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(path), n_threads=args.threads, n_threads_batch=args.threads, n_ctx=256,
-                n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
+    ours, llamas = {}, {}
+    for dense in denses:  # one expert store shared by every variant; dense weights copied, then quantised
+        ours[dense] = copy.deepcopy(model, memo={id(model.expert_store): model.expert_store})
+        fmt = None if dense == "bf16" else dense
+        quantize_dense(ours[dense], fmt, fmt, args.int4_group)
+        for n in thread_counts:
+            llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
+                                     n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
-    time_ours(model, prompt, 4)  # warm-up
-    time_llama(llm, prompt, 4)
-    ours, theirs = [], []
-    for _ in range(args.repeats):
-        ours.append(time_ours(model, prompt, args.new_tokens))
-        theirs.append(time_llama(llm, prompt, args.new_tokens))
-    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    store = model.expert_store
-    rows = [{"kind": "machine", "cpu": name, "threads": args.threads, "load": os.getloadavg(), "measured": True,
-             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "torch": torch.__version__,
-             "int4_expert_bytes": store.nbytes, "gguf_bytes": path.stat().st_size, "config": model_config(args)}]
-    for impl, times in (("hybrimoe int4 g32", ours), ("llama.cpp Q4_0", theirs)):
-        s = statistics.median(times)
-        rows.append({"kind": "decode", "impl": impl, "ms_per_token": round(s * 1e3, 2),
-                     "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in times],
+    variants = [(d, n) for d in denses for n in thread_counts]
+    load_before = os.getloadavg()
+    times: dict[tuple[str, str, int], list[float]] = {}
+    for dense, n in variants:  # warm-up
+        torch.set_num_threads(n)
+        time_ours(ours[dense], prompt, 4)
+        time_llama(llamas[dense, n], prompt, 4)
+    for _ in range(args.repeats):  # interleaved: every variant of both engines in each round
+        for dense, n in variants:
+            torch.set_num_threads(n)
+            times.setdefault(("hybrimoe", dense, n), []).append(time_ours(ours[dense], prompt, args.new_tokens))
+            times.setdefault(("llama.cpp", dense, n), []).append(time_llama(llamas[dense, n], prompt,
+                                                                            args.new_tokens))
+    rows = [machine_row(args, model, ggufs)]
+    for (impl, dense, n), runs in times.items():
+        s = statistics.median(runs)
+        label = f"hybrimoe int4 g32 experts, {dense} dense" if impl == "hybrimoe" else \
+            f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense"
+        rows.append({"kind": "decode", "impl": impl, "label": label, "dense": dense, "threads": n,
+                     "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
+                     "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in runs],
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})
+    for dense, n in variants:
+        a, b = (times[(impl, dense, n)] for impl in ("hybrimoe", "llama.cpp"))
+        rows.append({"kind": "ratio", "dense": dense, "threads": n,
+                     "ours_tokens_per_second_over_llamacpp": round(statistics.median(b) / statistics.median(a), 3),
+                     "per_round": [round(y / x, 3) for x, y in zip(a, b)], "measured": True})
+    rows[0]["load_before"] = load_before  # "load" is taken after the runs
     for r in rows:
         print(json.dumps(r))
     if args.out:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import CheckpointError, ConfigError
 from hybrimoe.gguf.files import is_gguf_path
+from hybrimoe.models.quant_linear import quantize_dense
 from hybrimoe.models.transformer import MoETransformer
 from hybrimoe.moe.quant import ExpertFormat
 from hybrimoe.moe.store import ExpertStore
@@ -89,8 +90,10 @@ def build_empty_model(config: ModelConfig, dtype: str | torch.dtype = "fp32",
 
 def build_dummy_model(config: ModelConfig, dtype: str | torch.dtype = "fp32", seed: int = 0,
                       std: float = 0.02, pin_memory: bool = False, expert_dtype: str | None = None,
-                      int4_group: int | None = None) -> MoETransformer:
-    """Random N(0, std) weights (norms 1, correction bias 0) for checkpoint-less benchmarks."""
+                      int4_group: int | None = None, dense_dtype: str | None = None,
+                      lm_head_dtype: str | None = None) -> MoETransformer:
+    """Random N(0, std) weights (norms 1, correction bias 0) for checkpoint-less benchmarks; dense linears
+    then quantised to `dense_dtype` / `lm_head_dtype` (see `quantize_dense`)."""
     model = build_empty_model(config, dtype, pin_memory, expert_dtype, int4_group)
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -103,6 +106,7 @@ def build_dummy_model(config: ModelConfig, dtype: str | torch.dtype = "fp32", se
             if name.endswith("e_score_correction_bias"):
                 b.zero_()
         model.expert_store.fill_random(gen, std)
+    quantize_dense(model, dense_dtype, lm_head_dtype, int4_group)
     return model
 
 
@@ -254,18 +258,21 @@ def _open(path: str):
 def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
                device: str | torch.device = "cpu", progress: bool = True,
                pin_memory: bool = False, expert_dtype: str | None = None,
-               int4_group: int | None = None) -> MoETransformer:
+               int4_group: int | None = None, dense_dtype: str | None = None,
+               lm_head_dtype: str | None = None) -> MoETransformer:
     """Loads a Hugging Face MoE checkpoint directory (config.json + safetensors), or a GGUF file or
     directory (`hybrimoe.gguf.loader.load_gguf_model`), into a `MoETransformer`.
 
     Routed experts stay in host memory (`model.expert_store`, page-locked if `pin_memory`), in
     `expert_dtype` (None = `dtype`; int8/int4 are quantised from the checkpoint's floats as they load);
-    dense weights go to `device`.
+    dense weights go to `device`, the decoder layers' linears in `dense_dtype` and lm_head in
+    `lm_head_dtype` (None = `dtype`; int8/int4 quantised after loading, `hybrimoe.models.quant_linear`).
     """
     model_dir = os.fspath(model_dir)
     if is_gguf_path(model_dir):   # a .gguf file, or a directory holding one and no config.json
         from hybrimoe.gguf.loader import load_gguf_model
-        return load_gguf_model(model_dir, dtype, device, progress, pin_memory, expert_dtype, int4_group)
+        return load_gguf_model(model_dir, dtype, device, progress, pin_memory, expert_dtype, int4_group,
+                               dense_dtype, lm_head_dtype)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist")
     if not os.path.isfile(os.path.join(model_dir, "config.json")):
@@ -292,6 +299,7 @@ def load_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "fp32",
     log.info("loaded %s: %d layers, %d MoE layers x %d experts, experts (%s) %.1f MB in host memory",
              config.model_type, config.num_layers, len(config.moe_layers), config.num_experts,
              model.expert_store.format.describe(), model.expert_store.nbytes / 1e6)
+    quantize_dense(model, dense_dtype, lm_head_dtype, int4_group)
     if torch.device(device).type != "cpu":
         model.to(device)
     return model

@@ -4,9 +4,10 @@
     runtime_options_from_args(args)      -> RuntimeOptions (validated), or None when no runtime flag was
                                          given (the engine then runs the plain reference executor)
     runtime_kwargs_from_args(args)       -> the same as keyword options for Engine.from_pretrained(**kw),
-                                         plus the expert format (--expert-dtype, --int4-group), which
+                                         plus the weight formats (--expert-dtype, --int4-group,
+                                         --dense-dtype, --lm-head-dtype), which
                                          applies with or without the runtime
-    expert_format_kwargs(args)           -> {expert_dtype, int4_group} for the loaders
+    expert_format_kwargs(args)           -> {expert_dtype, int4_group, dense_dtype, lm_head_dtype} for the loaders
 Any runtime flag without --policy selects the `hybrimoe` preset. The device comes from the command's
 own --device (the engine's), not from a flag here.
 """
@@ -17,6 +18,7 @@ import argparse
 from dataclasses import fields
 from typing import Any
 
+from hybrimoe.models.quant_linear import DENSE_DTYPES
 from hybrimoe.moe.quant import DEFAULT_INT4_GROUP, FORMAT_NAMES, INT4_GROUPS
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 
@@ -25,13 +27,19 @@ DEFAULT_PREFETCH_DEPTH = 3
 
 
 def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
-    fmt = parser.add_argument_group("expert format (with or without the hybrid runtime)")
+    fmt = parser.add_argument_group("weight formats (with or without the hybrid runtime)")
     fmt.add_argument("--expert-dtype", choices=FORMAT_NAMES, default=None,
                      help="routed experts in host memory, GPU cache and copies: bf16, int8 or int4 (quantised at "
                           "load; fp32/fp16 too); default: the model's --dtype")
     fmt.add_argument("--int4-group", type=int, default=None, metavar="N",
                      help=f"int4: inputs per scale/zero group, one of {', '.join(map(str, INT4_GROUPS))} "
-                          f"(default {DEFAULT_INT4_GROUP})")
+                          f"(default {DEFAULT_INT4_GROUP}); experts and dense linears alike")
+    fmt.add_argument("--dense-dtype", choices=DENSE_DTYPES, default=None,
+                     help="the decoder layers' linears (attention projections, dense MLPs, shared experts): "
+                          "int8 or int4, quantised at load and computed with the experts' kernels; "
+                          "default: the model's --dtype")
+    fmt.add_argument("--lm-head-dtype", choices=DENSE_DTYPES, default=None,
+                     help="the output projection: int8 or int4 (default: the model's --dtype)")
     group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
     group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "
@@ -93,8 +101,8 @@ def runtime_options_from_args(args: argparse.Namespace) -> RuntimeOptions | None
 
 
 def expert_format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """{expert_dtype, int4_group} from --expert-dtype/--int4-group (only those given)."""
-    out = {"expert_dtype": getattr(args, "expert_dtype", None), "int4_group": getattr(args, "int4_group", None)}
+    """{expert_dtype, int4_group, dense_dtype, lm_head_dtype} from their flags (only those given)."""
+    out = {name: getattr(args, name, None) for name in ("expert_dtype", "int4_group", "dense_dtype", "lm_head_dtype")}
     return {k: v for k, v in out.items() if v is not None}
 
 

@@ -107,7 +107,8 @@ class Engine:
             from hybrimoe.runtime_options import RuntimeOptions
 
             model, runtime = load_with_runtime(None, check_dtype(dtype),
-                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid))
+                                               RuntimeOptions.from_kwargs(device=options.device, **hybrid),
+                                               **options.weight_formats())
             engine = cls(model.eval(), None, _dummy_name(hybrid["dummy_weights"]), options)
             engine.runtime = runtime
             return engine
@@ -126,10 +127,9 @@ class Engine:
 
             model, runtime = load_with_runtime(str(path), check_dtype(dtype),
                                                RuntimeOptions.from_kwargs(device=options.device, **hybrid),
-                                               expert_dtype=options.expert_dtype, int4_group=options.int4_group)
+                                               **options.weight_formats())
         else:
-            model = load_model(path, dtype=check_dtype(dtype), device=options.device,
-                               expert_dtype=options.expert_dtype, int4_group=options.int4_group)
+            model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
         model.eval()
         try:
             if gguf:

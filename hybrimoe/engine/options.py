@@ -22,6 +22,8 @@ class EngineOptions:
     max_context: int | None = None  # tokens (prompt + completion); None = the model's maximum
     expert_dtype: str | None = None  # routed experts: fp32 | bf16 | fp16 | int8 | int4; None = the model's dtype
     int4_group: int | None = None  # int4: inputs per scale group (32, 64, 128, 256); None = default
+    dense_dtype: str | None = None  # decoder layers' linears: int8 | int4 (quantised at load); None = the model's
+    lm_head_dtype: str | None = None  # lm_head: int8 | int4; None = the model's dtype
 
     @classmethod
     def from_kwargs(cls, **options: object) -> "EngineOptions":
@@ -35,7 +37,15 @@ class EngineOptions:
         check_device(result.device)
         from hybrimoe.moe.quant import ExpertFormat
         ExpertFormat.parse(result.expert_dtype, torch.float32, result.int4_group)  # ConfigError on bad names
+        from hybrimoe.models.quant_linear import check_dense_dtype
+        check_dense_dtype(result.dense_dtype)
+        check_dense_dtype(result.lm_head_dtype, "lm_head dtype")
         return result
+
+    def weight_formats(self) -> dict[str, str | int | None]:
+        """The loaders' keyword arguments for the weight formats."""
+        return {"expert_dtype": self.expert_dtype, "int4_group": self.int4_group,
+                "dense_dtype": self.dense_dtype, "lm_head_dtype": self.lm_head_dtype}
 
 
 def check_device(device: object) -> None:

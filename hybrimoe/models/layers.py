@@ -46,7 +46,12 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     h // G) -> [T, Hq * Dv]. Query i (absolute position S - T + i) sees key j iff j <= S - T + i
     (and S - T + i - j < window). The G query heads of a kv head are stacked as rows, so the cache is
     read in place instead of being repeated G times.
+    bf16/fp16 on the CPU is computed in fp32: oneDNN's half-precision batched matmul builds a kernel for
+    every new shape, and S grows by one each decode token (~0.4-2 ms per call against ~0.07 ms in fp32,
+    measured on a 2-vCPU AMD EPYC, benchmarks/RESULTS_formats.md); the result is cast back.
     """
+    if q.dtype in (torch.bfloat16, torch.float16) and q.device.type == "cpu":
+        return causal_attention(q.float(), k.float(), v.float(), scale, sliding_window).to(q.dtype)
     hq, t, dk = q.shape
     hkv, s, _ = k.shape
     g = hq // hkv

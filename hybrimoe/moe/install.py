@@ -17,7 +17,7 @@ import torch
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import ConfigError
-from hybrimoe.moe.budget import CacheBudget, dense_bytes, device_free_bytes, plan_budget
+from hybrimoe.moe.budget import CacheBudget, device_free_bytes, plan_budget
 from hybrimoe.moe.cache import GpuExpertCache
 from hybrimoe.moe.calibrate import calibrate_costs, profile_costs
 from hybrimoe.moe.devices import Devices
@@ -60,7 +60,8 @@ def check_budget_before_load(config: ModelConfig, dtype: torch.dtype, options: R
 
 
 def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16", expert_dtype: str | None = None,
-                     int4_group: int | None = None) -> Any:
+                     int4_group: int | None = None, dense_dtype: str | None = None,
+                     lm_head_dtype: str | None = None) -> Any:
     """--dummy-weights: a MoETransformer with random weights for the config (checked against the budget first)."""
     from hybrimoe.loader import build_dummy_model, expert_format, parse_dtype
 
@@ -69,21 +70,23 @@ def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16",
     check_budget_before_load(config, parse_dtype(dtype), options, expert_format(dtype, expert_dtype, int4_group))
     pin = options.pin_memory if options.pin_memory is not None else options.resolved_device().startswith("cuda")
     return build_dummy_model(config, dtype, seed=options.seed, pin_memory=pin, expert_dtype=expert_dtype,
-                             int4_group=int4_group)
+                             int4_group=int4_group, dense_dtype=dense_dtype, lm_head_dtype=lm_head_dtype)
 
 
 def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions,
                       progress: bool = True, expert_dtype: str | None = None,
-                      int4_group: int | None = None) -> tuple[Any, HybridRuntime]:
+                      int4_group: int | None = None, dense_dtype: str | None = None,
+                      lm_head_dtype: str | None = None) -> tuple[Any, HybridRuntime]:
     """Budget check (before any weight is read) -> checkpoint (or --dummy-weights) with the expert store
-    pinned on CUDA, experts in `expert_dtype` (None = `dtype`) -> dense part on the device -> runtime
-    installed. Returns (model, runtime)."""
+    pinned on CUDA, experts in `expert_dtype` (None = `dtype`), dense linears in `dense_dtype` and
+    lm_head in `lm_head_dtype` (None = `dtype`) -> dense part on the device -> runtime installed.
+    Returns (model, runtime)."""
     from hybrimoe.loader import expert_format, load_model, parse_dtype
 
     device = options.resolved_device()
     options = options.with_changes(device=device)
     if options.dummy_weights is not None:
-        model = load_dummy_model(options, dtype, expert_dtype, int4_group).to(device)
+        model = load_dummy_model(options, dtype, expert_dtype, int4_group, dense_dtype, lm_head_dtype).to(device)
     else:
         if model_dir is None:
             raise ConfigError("give a model directory or --dummy-weights CONFIG_JSON")
@@ -91,7 +94,8 @@ def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions
                                  expert_format(dtype, expert_dtype, int4_group))
         pin = options.pin_memory if options.pin_memory is not None else device.startswith("cuda")
         model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin,
-                           expert_dtype=expert_dtype, int4_group=int4_group)
+                           expert_dtype=expert_dtype, int4_group=int4_group, dense_dtype=dense_dtype,
+                           lm_head_dtype=lm_head_dtype)
     return model, install_runtime(model, options)
 
 
@@ -100,6 +104,12 @@ def _config_from_file(path: str) -> ModelConfig:
 
     with open(path, encoding="utf-8") as f:
         return ModelConfig.from_dict(json.load(f))
+
+
+def model_dense_bytes(model: Any) -> int:
+    """Bytes of the model's parameters and buffers (its dense part: the expert store is neither). Equal to
+    `dense_bytes(config, dtype)` for float dense weights, smaller with --dense-dtype int8/int4."""
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def pin_store(store: ExpertStore) -> None:
@@ -130,7 +140,7 @@ def install_runtime(model: Any, options: RuntimeOptions, costs: ExpertCosts | No
     if options.replay_trace is not None:
         routing = TraceRouting.load(options.replay_trace, config.moe_layers, config.num_experts)
         frequency = routing.frequency() if frequency is None else frequency
-    dense = dense_bytes(config, store.compute_dtype)
+    dense = model_dense_bytes(model)  # as loaded: int8/int4 dense linears count their stored bytes
     free = device_free_bytes(device)
     resident = preset.initial == "all"
     opts = options.with_changes(cache_ratio=1.0, expert_cache_bytes=None) if resident else options

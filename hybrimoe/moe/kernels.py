@@ -45,7 +45,8 @@ def workspace(n: int, k: int, dtype: torch.dtype, device: torch.device) -> torch
     key = (n, k, dtype, device)
     buf = cache.get(key)
     if buf is None:
-        buf = cache[key] = torch.empty(n, k, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+            buf = cache[key] = torch.empty(n, k, dtype=dtype, device=device)
     return buf
 
 

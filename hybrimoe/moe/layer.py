@@ -94,6 +94,12 @@ class ReferenceExecutor:
         k = expert_ids.shape[1]
         out = torch.zeros_like(x)                                         # [T, H]
         flat_w = weights.reshape(-1)                                      # [T*K]
+        if x.shape[0] == 1:  # decode: no grouping; ascending expert id, the same sums as below
+            ids = expert_ids.view(-1).tolist()
+            for j in sorted(range(k), key=ids.__getitem__):
+                y = self.store.expert(layer, ids[j]).forward(x)           # [1, H]
+                out.add_((y * flat_w[j:j + 1, None]).to(out.dtype))     # [1, 1] weight: fp32 product as below
+            return out
         for expert, slots in group_by_expert(expert_ids):
             tokens = slots // k                                           # [N]
             y = self.store.expert(layer, expert).forward(x[tokens])       # [N, H]

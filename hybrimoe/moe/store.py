@@ -84,6 +84,7 @@ class ExpertStore:
         one per layer: torch's pinned-memory allocator rounds each request up to a power of two, which
         for per-layer tensors (e.g. 1.1 GB -> 2 GiB) nearly doubled the pinned memory of a store."""
         per_layer = self.config.num_experts * self.expert_numel
+        self._views: dict[tuple[int, int], ExpertView] = {}  # (layer, expert) -> view of the current memory
         self._layers = {layer: flat[i * per_layer:(i + 1) * per_layer].view(self.config.num_experts, self.expert_numel)
                         for i, layer in enumerate(self.config.moe_layers)}
 
@@ -126,8 +127,12 @@ class ExpertStore:
         return split_expert(self.buffer(layer, expert), self.intermediate, self.hidden)
 
     def expert(self, layer: int, expert: int) -> ExpertView:
-        """The expert as a computable view (`.forward(x [T, H]) -> [T, H]`) of its host buffer."""
-        return self.layout.view(self.buffer(layer, expert))
+        """The expert as a computable view (`.forward(x [T, H]) -> [T, H]`) of its host buffer (built once per
+        expert and memory: ~15 us of tensor views per call otherwise, on every decode token)."""
+        view = self._views.get((layer, expert))
+        if view is None:
+            view = self._views[(layer, expert)] = self.layout.view(self.buffer(layer, expert))
+        return view
 
     def view(self, buffer: torch.Tensor) -> ExpertView:
         """A computable view of an expert buffer [numel] anywhere (e.g. a GPU cache slot after a copy)."""

@@ -1,0 +1,68 @@
+"""The CPU decode shortcuts compute what the general code computes.
+
+- causal_attention on bf16/fp16 CPU tensors = the fp32 computation cast back (oneDNN's half-precision
+  batched matmul builds a kernel per new shape, so the matmuls run in fp32).
+- ReferenceExecutor's one-token path (no grouping) gives bit-identical sums to the grouped path, in
+  bf16 too, for top-2 and top-3 (ascending expert order kept).
+- ExpertStore.expert returns one view per expert, rebuilt when the store's memory is rebound.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.loader import build_dummy_model
+from hybrimoe.models.layers import causal_attention
+from hybrimoe.moe.layer import ReferenceExecutor, add_rows, group_by_expert
+from hybrimoe.tiny import tiny_config
+from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,s,window", [(1, 9, None), (4, 12, None), (3, 10, 4)])
+def test_half_precision_attention_is_the_fp32_computation_cast_back(dtype, t, s, window) -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(shape, generator=gen).to(dtype) for shape in ((8, t, 16), (2, s, 16), (2, s, 16)))
+    out = causal_attention(q, k, v, 0.25, window)
+    assert out.dtype == dtype and out.shape == (t, 8 * 16)
+    assert torch.equal(out, causal_attention(q.float(), k.float(), v.float(), 0.25, window).to(dtype))
+
+
+def grouped(executor: ReferenceExecutor, layer: int, x, expert_ids, weights):
+    """The executor's general path (what every token count > 1 runs)."""
+    k = expert_ids.shape[1]
+    out = torch.zeros_like(x)
+    flat_w = weights.reshape(-1)
+    for expert, slots in group_by_expert(expert_ids):
+        tokens = slots // k
+        y = executor.store.expert(layer, expert).forward(x[tokens])
+        add_rows(out, tokens, (y * flat_w[slots, None]).to(out.dtype))
+    return out
+
+
+@pytest.mark.parametrize("top_k", [2, 3])
+@pytest.mark.parametrize("expert_dtype", [None, "int4"])
+def test_one_token_path_gives_the_grouped_sums(top_k: int, expert_dtype) -> None:
+    config = ModelConfig.from_dict(tiny_config("mixtral", 256, [0], layers=2, experts=8, top_k=top_k,
+                                               hidden=64).to_dict())
+    model = build_dummy_model(config, "bf16", seed=3, std=0.1, expert_dtype=expert_dtype)
+    executor = ReferenceExecutor(model.expert_store)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(5):
+        x = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
+        ids = torch.randperm(8, generator=gen)[:top_k].view(1, top_k)  # unsorted, as top-k returns them
+        w = torch.rand(1, top_k, generator=gen)
+        assert torch.equal(executor.run(0, x, ids, w), grouped(executor, 0, x, ids, w))
+
+
+def test_expert_views_are_built_once_per_memory() -> None:
+    config = ModelConfig.from_dict(tiny_config("mixtral", 256, [0], layers=2, experts=4, hidden=64).to_dict())
+    store = build_dummy_model(config, "fp32", expert_dtype="int8").expert_store
+    view = store.expert(0, 1)
+    assert store.expert(0, 1) is view
+    flat = torch.cat([store.layer_tensor(layer).reshape(-1) for layer in store.layers])  # new memory, same bytes
+    store._bind(flat)
+    again = store.expert(0, 1)
+    assert again is not view and again.gate_up.q.data_ptr() == store.buffer(0, 1).data_ptr()
