@@ -55,7 +55,7 @@ def _quarter(experts: int) -> int:
 def layer_stats(traces: list[RoutingTrace]) -> list[LayerStats]:
     """Per MoE layer of one model's traces (all of the same model): top-quarter share and reuse."""
     header = traces[0].header
-    layers, e, k = sorted(header.moe_layers), header.num_experts, header.top_k
+    layers, e = sorted(header.moe_layers), header.num_experts
     out = []
     for i, layer in enumerate(layers):
         counts = np.zeros(e)
