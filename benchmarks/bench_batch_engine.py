@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 
 import torch
@@ -25,17 +24,9 @@ from hybrimoe.config import ModelConfig
 from hybrimoe.engine import BatchEngine, Engine, SamplingParams
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.tiny import tiny_config
+from machine import cpu_model  # benchmarks/machine.py
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def make_engine() -> Engine:

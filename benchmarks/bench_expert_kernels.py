@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 from hybrimoe.moe import kernels
 from hybrimoe.moe.expert_layout import ExpertLayout
 from hybrimoe.moe.quant import ExpertFormat
+from machine import cpu_model  # benchmarks/machine.py
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408)}
 FORMATS = (("bf16", 0), ("int8", 0), ("int4", 32), ("int4", 128))
@@ -37,12 +36,6 @@ TOKENS = (1, 8, 32, 128)
 LLC_BYTES = 32 << 20
 
 
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def make_experts(name: str, group: int, hidden: int, inter: int, seed: int = 0) -> tuple[list, int]:

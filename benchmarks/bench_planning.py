@@ -32,17 +32,9 @@ from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.schedule import get_scheduler
 from hybrimoe.policy.shape import ModelShape
 from hybrimoe.sim.costs import ProfileCosts
+from machine import cpu_model  # benchmarks/machine.py
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def measure(active: int, tokens: int, seed: int = 0) -> dict:

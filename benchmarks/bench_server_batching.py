@@ -22,50 +22,20 @@ import asyncio
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from machine import cpu_model, start_server  # benchmarks/machine.py
 
-REPO = Path(__file__).resolve().parents[1]
-READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 WORDS = "experts route every token to a few of many while the card holds the hot ones and the processor".split()
 
 
-def cpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-    for line in out.splitlines():
-        if line.startswith("Model name:"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
-def start_server(model: Path, log: Path, max_batch: int, threads: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "hybrimoe", "serve", "--model", str(model), "--dtype", "fp32", "--host", "127.0.0.1",
-           "--port", "0", "--threads", str(threads), "--max-batch", str(max_batch)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": str(threads)}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        match = READY.search(log.read_text())
-        if match:
-            url = f"http://127.0.0.1:{match.group(1)}"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server not ready")
 
 
 def prompt(i: int) -> str:
@@ -135,7 +105,9 @@ def main() -> int:
         servers = {}
         try:
             for batch in (1, max_batch):
-                servers[batch] = start_server(model_dir, Path(tmp) / f"serve-{batch}.log", batch, args.threads)
+                servers[batch] = start_server(model_dir, Path(tmp) / f"serve-{batch}.log",
+                                                   ["--threads", str(args.threads), "--max-batch", str(batch)],
+                                                   env={"OMP_NUM_THREADS": str(args.threads)})
             for batch, (_, url) in servers.items():  # warm-up: first requests pay for lazy init
                 asyncio.run(scenario(url, model_dir.name, 2, 4, eos))
             samples: dict[tuple[int, int], list[dict]] = {}

@@ -17,26 +17,17 @@ import asyncio
 import json
 import os
 import platform
-import re
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import httpx
+from machine import cpu_model, start_server  # benchmarks/machine.py
 
-REPO = Path(__file__).resolve().parents[1]
 MAX_REQUESTS = 1000
-READY = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
-def cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def rss_mb(pid: int) -> float:
@@ -46,28 +37,6 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
-def start_server(model: Path, log: Path, max_queue: int, threads: int) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "hybrimoe", "serve", "--model", str(model), "--dtype", "fp32", "--host", "127.0.0.1",
-           "--port", "0", "--max-queue", str(max_queue), "--threads", str(threads)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
-        text = log.read_text()
-        match = READY.search(text)
-        if match:
-            url = f"http://127.0.0.1:{match.group(1)}"
-            try:
-                if httpx.get(url + "/health", timeout=5).status_code == 200:
-                    return proc, url
-            except httpx.HTTPError:
-                pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server not ready")
 
 
 async def post_raw(host: str, port: int, body: bytes) -> dict:
@@ -107,7 +76,8 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 def scenario(model: Path, name: str, args: argparse.Namespace, max_queue: int, workdir: Path) -> dict:
-    proc, url = start_server(model, workdir / f"serve-{max_queue}.log", max_queue, args.threads)
+    proc, url = start_server(model, workdir / f"serve-{max_queue}.log",
+                                 ["--max-queue", str(max_queue), "--threads", str(args.threads)], timeout=180)
     try:
         for _ in range(3):  # warm-up
             httpx.post(url + "/v1/completions", timeout=60,

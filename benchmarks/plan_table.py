@@ -15,7 +15,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import time
 
 from hybrimoe.plan.build import make_plan
@@ -24,6 +23,7 @@ from hybrimoe.plan.predict import format_costs
 from hybrimoe.plan.recommend import pick
 from hybrimoe.plan.target import resolve_target
 from hybrimoe.policy.cost import CostModel
+from machine import cpu_model  # benchmarks/machine.py
 
 MODELS = ("mixtral-8x7b", "qwen2-57b-a14b", "deepseek-v2-lite", "qwen3.6-35b-a3b")
 PROFILES = ("desktop-4090", "paper-a6000")
@@ -32,12 +32,6 @@ HOSTS = (64, 128)
 POLICIES = ("hybrimoe", "ktransformers", "llamacpp", "resident")
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def cell(model: str, profile: CostModel, gpu: int, host: int) -> dict:
