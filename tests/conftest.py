@@ -7,8 +7,20 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
+import torch
 
 from hybrimoe.tiny import make_tiny
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module (restored after it): an OpenMP team of 2 on a loaded 2-core box
+    stalls the runtime's worker thread and the main thread against each other. Use it with
+    `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="session")

@@ -21,13 +21,7 @@ ENGINES = {"plain": {}, "hybrimoe": {"policy": "hybrimoe", "cache_ratio": 0.25, 
            "ktransformers": {"policy": "ktransformers", "cache_ratio": 0.25, "cpu_threads": 1}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """As tests/test_runtime_parity.py: an OpenMP team of 2 on a loaded 2-core box stalls."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def requests(vocab: int) -> list[tuple[list[int], SamplingParams]]:

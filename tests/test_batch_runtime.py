@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from hybrimoe.engine import Engine, RoutingRecorder, SamplingParams, header_for
 from hybrimoe.engine.batch import BatchEngine
@@ -19,12 +18,7 @@ from hybrimoe.trace import RoutingTrace
 PROMPTS = [[5, 17, 42, 9, 77], [3, 120, 64], [8, 8, 30, 31, 32, 33, 34], [11]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def drain(batch: BatchEngine) -> None:

@@ -71,6 +71,23 @@ def lp_min(c: list, a: list[list], b: list) -> Fraction:
     return sum(cost[basis[i]] * rows[i][width] for i in range(m))
 
 
+class Rows:
+    """Constraints a x <= b over n variables, added as {column: coefficient}; variable 0 is minimised."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.a, self.b = n, [], []
+
+    def add(self, entries: dict[int, float], rhs: float) -> None:
+        r = [0.0] * self.n
+        for j, v in entries.items():
+            r[j] += v
+        self.a.append(r)
+        self.b.append(rhs)
+
+    def minimise_first(self) -> Fraction:
+        return lp_min([1.0] + [0.0] * (self.n - 1), self.a, self.b)
+
+
 def fluid_lp(dense: float, layers: list[tuple[float, float, tuple]], link: bool = True) -> Fraction:
     """The module docstring's LP, written out: variables T, z_l, m_l (largest CPU share of layer l,
     which pays the surcharge s_l), y_e (GPU fraction of expert e); `link`: with the link row."""
@@ -79,15 +96,8 @@ def fluid_lp(dense: float, layers: list[tuple[float, float, tuple]], link: bool 
     n = 1 + 2 * n_layers + len(experts)
     m = {l: 1 + n_layers + l for l in range(n_layers)}
     y = {i: 1 + 2 * n_layers + i for i in range(len(experts))}
-    a_rows, b = [], []
-
-    def row(entries: dict[int, float], rhs: float) -> None:
-        r = [0.0] * n
-        for j, v in entries.items():
-            r[j] += v
-        a_rows.append(r)
-        b.append(rhs)
-
+    rows = Rows(n)
+    row = rows.add
     row({0: -1.0, **{1 + l: 1.0 for l in range(n_layers)}}, -dense)  # D + sum z_l <= T
     for l, (_, s, items) in enumerate(layers):
         mine = [i for i, (layer, _) in enumerate(experts) if layer == l]
@@ -101,7 +111,7 @@ def fluid_lp(dense: float, layers: list[tuple[float, float, tuple]], link: bool 
         row({0: -1.0, **{y[i]: layers[l][0] for i, (l, (_, _, miss)) in enumerate(experts) if miss}}, 0.0)
     for i in range(len(experts)):
         row({y[i]: 1.0}, 1.0)
-    return lp_min([1.0] + [0.0] * (n - 1), a_rows, b)
+    return rows.minimise_first()
 
 
 def hull_lp(dense: float, layers: list[tuple[float, float, tuple]]) -> Fraction:
@@ -122,23 +132,15 @@ def hull_lp(dense: float, layers: list[tuple[float, float, tuple]]) -> Fraction:
     for l, rows in enumerate(options):
         for k in range(len(rows)):
             w[l, k] = 1 + n_layers + len(w)
-    n = 1 + n_layers + len(w)
-    a_rows, b = [], []
-
-    def row(entries: dict[int, float], rhs: float) -> None:
-        r = [0.0] * n
-        for j, v in entries.items():
-            r[j] += v
-        a_rows.append(r)
-        b.append(rhs)
-
+    constraints = Rows(1 + n_layers + len(w))
+    row = constraints.add
     row({0: -1.0, **{1 + l: 1.0 for l in range(n_layers)}}, -dense)  # D + sum z_l <= T
     for l, rows in enumerate(options):
         row({1 + l: -1.0, **{w[l, k]: span for k, (span, _) in enumerate(rows)}}, 0.0)  # sum w span <= z_l
         row({w[l, k]: 1.0 for k in range(len(rows))}, 1.0)  # sum w = 1
         row({w[l, k]: -1.0 for k in range(len(rows))}, -1.0)
     row({0: -1.0, **{w[l, k]: link for l, rows in enumerate(options) for k, (_, link) in enumerate(rows)}}, 0.0)
-    return lp_min([1.0] + [0.0] * (n - 1), a_rows, b)
+    return constraints.minimise_first()
 
 
 # -- helpers -----------------------------------------------------------------------------------------

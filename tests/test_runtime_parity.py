@@ -32,14 +32,7 @@ NEW_TOKENS = 4  # greedy decode steps
 COSTS = LinearCosts(cpu_per_token=2e-5, gpu_fixed=3e-5, copy_seconds=6e-5, cpu_fixed=2e-5, cpu_first_extra=1e-5)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Single-threaded main thread: on a loaded 2-core box an OpenMP team of 2 waits for a descheduled
-    thread at every parallel region (index_add_ took 0.1 s); the CPU worker has its own thread anyway."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @cache
