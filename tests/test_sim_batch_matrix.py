@@ -1,6 +1,6 @@
 """Batched decode over the `hybrimoe bench` matrix (every eval trace, model, cache ratio and bench policy,
 plus `resident`) at batch 4 and 16, 4 decode steps per trace (to keep the run short; ~1 min of CPU):
-no row is faster than the fluid bound for its own cache content, and hybrimoe is never slower than
+no row is faster than the lower bound for its own cache content, and hybrimoe is never slower than
 kTransformers at the same cache, batch and execution mode (kTransformers priced eager like it, as in
 tests/test_orderings.py; its CUDA-graph decode is a different machine cost)."""
 

@@ -76,7 +76,7 @@ def text_report(plan: PlanResult) -> list[str]:
         out.append(f"  {b.policy:13s} {b.mem.fmt.describe():15s} {r.cache:>7s} {b.slots:8d} {b.ratio:6.0%} "
                    f"{b.gpu_bytes / 1e9:7.1f} {_s(p.ttft_seconds):>7s} {_s(p.decode_tokens_per_second, '{:.1f}'):>7s} "
                    f"{_s(bound, '{:.1f}'):>7s} {p.hit_rate:5.2f}{'  <- recommended' if r.recommended else ''}")
-    out.append("  bound = decode tok/s no schedule with that row's cache content can beat (fluid bound)")
+    out.append("  bound = decode tok/s no schedule with that row's cache content can beat (computed lower bound)")
     rec = plan.recommended
     if rec is not None and rec.prediction is not None:
         p = rec.prediction

@@ -5,7 +5,7 @@ Per (model, cache ratio, policy, batch B): every eval trace of the model decoded
 (hybrimoe.sim.prompt: lanes are windows of the trace's decode stream; `BenchConfig.batch_decode`
 steps per trace, each step B tokens), TBT = mean decode step weighted by steps over the traces (the
 time between two tokens of each sequence), tokens/s = B / TBT (all sequences together), and the
-fluid bound of the run's own cache content (`bound_tbt_seconds`, `bound_tokens_per_second`). A
+lower bound of the run's own cache content (`bound_tbt_seconds`, `bound_tokens_per_second`). A
 `bound` row per (model, ratio, batch) is the bound of the `hybrimoe` run. The paper measured batch
 1 only: every figure here at B > 1 is this simulator's extrapolation, not a reproduction.
 """
