@@ -81,7 +81,7 @@ def tokens(chunks: list) -> list[int]:
 def near_tie_at(engine: Engine, prompt: list[int], solo_tokens: list[int], index: int) -> float:
     """Gap between the top two logits of the solo run where it chose solo_tokens[index]."""
     ids = prompt + solo_tokens[:index]
-    logits = engine.model(torch.tensor(ids), 0, engine.model.new_kv_cache(len(ids)))[-1]
+    logits = engine.model(torch.tensor(ids, device=engine.model.device), 0, engine.model.new_kv_cache(len(ids)))[-1]
     top = torch.topk(logits, 2).values
     return float(top[0] - top[1])
 
@@ -117,3 +117,23 @@ def test_batch_tokens_equal_solo_tokens(tiny_checkpoint, family: str, kind: str)
     if kind != "plain":
         calls = engine.runtime.stats()["layer_calls"]
         assert calls["decode"] > 0 and calls["prefill"] > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (copy stream, events and pinned "
+                    "store under a batch; benchmarks/device_check.sh runs it)")
+@pytest.mark.parametrize("kind", list(ENGINES))
+@pytest.mark.parametrize("family", ["mixtral", "deepseek-v2"])
+def test_cuda_batch_tokens_equal_solo_tokens(tiny_checkpoint, family: str, kind: str) -> None:
+    """The same joins, chunked prefills and cancel on a CUDA device: the runtime's real copy stream and
+    events under batched decode steps (MLA's absorbed decode on deepseek-v2)."""
+    engine = Engine.from_pretrained(str(tiny_checkpoint(family)), dtype="fp32", device="cuda", **ENGINES[kind])
+    try:
+        reqs = requests(int(engine.model.config.vocab_size))
+        want = {i: solo_run(engine, p, s) for i, (p, s) in enumerate(reqs)}
+        got, sizes = batch_run(engine, reqs, max_batch=4, prefill_chunk=6)
+        check_same_as_solo(engine, reqs, got, want)
+        assert max(sizes) == 4
+        if kind != "plain":
+            assert engine.runtime.stats()["device"].startswith("cuda")
+    finally:
+        engine.close()

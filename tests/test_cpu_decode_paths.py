@@ -17,7 +17,8 @@ from hybrimoe.loader import build_dummy_model
 from hybrimoe.models.layers import causal_attention
 from hybrimoe.moe.layer import ReferenceExecutor, add_rows, group_by_expert
 from hybrimoe.tiny import tiny_config
-from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -33,9 +33,11 @@ from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
 from hybrimoe.policy.presets import PRESETS
 from hybrimoe.runtime_options import RuntimeOptions
 from hybrimoe.tiny import FAMILIES, tiny_config
+from dense_helpers import count_quantised, fake_dense_fp32
 from test_format_parity import COSTS, PARITY_FAMILIES, PROMPTS, rel, run
 from gguf_fixtures import tiny_gguf  # noqa: F401 (fixture)
-from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 # -- one linear ----------------------------------------------------------------------------------------------
@@ -96,21 +98,6 @@ def test_bf16_quant_linear_and_bad_formats() -> None:
 
 
 # -- tiny checkpoints of every family --------------------------------------------------------------------------
-def fake_dense_fp32(path, fmt: ExpertFormat, lm_head: bool):
-    """The fp32 model with every quantised-to-be dense weight replaced by its quantise-dequantise image."""
-    model = load_model(path, "fp32", progress=False)
-    names = dense_targets(model) + (["lm_head"] if lm_head else [])
-    with torch.no_grad():
-        for name in names:
-            w = model.get_submodule(name).weight
-            w.copy_(fake_quantize(w, fmt))
-    return model
-
-
-def count_quantised(model) -> int:
-    return sum(isinstance(m, QuantLinear) for m in model.modules())
-
-
 def same_rounding(model, reimpl, ref, prompt: list[int]) -> tuple[float, float]:
     """Asserts `model` computes the fp32 re-implementation's logits (1e-4) and greedy tokens; returns
     (model's error vs the fp32 reference, the re-implementation's)."""
@@ -242,3 +229,4 @@ def test_the_runtime_budget_counts_quantised_dense_weights_at_their_stored_size(
         saved = dense_bytes(config, torch.float32) - model_dense_bytes(model)
         assert slots[name] == 3 + saved // expert
     assert slots["int4"] > slots[None] == 3
+

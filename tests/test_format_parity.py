@@ -29,7 +29,8 @@ from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.policy.presets import PRESETS
 from hybrimoe.runtime_options import RuntimeOptions
 from hybrimoe.tiny import FAMILIES, tiny_config
-from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 PROMPTS = ([5, 17, 42, 9, 77, 3, 120, 64], [1, 2, 3, 4, 200, 150, 99])
 NEW_TOKENS = 6

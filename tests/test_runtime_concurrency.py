@@ -12,7 +12,9 @@ from hybrimoe.moe.devices import Devices, HostTimer
 from hybrimoe.moe.install import install_runtime
 from hybrimoe.moe.runtime import CpuWorker
 from hybrimoe.runtime_options import RuntimeOptions
-from test_runtime import COSTS, _run_steps, one_torch_thread, tiny  # noqa: F401 (autouse fixture)
+from test_runtime import COSTS, _run_steps, tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 
 def test_cpu_worker_has_its_own_thread_count() -> None:

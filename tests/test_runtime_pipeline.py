@@ -21,7 +21,8 @@ from hybrimoe.sim.prompt import build_workload
 from hybrimoe.sim.simulator import SimConfig, Simulator
 from hybrimoe.tiny import tiny_config
 from hybrimoe.trace.format import LayerRouting, RoutingTrace, TokenRouting, TraceHeader
-from test_runtime import one_torch_thread  # noqa: F401 (autouse fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 # seconds on the virtual clock: a copy (0.4) + GPU (0.1) beats the CPU (0.3 per token) from 2 tokens
 COSTS = LinearCosts(cpu_per_token=0.3, gpu_fixed=0.1, copy_seconds=0.4)

@@ -12,7 +12,9 @@ from hybrimoe.moe.replay import ReplayExecutor, TraceRouting
 from hybrimoe.runtime_options import RuntimeOptions
 from hybrimoe.tiny import tiny_config
 from hybrimoe.trace.format import LayerRouting, RoutingTrace, TokenRouting, TraceHeader
-from test_runtime import COSTS, one_torch_thread, tiny  # noqa: F401 (autouse fixture)
+from test_runtime import COSTS, tiny
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
 
 def _trace(num_experts: int = 8, k: int = 2) -> RoutingTrace:
     header = TraceHeader(model="t", num_layers=2, num_experts=num_experts, top_k=k, moe_layers=[0, 1])
