@@ -11,7 +11,7 @@ task by the priority rules, and no decision is revisited:
 - CPU: unclaimed uncached experts, lowest count first, unless copy + GPU would finish that expert
   sooner (then it waits for the link's decision); then it steals cached experts from the tail of
   the GPU queue while that ends before the GPU would reach and finish them.
-`hybrid` (schedule.py) uses the same rules but chooses the number of copies by simulating every
+`hybrid` (hybrid.py) uses the same rules but chooses the number of copies by simulating every
 split; this variant is kept to measure what that search buys (tests print both against optimal).
 """
 
@@ -27,12 +27,12 @@ class GreedyHybridScheduler:
              copy_free_at: float = 0.0, gpu_free_at: float = 0.0, cpu_free_at: float = 0.0,
              arrivals: dict[int, float] | None = None) -> Plan:
         inflight = {e: a for e, a in (arrivals or {}).items() if e in counts and e not in cached}
-        if inflight:  # the single pass is defined without them: plan the rest, then add them by _landed
-            from hybrimoe.policy.schedule import _landed
+        if inflight:  # the single pass is defined without them: plan the rest, then add them by worth_waiting
+            from hybrimoe.policy.order import worth_waiting
 
             rest = self.plan(layer, {e: n for e, n in counts.items() if e not in inflight}, cached, costs,
                              copy_free_at, gpu_free_at, cpu_free_at)
-            landed = _landed(counts, cached, costs, inflight)
+            landed = worth_waiting(counts, cached, costs, inflight)
             gpu = list(rest.gpu_order) + sorted(landed, key=lambda e: (landed[e], e))
             cpu = list(rest.cpu_order) + sorted(set(inflight) - set(landed), key=lambda e: (counts[e], e))
             return build_plan(layer, counts, gpu, rest.copies, cpu, costs, copy_free_at, gpu_free_at, cpu_free_at,
