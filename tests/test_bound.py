@@ -9,6 +9,7 @@ from test_bound_lp import ScaledFirstCosts, _brute_force_layer, _forward
 
 from hybrimoe.cli import main
 from hybrimoe.data import packaged_traces
+from hybrimoe.policy.pipeline import LayerView
 from hybrimoe.policy.plan import LinearCosts
 from hybrimoe.policy.presets import PRESETS, get_preset
 from hybrimoe.sim.bench import BenchConfig, _setups, main_block, summarise
@@ -16,6 +17,7 @@ from hybrimoe.sim.bound import fluid_bound, forward_bound, forward_items
 from hybrimoe.sim.costs import UniformCosts
 from hybrimoe.sim.report import markdown
 from hybrimoe.sim.runner import make_setup, simulate_one
+from hybrimoe.sim.simulator import bound_residents
 from hybrimoe.trace.format import RoutingTrace
 
 
@@ -136,3 +138,13 @@ def test_bench_tables_show_each_rows_bound_share_and_the_bound_rows():
     bound = next(r for r in rows if r["policy"] == "bound" and r["phase"] == "decode")
     assert f"| {bound['tbt_seconds'] * 1e3:.1f} ({kt['tbt_seconds'] / bound['tbt_seconds']:.2f}x) |" in text
     assert "| bound | " in text and f"{doc['summary']['hybrimoe']['decode_bound_share']:.0%}" in text
+
+
+def test_a_copy_begun_before_the_forward_counts_as_resident_to_its_bound():
+    """A prefetch issued in an earlier forward and still on the link at this layer's access spent part
+    of its link time before this forward: charging it a whole copy here could put the bound above the
+    policy, so it counts as resident. One issued within this forward and still in flight is a miss."""
+    view = LayerView(cached={1}, arrivals={2: 0.5, 3: 0.7}, copy_free_at=0.0)
+    held = {(4, 1), (4, 2), (5, 3)}  # (4, 2) was held (in flight) when the forward began; (4, 3) was not
+    assert bound_residents(4, view, held) == {1, 2}
+    assert bound_residents(4, view, set()) == {1}

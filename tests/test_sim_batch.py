@@ -5,7 +5,8 @@ scheduler choice per preset) are priced as the docs say, and the CLI's --batch.
 32-token prompt, 6 decode steps, the bench's tuned settings), (TTFT, TBT, hit rate, bytes copied, TBT
 bound, total seconds, prefetch copies) as the simulator computed them BEFORE batching existed
 (commit 49067d5; rewritten after the integral bound and L = 6 of commit 3677348, checked to differ
-from the old file only in the bound and, for hybrimoe, by the look-ahead); batch 1 must give exactly those. A deliberate change of batch-1 results rewrites it:
+from the old file only in the bound and, for hybrimoe, by the look-ahead; rewritten again when copies begun
+before a forward became residents to its bound: one hybrimoe bound changed); batch 1 must give exactly those. A deliberate change of batch-1 results rewrites it:
 `.venv/bin/python tests/test_sim_batch.py --write`."""
 
 from __future__ import annotations

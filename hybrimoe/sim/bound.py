@@ -5,7 +5,8 @@ dense GPU part, then the MoE part over the forward's per-expert token counts;
 an activated expert runs wholly on the CPU, or on the GPU after a host->GPU copy when it is not
 already on the GPU side) with the same experts landed on the GPU side at each MoE layer's access
 (`LayerLog`: cached or staged and arrived; one still in flight counts as a miss, whose copy, if
-the schedule waits for it, happens within the forward) takes at least `forward_bound(...).seconds`. The bound is the value
+the schedule waits for it, happens within the forward, unless that copy began before the forward:
+then it counts as resident, `sim.simulator.bound_residents`) takes at least `forward_bound(...).seconds`. The bound is the value
 of the FLUID RELAXATION, a linear program with these relaxations of a real schedule, strengthened
 for small layers (see "Integral layers" below):
 1. fractions: an expert's work may be split between the CPU and the GPU (x on the CPU costs

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 from hybrimoe.errors import ConfigError
 from hybrimoe.policy.cache_policy import activation_frequency, make_policy
 from hybrimoe.policy.cache_state import CacheState
-from hybrimoe.policy.pipeline import CopyPipeline
-from hybrimoe.policy.plan import Plan
+from hybrimoe.policy.pipeline import CopyPipeline, LayerView
+from hybrimoe.policy.plan import ExpertKey, Plan
 from hybrimoe.policy.predictor import NoPredictor, Predictor, TruthWithNoise
 from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.presets import Preset, initial_content
@@ -81,6 +81,14 @@ class _Run:
     spans: list[Span] = field(default_factory=list)
     forwards: list[ForwardLog] = field(default_factory=list)  # per forward: counts and residency per layer
     held_at_start: set = field(default_factory=set)  # experts on the GPU side when the forward began
+
+
+def bound_residents(layer: int, view: LayerView, held_at_start: set[ExpertKey]) -> frozenset[int]:
+    """The layer's experts the bound counts as resident: landed by the access, or in flight since before
+    this forward began (part of that copy fell in an earlier forward: counting it free is the safe side).
+    An expert whose copy was issued within this forward and is still in flight is a miss to the bound:
+    its copy, if the plan waits for it, happens within this forward and is charged as any copy."""
+    return frozenset(view.cached) | frozenset(e for e in view.arrivals if (layer, e) in held_at_start)
 
 
 class Simulator:
@@ -247,9 +255,7 @@ class Simulator:
         if not counts:
             return t
         view = pipeline.view(layer, counts, t)
-        # the bound's residents: landed by the access (an expert still in flight is a miss to it: its copy,
-        # if the plan waits for it, happens within this forward and is charged as any copy)
-        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), frozenset(view.cached)))
+        run.forwards[-1].layers.append(LayerLog(layer, dict(counts), bound_residents(layer, view, run.held_at_start)))
         # landed by now but not held when the forward began: copied (prefetch or fill) within this forward
         run.forwards[-1].entered += [layer for e in view.cached if (layer, e) not in run.held_at_start]
         for e in counts:
