@@ -39,6 +39,11 @@ def test_serve_max_batch_flag_and_the_kv_check_before_the_batch_is_made(tiny_che
     assert serve.options_from_args(parser.parse_args(["serve"])).max_batch == 1
     with pytest.raises(ConfigError, match="--max-batch"):
         serve.options_from_args(parser.parse_args(["serve", "--max-batch", "0"]))
+    assert serve.options_from_args(parser.parse_args(["serve", "--prefill-chunk", "64"])).prefill_chunk == 64
+    assert serve.options_from_args(parser.parse_args(["serve"])).prefill_chunk == 256
+    for bad in ("0", "-3"):
+        with pytest.raises(ConfigError, match="--prefill-chunk"):
+            serve.options_from_args(parser.parse_args(["serve", "--prefill-chunk", bad]))
 
     engine = Engine.from_pretrained(tiny_checkpoint("mixtral"), dtype="fp32")
     needed = BatchEngine.kv_bytes(engine, 8)
@@ -49,3 +54,9 @@ def test_serve_max_batch_flag_and_the_kv_check_before_the_batch_is_made(tiny_che
         batching.make_stepper(engine, 8)
     monkeypatch.setattr(batching, "free_bytes_for", lambda device: needed)
     assert isinstance(batching.make_stepper(engine, 8), BatchEngine)
+    assert batching.make_stepper(engine, 8, prefill_chunk=64).prefill_chunk == 64  # --prefill-chunk reaches it
+    # and through the app: create_app(options) -> EngineWorker -> make_stepper
+    from hybrimoe.server.app import create_app
+    from hybrimoe.server.options import ServerOptions as Options
+    app = create_app(engine, Options(max_batch=8, prefill_chunk=48))
+    assert app.state.server.worker._stepper.prefill_chunk == 48

@@ -18,6 +18,7 @@ from hybrimoe.server.options import (
     DEFAULT_KEEP_ALIVE_TIMEOUT,
     DEFAULT_MAX_BATCH,
     DEFAULT_MAX_QUEUE,
+    DEFAULT_PREFILL_CHUNK,
     DEFAULT_SHUTDOWN_TIMEOUT,
     ServerOptions,
     is_loopback,
@@ -46,6 +47,9 @@ def register(subparsers: Any) -> None:
                             f"batch while fewer than N run; the KV cache of N sequences at the context must "
                             f"fit in memory (checked at start). 1 = one request at a time (default "
                             f"{DEFAULT_MAX_BATCH})")
+    group.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK, metavar="N",
+                       help=f"with --max-batch > 1: prompt tokens per step for the requests joining the batch, "
+                            f"so that running streams keep getting a token every step (default {DEFAULT_PREFILL_CHUNK})")
     group.add_argument("--max-queue", type=int, default=DEFAULT_MAX_QUEUE, metavar="N",
                        help=f"requests that may wait for the engine besides the running ones; more get 429 "
                             f"with Retry-After (default {DEFAULT_MAX_QUEUE})")
@@ -77,7 +81,7 @@ def register(subparsers: Any) -> None:
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     keys = list(args.api_key) + list(_names(os.environ.get(API_KEY_ENV, "")))
     return ServerOptions(bind_host=args.host, max_body_bytes=args.max_body_bytes, max_queue=args.max_queue,
-                         max_batch=args.max_batch, api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=args.allowed_hosts,
+                         max_batch=args.max_batch, prefill_chunk=args.prefill_chunk, api_keys=tuple(dict.fromkeys(keys)), allowed_hosts=args.allowed_hosts,
                          allowed_origins=tuple(args.allowed_origins), body_timeout=args.body_timeout,
                          header_timeout=args.header_timeout, keep_alive_timeout=args.keep_alive_timeout,
                          shutdown_timeout=args.shutdown_timeout, threads=args.threads)

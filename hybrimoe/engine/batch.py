@@ -28,6 +28,8 @@ from hybrimoe.models.kv_cache import kv_bytes_per_token
 
 log = logging.getLogger(__name__)
 
+DEFAULT_PREFILL_CHUNK = 256  # prompt tokens per step, shared by the requests joining (running ones keep decoding)
+
 
 @dataclass
 class BatchEvent:
@@ -46,7 +48,7 @@ class BatchEngine:
     Not thread-safe, except `cancel`, which only marks the request (the next `step` drops it). While a
     BatchEngine runs, do not call `engine.stream` / `engine.generate`: they share the model and runtime."""
 
-    def __init__(self, engine: Any, max_batch: int, prefill_chunk: int = 256) -> None:
+    def __init__(self, engine: Any, max_batch: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
             raise ConfigError(f"max_batch must be an integer >= 1, got {max_batch!r}")
         if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, int) or prefill_chunk < 1:

@@ -80,7 +80,7 @@ def create_app(engine: Any, options: ServerOptions | None = None, model_name: st
     metrics.max_queue = options.max_queue
     context = int(engine.max_context)
     worker = EngineWorker(engine, metrics, max_queue=options.max_queue, threads=options.threads,
-                          max_batch=options.max_batch, stepper=stepper)
+                          max_batch=options.max_batch, stepper=stepper, prefill_chunk=options.prefill_chunk)
     state = ServerState(worker=worker,
                         encoder=PromptEncoder(engine), metrics=metrics, options=options,
                         model_name=model_name or engine.model_name, max_context=context, created=int(time.time()))

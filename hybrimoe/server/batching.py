@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from hybrimoe.engine.batch import BatchEngine, BatchEvent
+from hybrimoe.engine.batch import DEFAULT_PREFILL_CHUNK, BatchEngine, BatchEvent
 from hybrimoe.engine.types import SamplingParams, StreamChunk
 from hybrimoe.errors import BudgetError
 
@@ -110,12 +110,13 @@ def _close(stream: Iterator[StreamChunk]) -> None:
         close()
 
 
-def make_stepper(engine: Any, max_batch: int) -> Stepper:
-    """SerialBatch for 1, else a BatchEngine of `max_batch` sequences (its KV memory checked first)."""
+def make_stepper(engine: Any, max_batch: int, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> Stepper:
+    """SerialBatch for 1, else a BatchEngine of `max_batch` sequences taking `prefill_chunk` prompt tokens
+    per step (its KV memory checked first)."""
     if max_batch == 1:
         return SerialBatch(engine)
     check_batch_memory(engine, max_batch, BatchEngine.kv_bytes(engine, max_batch))
-    return BatchEngine(engine, max_batch)
+    return BatchEngine(engine, max_batch, prefill_chunk)
 
 
 def free_bytes_for(device: str) -> int | None:

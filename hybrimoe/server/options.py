@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from hybrimoe.engine.batch import DEFAULT_PREFILL_CHUNK
 from hybrimoe.errors import ConfigError
 
 DEFAULT_MAX_QUEUE = 16  # requests waiting for the engine (tokenising or queued) beyond the running ones
@@ -54,6 +55,7 @@ class ServerOptions:
     max_body_bytes: int | None = None  # None = BODY_BYTES_BASE + BODY_BYTES_PER_TOKEN * context
     max_queue: int = DEFAULT_MAX_QUEUE  # beyond it: 429 with Retry-After
     max_batch: int = DEFAULT_MAX_BATCH  # sequences the engine decodes together (--max-batch)
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK  # prompt tokens per batch step (--prefill-chunk)
     api_keys: tuple[str, ...] = ()  # empty = no authentication
     allowed_hosts: tuple[str, ...] | None = None  # Host header names; None = loopback names if bound there, else any
     allowed_origins: tuple[str, ...] = ()  # browser origins allowed (and answered with CORS headers); "*" = any
@@ -70,6 +72,8 @@ class ServerOptions:
             raise ConfigError(f"max_queue (--max-queue) must be an integer >= 0, got {self.max_queue!r}")
         if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) or self.max_batch < 1:
             raise ConfigError(f"max_batch (--max-batch) must be an integer >= 1, got {self.max_batch!r}")
+        if not isinstance(self.prefill_chunk, int) or isinstance(self.prefill_chunk, bool) or self.prefill_chunk < 1:
+            raise ConfigError(f"prefill_chunk (--prefill-chunk) must be an integer >= 1, got {self.prefill_chunk!r}")
         for name in ("body_timeout", "header_timeout", "keep_alive_timeout", "shutdown_timeout"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from hybrimoe.errors import HybrimoeError
-from hybrimoe.server.batching import Stepper, make_stepper
+from hybrimoe.server.batching import DEFAULT_PREFILL_CHUNK, Stepper, make_stepper
 from hybrimoe.server.events import (  # noqa: F401  (re-exported: the worker's public face)
     BuildFn,
     Failed,
@@ -57,20 +57,21 @@ class EngineWorker:
 
     max_queue: waiting requests beyond which `admit` raises QueueFull (None = unbounded);
     threads: torch threads of the engine thread (None = torch's default);
-    max_batch: requests stepped together; stepper: makes the batch (default `make_stepper(engine, max_batch)`,
+    max_batch: requests stepped together; prefill_chunk: prompt tokens per step of a BatchEngine;
+    stepper: makes the batch (default `make_stepper(engine, max_batch, prefill_chunk)`,
     called now, so that a batch that does not fit in memory fails before the server starts).
     """
 
     def __init__(self, engine: Any, metrics: ServerMetrics, max_queue: int | None = None,
                  threads: int | None = None, max_batch: int = 1,
-                 stepper: Callable[[], Stepper] | None = None) -> None:
+                 stepper: Callable[[], Stepper] | None = None, prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
         self.engine = engine
         self.metrics = metrics
         self.max_queue = max_queue
         self.threads = threads
         self.max_batch = max_batch
         self.torch_threads: int | None = None  # as the engine thread reads it once started
-        self._make_stepper = stepper or (lambda: make_stepper(engine, max_batch))
+        self._make_stepper = stepper or (lambda: make_stepper(engine, max_batch, prefill_chunk))
         self._stepper = self._make_stepper()
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name="hybrimoe-engine", daemon=True)
