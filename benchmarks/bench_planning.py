@@ -32,7 +32,7 @@ from hybrimoe.policy.prefetch import get_prefetcher
 from hybrimoe.policy.schedule import get_scheduler
 from hybrimoe.policy.shape import ModelShape
 from hybrimoe.sim.costs import ProfileCosts
-from machine import cpu_model  # benchmarks/machine.py
+from machine import cpu_model, print_and_write  # benchmarks/machine.py
 
 
 
@@ -90,10 +90,7 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(a, args.tokens) for a in (2, 4, 8, 16)]
     text = "\n".join(json.dumps(r) for r in rows)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    print_and_write(text, args.out)
 
 
 if __name__ == "__main__":

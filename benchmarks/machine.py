@@ -37,6 +37,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
+def print_and_write(text: str, out: str | None) -> None:
+    """Prints a benchmark's result and, with --out, writes it there too (one trailing newline)."""
+    print(text)
+    if out:
+        with open(out, "w", encoding="utf-8") as f:
+            f.write(text + "\n")
+
+
 def start_server(model: Path, log: Path, options: list[str], env: dict[str, str] | None = None,
                  timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
     """`hybrimoe serve --model MODEL --dtype fp32` on a free local port with `options`, its output in `log`;

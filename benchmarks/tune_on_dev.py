@@ -27,6 +27,7 @@ from hybrimoe.data import packaged_traces
 from hybrimoe.policy.presets import get_preset
 from hybrimoe.sim.runner import make_setup, simulate_one
 from hybrimoe.trace.format import RoutingTrace
+from machine import print_and_write  # benchmarks/machine.py
 
 ALPHAS = (0.1, 0.3, 0.5, 0.7, 0.9)
 HORIZONS = (1, 2, 3, 4, 6, 8)
@@ -64,10 +65,7 @@ def main() -> None:
            "mrs_alpha": {"scores": alpha_scores, "best": max(alpha_scores, key=alpha_scores.get)},
            "horizon": {"scores_relative_tbt": horizon_scores, "best": min(horizon_scores, key=horizon_scores.get)}}
     text = json.dumps(doc, indent=1)
-    print(text)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+    print_and_write(text, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 from hybrimoe.config import ModelConfig
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.models.layers import causal_attention
-from hybrimoe.moe.layer import ReferenceExecutor, add_rows, group_by_expert
+from hybrimoe.moe.layer import ReferenceExecutor
 from hybrimoe.tiny import tiny_config
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -31,18 +31,6 @@ def test_half_precision_attention_is_the_fp32_computation_cast_back(dtype, t, s,
     assert torch.equal(out, causal_attention(q.float(), k.float(), v.float(), 0.25, window).to(dtype))
 
 
-def grouped(executor: ReferenceExecutor, layer: int, x, expert_ids, weights):
-    """The executor's general path (what every token count > 1 runs)."""
-    k = expert_ids.shape[1]
-    out = torch.zeros_like(x)
-    flat_w = weights.reshape(-1)
-    for expert, slots in group_by_expert(expert_ids):
-        tokens = slots // k
-        y = executor.store.expert(layer, expert).forward(x[tokens])
-        add_rows(out, tokens, (y * flat_w[slots, None]).to(out.dtype))
-    return out
-
-
 @pytest.mark.parametrize("top_k", [2, 3])
 @pytest.mark.parametrize("expert_dtype", [None, "int4"])
 def test_one_token_path_gives_the_grouped_sums(top_k: int, expert_dtype) -> None:
@@ -55,7 +43,7 @@ def test_one_token_path_gives_the_grouped_sums(top_k: int, expert_dtype) -> None
         x = torch.randn(1, 64, generator=gen).to(torch.bfloat16)
         ids = torch.randperm(8, generator=gen)[:top_k].view(1, top_k)  # unsorted, as top-k returns them
         w = torch.rand(1, top_k, generator=gen)
-        assert torch.equal(executor.run(0, x, ids, w), grouped(executor, 0, x, ids, w))
+        assert torch.equal(executor.run(0, x, ids, w), executor.run_grouped(0, x, ids, w))
 
 
 def test_expert_views_are_built_once_per_memory() -> None:

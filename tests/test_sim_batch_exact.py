@@ -19,7 +19,7 @@ import pytest
 from hybrimoe.policy.presets import get_preset
 from hybrimoe.sim.prompt import build_workload
 from hybrimoe.sim.simulator import SimConfig, Simulator
-from test_sim_exact import COSTS, WARMUP, Shape, _trace
+from test_sim_exact import COSTS, WARMUP, Shape, _trace, assert_bytes_total_and_busy
 
 TRACE = _trace([("decode", [0, 1], [0, 2]), ("decode", [0, 3], [1, 2]), ("decode", [0, 2], [0, 1]),
                 ("decode", [1, 2], [2, 3])])
@@ -64,12 +64,7 @@ def test_batch_2_matches_the_hand_computed_run(name):
     assert r.tbt_seconds == pytest.approx(e["tbt"])
     assert r.decode_tokens_per_second == pytest.approx(2 * 2 / e["total"])
     assert r.decode_hit_rate == pytest.approx(e["hits"] / (e["hits"] + e["misses"]))
-    assert r.bytes_copied == 7 * e["copies"]
-    assert r.total_seconds == pytest.approx(e["total"])
-    cpu, gpu, link = e["busy"]
-    assert r.cpu_busy * r.total_seconds == pytest.approx(cpu)
-    assert r.gpu_busy * r.total_seconds == pytest.approx(gpu)
-    assert r.link_busy * r.total_seconds == pytest.approx(link)
+    assert_bytes_total_and_busy(r, e)
 
 
 def test_each_layer_plans_the_union_of_the_steps_experts_with_token_counts():

@@ -103,6 +103,17 @@ def test_the_hot_set_is_the_most_frequent_experts():
     assert keys == [(0, 0), (1, 0)]  # the two most frequent, ties by key
 
 
+def assert_bytes_total_and_busy(r, e: dict) -> None:
+    """A run's bytes copied (7 per expert), total seconds and busy seconds of CPU, GPU and link against
+    the hand-computed figures `e` (keys copies, total, busy)."""
+    assert r.bytes_copied == 7 * e["copies"]
+    assert r.total_seconds == pytest.approx(e["total"])
+    cpu, gpu, link = e["busy"]
+    assert r.cpu_busy * r.total_seconds == pytest.approx(cpu)
+    assert r.gpu_busy * r.total_seconds == pytest.approx(gpu)
+    assert r.link_busy * r.total_seconds == pytest.approx(link)
+
+
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_non_prefetching_presets_match_the_hand_computed_run(name):
     e = EXPECTED[name]
@@ -113,12 +124,7 @@ def test_non_prefetching_presets_match_the_hand_computed_run(name):
     assert r.prefill_hit_rate == pytest.approx(ph / (ph + pm))
     assert r.decode_hit_rate == pytest.approx(dh / (dh + dm))
     assert r.hit_rate == pytest.approx((ph + dh) / (ph + pm + dh + dm))
-    assert r.bytes_copied == 7 * e["copies"]
-    assert r.total_seconds == pytest.approx(e["total"])
-    cpu, gpu, link = e["busy"]
-    assert r.cpu_busy * r.total_seconds == pytest.approx(cpu)
-    assert r.gpu_busy * r.total_seconds == pytest.approx(gpu)
-    assert r.link_busy * r.total_seconds == pytest.approx(link)
+    assert_bytes_total_and_busy(r, e)
     assert r.prefetch_copies == 0
 
 

@@ -91,15 +91,24 @@ class ReferenceExecutor:
         if x.device != home:   # dense layers elsewhere (e.g. GPU): compute the experts where they live
             out = self.run(layer, x.to(home), expert_ids.to(home), weights.to(home))
             return out.to(x.device)
+        if x.shape[0] != 1:
+            return self.run_grouped(layer, x, expert_ids, weights)
+        # decode: no grouping; ascending expert id, the same sums as `run_grouped`
+        out = torch.zeros_like(x)                                         # [1, H]
+        flat_w = weights.reshape(-1)                                      # [K]
+        ids = expert_ids.view(-1).tolist()
+        for j in sorted(range(expert_ids.shape[1]), key=ids.__getitem__):
+            y = self.store.expert(layer, ids[j]).forward(x)               # [1, H]
+            out.add_((y * flat_w[j:j + 1, None]).to(out.dtype))         # [1, 1] weight: fp32 product as below
+        return out
+
+    def run_grouped(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                    weights: torch.Tensor) -> torch.Tensor:
+        """The general path (any token count, x on the store's device): each activated expert once over
+        the tokens routed to it."""
         k = expert_ids.shape[1]
         out = torch.zeros_like(x)                                         # [T, H]
         flat_w = weights.reshape(-1)                                      # [T*K]
-        if x.shape[0] == 1:  # decode: no grouping; ascending expert id, the same sums as below
-            ids = expert_ids.view(-1).tolist()
-            for j in sorted(range(k), key=ids.__getitem__):
-                y = self.store.expert(layer, ids[j]).forward(x)           # [1, H]
-                out.add_((y * flat_w[j:j + 1, None]).to(out.dtype))     # [1, 1] weight: fp32 product as below
-            return out
         for expert, slots in group_by_expert(expert_ids):
             tokens = slots // k                                           # [N]
             y = self.store.expert(layer, expert).forward(x[tokens])       # [N, H]
