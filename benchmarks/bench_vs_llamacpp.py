@@ -203,7 +203,11 @@ def main() -> None:
                         help="keep the GGUFs here and reuse them (written by an earlier run with the same sizes)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--write-only", action="store_true", help="write the GGUFs (to --gguf-dir) and stop")
+    parser.add_argument("--cpu-kernel", default="torch",
+                        help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime (onnxruntime's "
+                             "thread pool is sized once: its variants run at the largest --threads only)")
     args = parser.parse_args()
+    kernels = args.cpu_kernel.split(",")
     denses = args.dense_dtype.split(",")
     if any(d not in GGUF_DENSE for d in denses):
         parser.error(f"--dense-dtype: each of {args.dense_dtype!r} must be one of {', '.join(GGUF_DENSE)}")
@@ -225,41 +229,55 @@ def main() -> None:
         return
     from llama_cpp import Llama
 
-    ours, llamas = {}, {}
-    for dense in denses:  # one expert store shared by every variant; dense weights copied, then quantised
-        ours[dense] = copy.deepcopy(model, memo={id(model.expert_store): model.expert_store})
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+
+    ours, llamas, stores = {}, {}, {}
+    for dense in denses:  # one expert store per kernel, shared by the dense variants; dense weights copied
         fmt = None if dense == "bf16" else dense
-        quantize_dense(ours[dense], fmt, fmt, args.int4_group)
+        for kernel in kernels:
+            store = stores.setdefault(kernel, model.expert_store if kernel == "torch" else
+                                      copy.deepcopy(model.expert_store))
+            ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): store})
+            ours[dense, kernel].expert_store = store
+            quantize_dense(ours[dense, kernel], fmt, fmt, args.int4_group)
+            if kernel != "torch":
+                apply_cpu_kernel(ours[dense, kernel], kernel, progress=False)
         for n in thread_counts:
             llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
                                      n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
-    variants = [(d, n) for d in denses for n in thread_counts]
+    variants = [(d, k, n) for d in denses for k in ["llama.cpp", *kernels] for n in thread_counts
+                if k in ("llama.cpp", "torch") or n == max(thread_counts)]
     load_before = os.getloadavg()
     times: dict[tuple[str, str, int], list[float]] = {}
-    for dense, n in variants:  # warm-up
+
+    def timed(dense: str, impl: str, n: int, new: int) -> float:
         torch.set_num_threads(n)
-        time_ours(ours[dense], prompt, 4)
-        time_llama(llamas[dense, n], prompt, 4)
+        if impl == "llama.cpp":
+            return time_llama(llamas[dense, n], prompt, new)
+        return time_ours(ours[dense, impl], prompt, new)
+
+    for dense, impl, n in variants:  # warm-up
+        timed(dense, impl, n, 4)
     for _ in range(args.repeats):  # interleaved: every variant of both engines in each round
-        for dense, n in variants:
-            torch.set_num_threads(n)
-            times.setdefault(("hybrimoe", dense, n), []).append(time_ours(ours[dense], prompt, args.new_tokens))
-            times.setdefault(("llama.cpp", dense, n), []).append(time_llama(llamas[dense, n], prompt,
-                                                                            args.new_tokens))
+        for dense, impl, n in variants:
+            times.setdefault((impl, dense, n), []).append(timed(dense, impl, n, args.new_tokens))
     rows = [machine_row(args, model, ggufs)]
     for (impl, dense, n), runs in times.items():
         s = statistics.median(runs)
-        label = f"hybrimoe int4 g32 experts, {dense} dense" if impl == "hybrimoe" else \
-            f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense"
-        rows.append({"kind": "decode", "impl": impl, "label": label, "dense": dense, "threads": n,
-                     "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
+        label = f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense" if impl == "llama.cpp" else \
+            f"hybrimoe int4 g32 experts, {dense} dense, {impl} CPU kernel"
+        rows.append({"kind": "decode", "impl": "llama.cpp" if impl == "llama.cpp" else "hybrimoe",
+                     "cpu_kernel": None if impl == "llama.cpp" else impl, "label": label, "dense": dense,
+                     "threads": n, "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
                      "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in runs],
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})
-    for dense, n in variants:
-        a, b = (times[(impl, dense, n)] for impl in ("hybrimoe", "llama.cpp"))
-        rows.append({"kind": "ratio", "dense": dense, "threads": n,
+    for dense, impl, n in variants:
+        if impl == "llama.cpp":
+            continue
+        a, b = times[(impl, dense, n)], times[("llama.cpp", dense, n)]
+        rows.append({"kind": "ratio", "dense": dense, "threads": n, "cpu_kernel": impl,
                      "ours_tokens_per_second_over_llamacpp": round(statistics.median(b) / statistics.median(a), 3),
                      "per_round": [round(y / x, 3) for x, y in zip(a, b)], "measured": True})
     rows[0]["load_before"] = load_before  # "load" is taken after the runs

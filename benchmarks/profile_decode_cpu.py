@@ -114,6 +114,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profiler", action="store_true", help="also print torch.profiler's top ops")
+    parser.add_argument("--cpu-kernel", default="torch", help="our CPU int4 kernel: torch or onnxruntime")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -121,6 +122,8 @@ def main() -> None:
     if args.dense_dtype != "bf16":  # as bench_vs_llamacpp.py: dense linears and lm_head in the same format
         from hybrimoe.models.quant_linear import quantize_dense
         quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    apply_cpu_kernel(model, args.cpu_kernel, progress=False)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (32,), generator=gen).tolist()
     decode(model, prompt, 4)
@@ -137,7 +140,7 @@ def main() -> None:
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     row = {"kind": "profile", "cpu": name, "threads": args.threads, "load": os.getloadavg(),
            "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
-           "dense_dtype": args.dense_dtype, "int4_group": args.int4_group,
+           "dense_dtype": args.dense_dtype, "int4_group": args.int4_group, "cpu_kernel": args.cpu_kernel,
            "ms_per_token_plain": round(plain * 1e3, 2),
            "ms_per_token_hooked": round(hooked * 1e3, 2),
            "parts_ms": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}, "measured": True}

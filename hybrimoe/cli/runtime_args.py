@@ -5,7 +5,7 @@
                                          given (the engine then runs the plain reference executor)
     runtime_kwargs_from_args(args)       -> the same as keyword options for Engine.from_pretrained(**kw),
                                          plus the weight formats (--expert-dtype, --int4-group,
-                                         --dense-dtype, --lm-head-dtype), which
+                                         --dense-dtype, --lm-head-dtype) and --cpu-kernel, which
                                          applies with or without the runtime
     expert_format_kwargs(args)           -> {expert_dtype, int4_group, dense_dtype, lm_head_dtype} for the loaders
 Any runtime flag without --policy selects the `hybrimoe` preset. The device comes from the command's
@@ -19,6 +19,7 @@ from dataclasses import fields
 from typing import Any
 
 from hybrimoe.models.quant_linear import DENSE_DTYPES
+from hybrimoe.moe.ort_kernels import CPU_KERNELS
 from hybrimoe.moe.quant import DEFAULT_INT4_GROUP, FORMAT_NAMES, INT4_GROUPS
 from hybrimoe.runtime_options import RuntimeOptions, parse_bytes
 
@@ -40,6 +41,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                           "default: the model's --dtype")
     fmt.add_argument("--lm-head-dtype", choices=DENSE_DTYPES, default=None,
                      help="the output projection: int8 or int4 (default: the model's --dtype)")
+    fmt.add_argument("--cpu-kernel", choices=CPU_KERNELS, default=None,
+                     help="CPU int4 matmuls (experts and dense linears): torch's int4 kernel (default) or "
+                          "onnxruntime's MatMulNBits (int8 activations; faster, and its packed copy of the int4 "
+                          "weights takes ~1.7x their bytes of extra host memory; pip install onnxruntime onnx)")
     group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
     group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "
@@ -107,10 +112,12 @@ def expert_format_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def runtime_kwargs_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword options for `Engine.from_pretrained(model_dir, dtype, **kwargs)`: the expert format, and
-    every RuntimeOptions field except `device` (the engine passes its own) when the runtime was requested."""
+    """Keyword options for `Engine.from_pretrained(model_dir, dtype, **kwargs)`: the expert format, the CPU
+    kernel, and every RuntimeOptions field except `device` (the engine passes its own) when the runtime was
+    requested."""
     options = runtime_options_from_args(args)
+    kernel = {} if getattr(args, "cpu_kernel", None) is None else {"cpu_kernel": args.cpu_kernel}
     if options is None:
-        return expert_format_kwargs(args)
-    return {**expert_format_kwargs(args),
+        return {**expert_format_kwargs(args), **kernel}
+    return {**expert_format_kwargs(args), **kernel,
             **{f.name: getattr(options, f.name) for f in fields(options) if f.name != "device"}}

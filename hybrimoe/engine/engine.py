@@ -108,7 +108,7 @@ class Engine:
 
             model, runtime = load_with_runtime(None, check_dtype(dtype),
                                                RuntimeOptions.from_kwargs(device=options.device, **hybrid),
-                                               **options.weight_formats())
+                                               cpu_kernel=options.cpu_kernel, **options.weight_formats())
             engine = cls(model.eval(), None, _dummy_name(hybrid["dummy_weights"]), options)
             engine.runtime = runtime
             return engine
@@ -127,9 +127,12 @@ class Engine:
 
             model, runtime = load_with_runtime(str(path), check_dtype(dtype),
                                                RuntimeOptions.from_kwargs(device=options.device, **hybrid),
-                                               **options.weight_formats())
+                                               cpu_kernel=options.cpu_kernel, **options.weight_formats())
         else:
+            from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
+            apply_cpu_kernel(model, options.cpu_kernel)
         model.eval()
         try:
             if gguf:

@@ -24,6 +24,7 @@ class EngineOptions:
     int4_group: int | None = None  # int4: inputs per scale group (32, 64, 128, 256); None = default
     dense_dtype: str | None = None  # decoder layers' linears: int8 | int4 (quantised at load); None = the model's
     lm_head_dtype: str | None = None  # lm_head: int8 | int4; None = the model's dtype
+    cpu_kernel: str = "torch"  # CPU int4 matmuls: torch | onnxruntime (hybrimoe.moe.ort_kernels)
 
     @classmethod
     def from_kwargs(cls, **options: object) -> "EngineOptions":
@@ -40,6 +41,8 @@ class EngineOptions:
         from hybrimoe.models.quant_linear import check_dense_dtype
         check_dense_dtype(result.dense_dtype)
         check_dense_dtype(result.lm_head_dtype, "lm_head dtype")
+        from hybrimoe.moe.ort_kernels import check_cpu_kernel
+        check_cpu_kernel(result.cpu_kernel)
         return result
 
     def weight_formats(self) -> dict[str, str | int | None]:

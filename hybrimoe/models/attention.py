@@ -7,6 +7,8 @@ sliding window (Mixtral). Parameter names follow the Hugging Face checkpoints.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -41,13 +43,26 @@ class Attention(nn.Module):
         spec = RopeSpec.from_hf(d, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
                                 interleaved=False)   # "rotate half": pairs (x[i], x[i + D/2])
         self.rotary = Rotary(spec)
+        self.qkv: Any = None  # q/k/v as one matmul (StackedLinears, `stack_for_onnxruntime`); None = three
+
+    def stack_for_onnxruntime(self) -> list[nn.Module]:
+        """q/k/v projections as ONE onnxruntime matmul (StackedLinears) when all three are int4 on the CPU;
+        returns the linears now computed that way ([] when not)."""
+        from hybrimoe.models.quant_linear import StackedLinears
+
+        linears = [self.q_proj, self.k_proj, self.v_proj]
+        self.qkv = StackedLinears.build(linears)
+        return linears if self.qkv is not None else []
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_layers: list[LayerKV],
                 lengths: list[int]) -> torch.Tensor:
         """x [N, H], positions [N] (absolute, per row) -> [N, H]. Segment i = the next lengths[i] rows: its
         k/v are appended to kv_layers[i] and its queries attend to that cache only."""
         n = x.shape[0]
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)      # [N, Hq*D], [N, Hkv*D] x2
+        if self.qkv is not None:
+            q, k, v = self.qkv(x)                                         # [N, Hq*D], [N, Hkv*D] x2
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if self.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
         if self.clip is not None:

@@ -18,6 +18,7 @@ Shapes: x [..., K] -> [..., N]; weight [N, K].
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("q", torch.empty(n * k // 2, dtype=torch.uint8))  # packed, 2 codes a byte
             self.register_buffer("scale", torch.empty(k // self.group, n, 2, dtype=dtype))  # (scale, zero)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
+        self.ort: Any = None  # hybrimoe.moe.ort_kernels.OrtMatmul after `use_onnxruntime`
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: ExpertFormat,
@@ -70,6 +72,7 @@ class QuantLinear(nn.Module):
     def set_weight(self, w: torch.Tensor | Int8Matrix | Int4Matrix) -> None:
         """Quantise (a float [N, K]) or take (an Int8Matrix/Int4Matrix) the weight into the buffers."""
         n, k = self.out_features, self.in_features
+        self.ort = None  # an onnxruntime copy of the old weight is stale
         if isinstance(w, torch.Tensor):
             if tuple(w.shape) != (n, k):
                 raise ConfigError(f"expected a [{n}, {k}] weight, got {tuple(w.shape)}")
@@ -98,10 +101,21 @@ class QuantLinear(nn.Module):
         """W [N, K] in the model's dtype (a fresh tensor)."""
         return self.view().dequantize().clone()
 
+    def use_onnxruntime(self) -> bool:
+        """Computes this linear with onnxruntime's int4 kernel from now on (int4 on the CPU with integer zero
+        points only: hybrimoe.moe.ort_kernels); False when it cannot."""
+        from hybrimoe.moe.ort_kernels import OrtMatmul
+
+        view = self.view()
+        if isinstance(view, Int4View) and self.q.device.type == "cpu":
+            self.ort = OrtMatmul.build(view)
+        return self.ort is not None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., K] -> [..., N] in x's dtype (computed in the scales' dtype)."""
         lead = x.shape[:-1]
-        y = self.view().matmul(x.reshape(-1, self.in_features).to(self.scale.dtype))  # [T, N]
+        kernel = self.ort if self.ort is not None and x.device.type == "cpu" else self.view()
+        y = kernel.matmul(x.reshape(-1, self.in_features).to(self.scale.dtype))  # [T, N]
         if self.bias is not None:
             y = y + self.bias
         return y.view(*lead, self.out_features).to(x.dtype)
@@ -146,3 +160,39 @@ def quantize_dense(model: nn.Module, dense_dtype: str | None, lm_head_dtype: str
         log.info("dense linears: %d in %s, lm_head in %s", sum(n != "lm_head" for n, _ in jobs),
                  dense_dtype, lm_head_dtype or "the model's dtype")
     return len(jobs)
+
+
+class StackedLinears:
+    """Linears that read the same input (q/k/v projections) as ONE onnxruntime matmul: x [T, K] ->
+    one [T, N_i] per linear (biases added, x's dtype). More tokens than the kernel's crossover run the
+    linears one by one."""
+
+    def __init__(self, linears: list[QuantLinear], ort: Any) -> None:
+        self.linears, self.ort = linears, ort
+        self.sizes = [m.out_features for m in linears]
+
+    @classmethod
+    def build(cls, linears: list[nn.Module]) -> StackedLinears | None:
+        """None unless every linear is an int4 QuantLinear on the CPU that onnxruntime can compute."""
+        from hybrimoe.moe.ort_kernels import OrtMatmul
+
+        if not all(isinstance(m, QuantLinear) and m.layout is not None and m.q.device.type == "cpu"
+                   for m in linears):
+            return None
+        ort = OrtMatmul.stacked([m.view() for m in linears])
+        return None if ort is None else cls(linears, ort)
+
+    def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
+        from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
+
+        lead = x.shape[:-1]
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
+            return [m(x) for m in self.linears]
+        ys = self.ort.matmul(flat.to(self.linears[0].scale.dtype)).split(self.sizes, dim=-1)  # [T, N_i] each
+        out = []
+        for m, y in zip(self.linears, ys):
+            if m.bias is not None:
+                y = y + m.bias
+            out.append(y.reshape(*lead, m.out_features).to(x.dtype))
+        return out

@@ -76,12 +76,13 @@ def load_dummy_model(options: RuntimeOptions, dtype: str | torch.dtype = "bf16",
 def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions,
                       progress: bool = True, expert_dtype: str | None = None,
                       int4_group: int | None = None, dense_dtype: str | None = None,
-                      lm_head_dtype: str | None = None) -> tuple[Any, HybridRuntime]:
+                      lm_head_dtype: str | None = None, cpu_kernel: str = "torch") -> tuple[Any, HybridRuntime]:
     """Budget check (before any weight is read) -> checkpoint (or --dummy-weights) with the expert store
     pinned on CUDA, experts in `expert_dtype` (None = `dtype`), dense linears in `dense_dtype` and
-    lm_head in `lm_head_dtype` (None = `dtype`) -> dense part on the device -> runtime installed.
-    Returns (model, runtime)."""
+    lm_head in `lm_head_dtype` (None = `dtype`) -> dense part on the device -> CPU int4 kernel
+    `cpu_kernel` (before the runtime calibrates the CPU) -> runtime installed. Returns (model, runtime)."""
     from hybrimoe.loader import expert_format, load_model, parse_dtype
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
     device = options.resolved_device()
     options = options.with_changes(device=device)
@@ -96,6 +97,7 @@ def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions
         model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin,
                            expert_dtype=expert_dtype, int4_group=int4_group, dense_dtype=dense_dtype,
                            lm_head_dtype=lm_head_dtype)
+    apply_cpu_kernel(model, cpu_kernel, progress)
     return model, install_runtime(model, options)
 
 

@@ -7,8 +7,9 @@
     matrix.dequantize()                          -> float [N, K]: w = q * scale (int8), q * scale + offset (int4)
 
 Numerics. int8: symmetric per output row, scale = max|w| / 127, q = round(w / scale) in -127..127.
-int4: asymmetric per group of `g` consecutive inputs of one row, scale = (max - min) / 15,
-offset = min, q = round((w - offset) / scale) in 0..15, w' = q * scale + offset. GGUF's Q4_0
+int4: asymmetric per group of `g` consecutive inputs of one row with an integer zero point: the range
+[min(lo, 0), max(hi, 0)] in 15 steps, scale = range / 15, zp = round(-lo / scale), q = round(w / scale) + zp
+in 0..15, w' = q * scale + offset with offset = -zp * scale. GGUF's Q4_0
 (w = d * (q - 8)) is scale = d, offset = -8 d; Q4_K (w = d * sc * q - dmin * m) is scale = d * sc,
 offset = -dmin * m, both with g = 32: the 4-bit codes map over unchanged.
 
@@ -114,15 +115,19 @@ def quantize_int8(w: torch.Tensor) -> Int8Matrix:
 
 
 def quantize_int4(w: torch.Tensor, group: int) -> Int4Matrix:
-    """Asymmetric int4 of w [N, K] per group of `group` inputs (computed in fp32)."""
+    """Asymmetric int4 of w [N, K] per group of `group` inputs with an INTEGER zero point (computed in fp32):
+    the range [min(lo, 0), max(hi, 0)] in 15 steps, zp = round(-lo / scale) in 0..15, q = round(w / scale) + zp,
+    so offset = -zp * scale (GPTQ's and onnxruntime MatMulNBits' convention; the onnxruntime CPU kernel
+    needs it, hybrimoe.moe.ort_kernels)."""
     n, k = w.shape
     if k % group:
         raise ConfigError(f"int4 group {group} does not divide the row length {k}")
     g = w.float().view(n, k // group, group)
-    lo, hi = g.amin(dim=2), g.amax(dim=2)  # [N, K/g]
+    lo, hi = g.amin(dim=2).clamp(max=0.0), g.amax(dim=2).clamp(min=0.0)  # [N, K/g], 0 inside the range
     scale = ((hi - lo) / 15.0).clamp_min(1e-12)
-    q = torch.round((g - lo[..., None]) / scale[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
-    return Int4Matrix(q, scale, lo, group)
+    zp = torch.round(-lo / scale).clamp_(0, 15)  # [N, K/g]
+    q = (torch.round(g / scale[..., None]) + zp[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)
+    return Int4Matrix(q, scale, -zp * scale, group)
 
 
 def fake_quantize(w: torch.Tensor, fmt: ExpertFormat) -> torch.Tensor:

@@ -9,15 +9,19 @@ matrices (`set_expert_quantized`, e.g. GGUF blocks).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from hybrimoe.config import ModelConfig
-from hybrimoe.errors import BudgetError
+from hybrimoe.errors import BudgetError, ConfigError
 from hybrimoe.moe.expert_layout import ExpertLayout
-from hybrimoe.moe.kernels import ExpertView
+from hybrimoe.moe.kernels import ExpertView, FloatExpert
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
+
+log = logging.getLogger(__name__)
+ORT_MEMORY_FACTOR = 1.7  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
 
 
 def host_available_bytes() -> int | None:
@@ -71,6 +75,8 @@ class ExpertStore:
         self.layout = ExpertLayout(self.format, self.intermediate, self.hidden)
         self.expert_numel = self.layout.numel
         self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, numel]
+        self.cpu_kernel = "torch"  # or "onnxruntime" (`use_onnxruntime`)
+        self._ort: dict[tuple[int, int], ExpertView] = {}  # onnxruntime experts (kept across `pin`)
         self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
             check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_nbytes,
@@ -128,11 +134,47 @@ class ExpertStore:
 
     def expert(self, layer: int, expert: int) -> ExpertView:
         """The expert as a computable view (`.forward(x [T, H]) -> [T, H]`) of its host buffer (built once per
-        expert and memory: ~15 us of tensor views per call otherwise, on every decode token)."""
+        expert and memory: ~15 us of tensor views per call otherwise, on every decode token); with
+        `use_onnxruntime`, its onnxruntime session where it has one."""
+        ort = self._ort.get((layer, expert))
+        if ort is not None:
+            return ort
         view = self._views.get((layer, expert))
         if view is None:
             view = self._views[(layer, expert)] = self.layout.view(self.buffer(layer, expert))
         return view
+
+    def use_onnxruntime(self, progress: bool = True) -> int:
+        """Computes the host experts with onnxruntime's int4 kernel from now on (hybrimoe.moe.ort_kernels):
+        builds every expert's session here (with a progress bar). Experts with a non-integer zero point
+        (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
+        is extra host memory (about 1.7x that). Int4 stores only."""
+        from tqdm import tqdm
+
+        from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
+
+        check_cpu_kernel("onnxruntime")
+        if self.format.name != "int4":
+            raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts; these are {self.format.describe()} "
+                              "(add --expert-dtype int4)")
+        check_host_memory(int(ORT_MEMORY_FACTOR * self.nbytes), "onnxruntime's packed copy of the int4 experts")
+        keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
+        handed, kept = 0, 0
+        for key in tqdm(keys, desc="onnxruntime experts", unit="expert", disable=not progress):
+            view = self.expert(*key)
+            built = OrtExpert.build(view) if not isinstance(view, FloatExpert) else None
+            if built is None:
+                kept += 1
+                continue
+            self._ort[key] = built
+            handed += built.nbytes
+        self.cpu_kernel = "onnxruntime"
+        if kept:
+            log.warning("%d of %d experts have non-integer int4 zero points (e.g. GGUF Q4_K) and stay on torch's "
+                        "CPU kernel", kept, len(keys))
+        log.info("onnxruntime CPU kernel: %d experts, %.2f GB of int4 weights packed into onnxruntime's own "
+                 "memory (about %.2f GB more host memory)", len(self._ort), handed / 1e9, ORT_MEMORY_FACTOR * handed / 1e9)
+        return handed
 
     def view(self, buffer: torch.Tensor) -> ExpertView:
         """A computable view of an expert buffer [numel] anywhere (e.g. a GPU cache slot after a copy)."""

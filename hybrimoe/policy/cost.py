@@ -56,7 +56,9 @@ GRAPH_PARAMETERS: dict[str, str] = {
 # measured with benchmarks/bench_expert_kernels.py on an AMD EPYC (Zen 4, AVX-512), 2 threads, bf16
 # (benchmarks/RESULTS_formats.md): int8 fused wins at 8 tokens and loses at 32 on both Mixtral and
 # DeepSeek-V2-Lite experts; int4 fused wins up to 128 tokens on both and loses at 512 (DeepSeek-V2-Lite).
-CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 16, "int4": 256}
+# onnxruntime's MatMulNBits (int8 activations, `--cpu-kernel onnxruntime`): faster than torch's int4 kernel
+# up to 128 tokens on a Mixtral-shaped expert (H 2048, I 4096), slower at 512: the same 256.
+CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 16, "int4": 256, "onnxruntime": 256}
 FORMAT_BASE_BITS: dict[str, float] = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
 
 

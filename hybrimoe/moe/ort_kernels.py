@@ -1,0 +1,293 @@
+"""CPU int4 kernels from onnxruntime (`--cpu-kernel onnxruntime`): MLAS's MatMulNBits, int8 activations x
+int4 weights on integer SIMD (AVX-512 VNNI / AVX2), the scheme llama.cpp's Q4_0 x Q8_0 dot uses.
+
+    onnxruntime_available()                     -> bool (the optional `onnxruntime` and `onnx` packages)
+    ort_int4_weights(Int4View)                  -> OrtInt4 (codes, scales, integer zero points) | None
+    OrtExpert.build(QuantExpert)                one session per expert: down @ (silu(g) * u), [T, H] -> [T, H]
+    OrtMatmul.build(view)                       one session per matrix: x [T, K] -> [T, N]
+    OrtMatmul.stacked([views])                  one session for matrices stacked along N (fused q/k/v)
+Both hand more than CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"] tokens (measured crossover) to the torch
+view they were built from.
+
+Numerics (onnxruntime's `accuracy_level=4`): each run quantises x to int8 per block of `group` inputs
+(symmetric, scale = max|x| / 127, round to nearest), multiplies with the int4 codes in integers and
+scales the block sums in fp32: w = (q - zp) * scale with an INTEGER zero point zp per group. Only int4
+matrices whose stored zero is an integer code (zero = (8 - zp) * scale, what `quantize_int4` and GGUF
+Q4_0 give) can run here; GGUF Q4_K's fractional offsets cannot and stay on torch's kernel.
+`reference_matmul` is the same computation in plain torch (the tests compare against it).
+
+Memory: onnxruntime packs each matrix into its own layout at session creation (MLAS reorders the codes
+and keeps fp32 scales and per-block sums) and never reads our arrays again (the tests check this by
+overwriting them); the packed copy is ADDITIONAL host memory next to the expert store (measured 1.7x the
+int4 bytes: benchmarks/RESULTS_formats.md). One global onnxruntime thread pool of torch's thread count
+serves every session, without spinning (OMP_WAIT_POLICY=PASSIVE's reasoning: shared cores).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybrimoe.errors import ConfigError
+from hybrimoe.moe.kernels import Int4View, QuantExpert
+from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
+
+log = logging.getLogger(__name__)
+
+CPU_KERNELS = ("torch", "onnxruntime")
+ZERO_TOLERANCE = 0.05  # |8 - zero/scale - zp| allowed: a bf16 zero rounds (8 - zp) * scale by <= 8 * 2^-9
+ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path; 0/1 dequantise to fp32, 3-4x slower here)
+_STATE: dict[str, Any] = {"threads": None}
+_LOCK = threading.Lock()
+
+
+def onnxruntime_available() -> bool:
+    return all(importlib.util.find_spec(name) is not None for name in ("onnx", "onnxruntime"))
+
+
+def check_cpu_kernel(name: str) -> str:
+    """`name` validated ("torch" | "onnxruntime"); ConfigError naming the fix when onnxruntime is missing."""
+    if name not in CPU_KERNELS:
+        raise ConfigError(f"unknown CPU kernel {name!r}; supported: {', '.join(CPU_KERNELS)}")
+    if name == "onnxruntime" and not onnxruntime_available():
+        raise ConfigError("--cpu-kernel onnxruntime needs the onnxruntime and onnx packages: "
+                          "pip install 'hybrimoe[onnxruntime]' (or: pip install onnxruntime onnx)")
+    return name
+
+
+def _runtime() -> Any:
+    """onnxruntime, with its global thread pool set up once (torch's thread count at the first call)."""
+    import onnxruntime as ort
+
+    with _LOCK:
+        if _STATE["threads"] is None:
+            ort.set_default_logger_severity(3)  # errors only (one warning per session otherwise)
+            threads = torch.get_num_threads()
+            from onnxruntime.capi import _pybind_state
+            _pybind_state.set_global_thread_pool_sizes(threads, 1)
+            _STATE["threads"] = threads
+    return ort
+
+
+@dataclass(frozen=True)
+class OrtInt4:
+    """One [N, K] int4 matrix in MatMulNBits' input layout (plain numpy, consumed at session creation)."""
+    codes: np.ndarray  # uint8 [N, K/g, g/2]: byte j of a block = code 2j (low nibble) | code 2j+1 << 4
+    scales: np.ndarray  # float32 [N * K/g]
+    zero_points: np.ndarray  # uint8 [N * ceil((K/g)/2)]: two zero points a byte, low nibble first, per row
+    n: int
+    k: int
+    group: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.codes.nbytes + self.scales.nbytes + self.zero_points.nbytes
+
+
+def integer_zero_points(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+    """zp [N, K/g] uint8 with zero == (8 - zp) * scale (to ZERO_TOLERANCE), or None if any group has none.
+    scale/zero [N, K/g] as stored (w = (q - 8) * scale + zero)."""
+    scale, zero = scale.float(), zero.float()
+    flat = scale == 0
+    ratio = 8.0 - zero / torch.where(flat, torch.ones_like(scale), scale)
+    zp = ratio.round()
+    ok = ((ratio - zp).abs() <= ZERO_TOLERANCE) & (zp >= 0) & (zp <= 15)
+    ok = torch.where(flat, zero == 0, ok)  # an all-equal group: its value must be 0
+    if not bool(ok.all()):
+        return None
+    return torch.where(flat, torch.full_like(zp, 8), zp).to(torch.uint8)
+
+
+def ort_int4_weights(view: Int4View) -> OrtInt4 | None:
+    """The matrix of `view` (host or device) in MatMulNBits' layout; None when a zero is not an integer code."""
+    n, k, g = view.n, view.k, view.group
+    if g % 16 or k % g:
+        return None  # MatMulNBits blocks are 16..256 inputs, powers of two
+    scale, zero = view.sz[..., 0].t().cpu(), view.sz[..., 1].t().cpu()  # [N, K/g]
+    zp = integer_zero_points(scale, zero)
+    if zp is None:
+        return None
+    codes = view.layout.unpack(view.packed.cpu(), n, k).to(torch.uint8).view(n, k // g, g // 2, 2)
+    packed = (codes[..., 0] | (codes[..., 1] << 4)).contiguous()  # [N, K/g, g/2]
+    blocks = k // g
+    zp_rows = torch.nn.functional.pad(zp, (0, blocks % 2), value=8).view(n, -1, 2)  # [N, ceil(K/g/2), 2]
+    zp_bytes = (zp_rows[..., 0] | (zp_rows[..., 1] << 4)).reshape(-1)
+    return OrtInt4(packed.numpy(), scale.float().reshape(-1).numpy().copy(), zp_bytes.contiguous().numpy(), n, k, g)
+
+
+def _external(name: str, onnx_type: int, dims: list[int]) -> Any:
+    """An initializer declared in the graph whose data comes from SessionOptions.add_external_initializers."""
+    from onnx import TensorProto
+
+    t = TensorProto()
+    t.name, t.data_type, t.data_location = name, onnx_type, TensorProto.EXTERNAL
+    t.dims.extend(dims)
+    entry = t.external_data.add()
+    entry.key, entry.value = "location", "memory"
+    return t
+
+
+def _matmul_node(prefix: str, x: str, y: str, w: OrtInt4, inits: list[Any], feeds: dict[str, np.ndarray]) -> Any:
+    from onnx import TensorProto, helper
+
+    names = (f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zp")
+    for name, array, onnx_type in zip(names, (w.codes, w.scales, w.zero_points),
+                                      (TensorProto.UINT8, TensorProto.FLOAT, TensorProto.UINT8)):
+        inits.append(_external(name, onnx_type, list(array.shape)))
+        feeds[name] = array
+    return helper.make_node("MatMulNBits", [x, *names], [y], domain="com.microsoft", K=w.k, N=w.n, bits=4,
+                            block_size=w.group, accuracy_level=ACCURACY_LEVEL)
+
+
+def _session(nodes: list[Any], inits: list[Any], feeds: dict[str, np.ndarray], k: int, n: int) -> Any:
+    """A CPU session for graph `nodes` (x [T, k] fp32 -> y [T, n] fp32). The arrays in `feeds` are only read
+    while the session is created (MatMulNBits packs them into its own memory)."""
+    from onnx import TensorProto, helper
+
+    ort = _runtime()
+    graph = helper.make_graph(nodes, "hybrimoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    options = ort.SessionOptions()
+    options.use_per_session_threads = False  # the global pool (`_runtime`)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    values = [ort.OrtValue.ortvalue_from_numpy(a) for a in feeds.values()]
+    options.add_external_initializers(list(feeds), values)
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _run(session: Any, x: torch.Tensor) -> torch.Tensor:
+    """x [T, K] (any float dtype, CPU) -> y [T, N] in x's dtype."""
+    a = x.detach().to(torch.float32).contiguous().numpy()
+    y = torch.from_numpy(session.run(None, {"x": a})[0])
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class OrtMatmul:
+    """x [T, K] @ W^T for one int4 matrix, computed by onnxruntime on the CPU."""
+    session: Any
+    fallback: Int4View  # more tokens than the crossover
+    nbytes: int  # the int4 bytes handed to onnxruntime (its packed copy is about 1.7x this)
+
+    @classmethod
+    def build(cls, view: Int4View) -> OrtMatmul | None:
+        w = ort_int4_weights(view)
+        if w is None:
+            return None
+        inits: list[Any] = []
+        feeds: dict[str, np.ndarray] = {}
+        node = _matmul_node("w", "x", "y", w, inits, feeds)
+        return cls(_session([node], inits, feeds, w.k, w.n), view, w.nbytes)
+
+    @classmethod
+    def stacked(cls, views: list[Int4View]) -> OrtMatmul | None:
+        """ONE session for the matrices of `views` stacked along N (same K and group; e.g. q/k/v
+        projections: one call instead of three). Its fallback is the first view: the caller must not
+        pass it more than the crossover's tokens."""
+        parts = [ort_int4_weights(v) for v in views]
+        if any(p is None for p in parts) or len({(p.k, p.group) for p in parts}) != 1:
+            return None
+        w = OrtInt4(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                    np.concatenate([p.zero_points for p in parts]), sum(p.n for p in parts), parts[0].k,
+                    parts[0].group)
+        inits: list[Any] = []
+        feeds: dict[str, np.ndarray] = {}
+        node = _matmul_node("w", "x", "y", w, inits, feeds)
+        return cls(_session([node], inits, feeds, w.k, w.n), views[0], w.nbytes)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] -> [T, N] in x's dtype."""
+        if x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
+            return self.fallback.matmul(x)
+        return _run(self.session, x)
+
+
+@dataclass(frozen=True)
+class OrtExpert:
+    """f(x) = down @ (silu(gate @ x) * (up @ x)) in ONE onnxruntime run (gate_up [2I, H], down [H, I])."""
+    session: Any
+    fallback: QuantExpert  # more tokens than the crossover
+    nbytes: int
+
+    @classmethod
+    def build(cls, expert: QuantExpert) -> OrtExpert | None:
+        """None when a matrix is not int4 or has a non-integer zero point (it then stays on torch's kernel)."""
+        from onnx import helper
+
+        if not isinstance(expert.gate_up, Int4View) or not isinstance(expert.down, Int4View):
+            return None
+        a, b, intermediate = ort_int4_weights(expert.gate_up), ort_int4_weights(expert.down), expert.intermediate
+        if a is None or b is None:
+            return None
+        inits: list[Any] = []
+        feeds: dict[str, np.ndarray] = {}
+        nodes = [_matmul_node("gate_up", "x", "h", a, inits, feeds),                    # [T, 2I]
+                 helper.make_node("Split", ["h"], ["g", "u"], axis=-1, num_outputs=2),   # [T, I] each
+                 helper.make_node("Sigmoid", ["g"], ["sg"]),
+                 helper.make_node("Mul", ["g", "sg"], ["silu"]),
+                 helper.make_node("Mul", ["silu", "u"], ["act"]),
+                 _matmul_node("down", "act", "y", b, inits, feeds)]                      # [T, H]
+        assert a.n == 2 * intermediate and b.k == intermediate
+        return cls(_session(nodes, inits, feeds, a.k, b.n), expert, a.nbytes + b.nbytes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H] in x's dtype."""
+        if x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
+            return self.fallback.forward(x)
+        return _run(self.session, x)
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [T, K] fp32 after MLAS's int8 activation rounding: per block of `group` inputs, scale =
+    max|x| / 127, round half to even (what the int8 dot product sees), returned dequantised."""
+    t, k = x.shape
+    blocks = x.float().view(t, k // group, group)
+    scale = blocks.abs().amax(dim=2, keepdim=True) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inv) * scale).view(t, k)
+
+
+def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
+    """What OrtMatmul computes, in plain fp32 torch: int8-rounded activations @ (q - zp) * scale."""
+    w = ort_int4_weights(view)
+    assert w is not None
+    low, high = torch.from_numpy(w.codes) & 15, torch.from_numpy(w.codes) >> 4
+    codes = torch.stack((low, high), dim=-1).view(w.n, w.k).float()
+    zp = torch.stack((torch.from_numpy(w.zero_points) & 15, torch.from_numpy(w.zero_points) >> 4), dim=-1)
+    zp = zp.view(w.n, -1)[:, :w.k // w.group].float()  # [N, K/g]
+    scale = torch.from_numpy(w.scales).view(w.n, -1)
+    weight = ((codes.view(w.n, -1, w.group) - zp[..., None]) * scale[..., None]).view(w.n, w.k)
+    return quantize_activations(x.float(), w.group) @ weight.t()
+
+
+def apply_cpu_kernel(model: Any, name: str, progress: bool = True) -> None:
+    """Switches `model`'s CPU int4 matmuls to kernel `name`: "torch" (the default: nothing to do) or
+    "onnxruntime" (the routed experts of an int4 store, `ExpertStore.use_onnxruntime`, q/k/v projections
+    stacked into one matmul where all three are int4, and every other int4 `QuantLinear` on the CPU).
+    ConfigError when nothing in the model is int4."""
+    if check_cpu_kernel(name) == "torch":
+        return
+    store = model.expert_store
+    switched = 0
+    if store.format.name == "int4":
+        store.use_onnxruntime(progress)
+        switched += 1
+    stacked: set[int] = set()  # linears computed inside a stacked matmul (q/k/v): no session of their own
+    for module in model.modules():
+        if callable(getattr(module, "stack_for_onnxruntime", None)):
+            linears = module.stack_for_onnxruntime()
+            stacked.update(map(id, linears))
+            switched += bool(linears)
+    for module in model.modules():
+        if id(module) not in stacked and callable(getattr(module, "use_onnxruntime", None)):
+            switched += bool(module.use_onnxruntime())
+    if not switched:
+        raise ConfigError("--cpu-kernel onnxruntime computes int4 weights; this model has none on the CPU "
+                          "(add --expert-dtype int4 and/or --dense-dtype int4)")
