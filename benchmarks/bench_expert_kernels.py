@@ -5,8 +5,10 @@
 For each expert shape (Mixtral-8x7B: H 4096, I 14336; DeepSeek-V2-Lite: H 2048, I 1408), each format
 (bf16; int8; int4 with group 32 and 128) and each token count (1, 8, 32, 128), one SwiGLU expert is run
 from the store's own layout (hybrimoe.moe.expert_layout) with each CPU kernel the engine can choose:
-"fused" (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu), "dequant" (dequantise + F.linear)
-and "auto" (what the engine picks: hybrimoe.policy.cost.CPU_FUSED_KERNEL_MAX_TOKENS). Enough copies of
+"fused" (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu), "dequant" (dequantise + F.linear),
+"auto" (what the engine picks: hybrimoe.policy.cost.CPU_FUSED_KERNEL_MAX_TOKENS) and, for int4 with
+`--kernels ...,onnxruntime`, "onnxruntime" (`--cpu-kernel onnxruntime`: one MatMulNBits session per
+expert copy, hybrimoe.moe.ort_kernels; its weight bytes are counted as our int4 layout's). Enough copies of
 the expert rotate that their bytes exceed the last-level cache 8x, so every call reads weights from
 DRAM as a decode step does. Rounds are interleaved (every configuration once per round; the median
 over rounds is reported) so that other processes on a shared machine disturb all alike.
@@ -57,6 +59,9 @@ def make_experts(name: str, group: int, hidden: int, inter: int, seed: int = 0) 
 
 
 def run_expert(expert, x: torch.Tensor, kernel: str, fmt: str) -> None:
+    if kernel == "onnxruntime":  # `expert` is an OrtExpert
+        expert.forward(x)
+        return
     if kernel == "auto" or fmt == "bf16":
         kernels.set_fused_kernels(True)
         expert.forward(x)
@@ -69,6 +74,11 @@ def run_expert(expert, x: torch.Tensor, kernel: str, fmt: str) -> None:
     finally:
         kernels.CPU_FUSED_KERNEL_MAX_TOKENS.update(saved)
         kernels.set_fused_kernels(True)
+
+
+def key(config: tuple) -> tuple:
+    """The experts a configuration (format, group, tokens, kernel) runs: the onnxruntime sessions or the views."""
+    return ("onnxruntime", config[1]) if config[3] == "onnxruntime" else config[:2]
 
 
 def main() -> None:
@@ -97,20 +107,25 @@ def main() -> None:
             experts[(fmt, group)] = make_experts(fmt, group, hidden, inter)
             for n in tokens:
                 for kernel in (["auto"] if fmt == "bf16" else kinds):
-                    configs.append((fmt, group, n, kernel))
+                    if kernel != "onnxruntime" or fmt == "int4":
+                        configs.append((fmt, group, n, kernel))
+            if fmt == "int4" and "onnxruntime" in kinds:
+                from hybrimoe.moe.ort_kernels import OrtExpert
+                experts[("onnxruntime", group)] = ([OrtExpert.build(v) for v in experts[(fmt, group)][0]],
+                                                   experts[(fmt, group)][1])
         xs = {n: torch.randn(n, hidden, dtype=torch.bfloat16) for n in tokens}
         times: dict[tuple, list[float]] = {c: [] for c in configs}
         reads: list[float] = []
         cursor = 0
         with torch.inference_mode():
             for c in configs:  # warm-up
-                run_expert(experts[c[:2]][0][0], xs[c[2]], c[3], c[0])
+                run_expert(experts[key(c)][0][0], xs[c[2]], c[3], c[0])
             for _ in range(args.rounds):
                 t0 = time.perf_counter()
                 raw.sum()
                 reads.append(time.perf_counter() - t0)
                 for c in configs:
-                    views = experts[c[:2]][0]
+                    views = experts[key(c)][0]
                     cursor += 1
                     t0 = time.perf_counter()
                     run_expert(views[cursor % len(views)], xs[c[2]], c[3], c[0])
@@ -118,7 +133,7 @@ def main() -> None:
         raw_gbps = raw.numel() * 4 / statistics.median(reads) / 1e9
         for c in configs:
             fmt, group, n, kernel = c
-            nbytes = experts[c[:2]][1]
+            nbytes = experts[key(c)][1]
             seconds = statistics.median(times[c])
             row = {"kind": "expert", "shape": shape, "hidden": hidden, "intermediate": inter, "format": fmt,
                    "group": group or None, "tokens": n, "kernel": kernel, "ms": round(seconds * 1e3, 4),

@@ -64,6 +64,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="our int4 group (32 = Q4_0's; others change the rounding, not the float weights)")
     parser.add_argument("--dense-dtype", default="bf16",
                         help="dense linears and lm_head: bf16 | int8 | int4, or a comma list (one variant each)")
+    parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
+                        help="our model's dtype (`hybrimoe generate --dtype`): activations, norms, KV cache, int4 "
+                             "scales of torch's kernel; the GGUFs are written from bf16 weights either way")
 
 
 GGUF_DENSE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the GGUF's matching dense type
@@ -79,7 +82,7 @@ def build_ours(args: argparse.Namespace):
 
     config = ModelConfig.from_dict(model_config(args))
     with patch.object(ExpertStore, "fill_random", lambda self, generator, std: None):  # experts come below
-        model = build_dummy_model(config, "bf16", seed=0, std=0.02, expert_dtype="int4", int4_group=args.int4_group)
+        model = build_dummy_model(config, args.dtype, seed=0, std=0.02, expert_dtype="int4", int4_group=args.int4_group)
     store = model.expert_store
     for layer in config.moe_layers:
         gate, up, down = expert_tensors(layer, args)

@@ -55,6 +55,7 @@ class CalibrationSettings:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     expert_dtype: str | None = None  # expert format (bf16 | int8 | int4 | ...); None = `dtype` weights
     int4_group: int | None = None  # int4 group size (None = the engine's default)
+    cpu_kernel: str = "torch"  # CPU int4 kernel: torch | onnxruntime (`--cpu-kernel`)
 
     def expert_format(self) -> ExpertFormat:
         """Experts stored as the engine stores them, computed with activations of `dtype`."""
@@ -72,7 +73,8 @@ class _Experts:
     [gate | up | down], or int8/int4 codes and scales quantised on the host), then moved to `device`
     (the stored bytes, as a cache copy moves them), computed with the engine's own kernels."""
 
-    def __init__(self, h: int, i: int, fmt: ExpertFormat, device: torch.device, count: int, seed: int = 0) -> None:
+    def __init__(self, h: int, i: int, fmt: ExpertFormat, device: torch.device, count: int, seed: int = 0,
+                 cpu_kernel: str = "torch") -> None:
         gen = torch.Generator(device="cpu").manual_seed(seed)
         layout = ExpertLayout(fmt, i, h)
         first = torch.empty(layout.numel, dtype=fmt.storage_dtype)
@@ -84,6 +86,14 @@ class _Experts:
         # copies of one expert: different memory, same numbers (quantising each would take long)
         self.buffers = [first.to(device)] + [first.to(device, copy=True) for _ in range(count - 1)]
         self.views = [layout.view(b) for b in self.buffers]
+        if cpu_kernel == "onnxruntime" and device.type == "cpu":
+            from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
+
+            check_cpu_kernel(cpu_kernel)
+            built = [OrtExpert.build(v) if fmt.name == "int4" else None for v in self.views]
+            if any(b is None for b in built):
+                raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts, not {fmt.describe()}")
+            self.views = built  # each copy packed into onnxruntime's own memory
         self.nbytes = layout.nbytes
 
     def run(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -105,7 +115,7 @@ def measure_cpu_experts(s: CalibrationSettings, progress: Callable[[str], None])
     dtype, fmt = DTYPES[s.dtype], s.expert_format()
     per_expert = expert_nbytes(fmt, s.intermediate, s.hidden)  # B
     count = max(s.experts_per_layer + 1, min(64, -(-(s.evict_bytes * 2) // per_expert)))
-    experts = _Experts(s.hidden, s.intermediate, fmt, torch.device("cpu"), count)
+    experts = _Experts(s.hidden, s.intermediate, fmt, torch.device("cpu"), count, cpu_kernel=s.cpu_kernel)
     evict = torch.ones(s.evict_bytes // 4, dtype=torch.float32)
     out: dict[str, list] = {"tokens": [], "first": [], "later": []}
     cursor = 0
@@ -267,6 +277,9 @@ def fit_profile(s: CalibrationSettings, cpu: dict[str, list], gpu: dict[str, lis
     copy_kind = "pinned host -> device" if gpu_name != "cpu" else "host -> host"
     kernel = (f"; CPU kernel: torch's fused {fmt.name} kernel up to {CPU_FUSED_KERNEL_MAX_TOKENS[fmt.name]} tokens, "
               "dequantise + GEMM above" if fmt.quantized else "")
+    if s.cpu_kernel == "onnxruntime":
+        kernel = (f"; CPU kernel: onnxruntime MatMulNBits (int8 activations) up to "
+                  f"{CPU_FUSED_KERNEL_MAX_TOKENS['onnxruntime']} tokens")
     values = {
         "cpu_bits": (shape.bits, f"{fmt.describe()} experts as stored (scales included), as measured{kernel}"),
         "gpu_bits": (shape.bits, f"{fmt.describe()} experts as stored and copied, as measured"),
@@ -286,7 +299,7 @@ def fit_profile(s: CalibrationSettings, cpu: dict[str, list], gpu: dict[str, lis
     }
     assert set(values) == set(PARAMETERS)
     samples = {"cpu": cpu, "gpu": gpu, "gpu_device": gpu_name, "settings": vars(s) | {"token_counts": list(s.token_counts)}}
-    extra = {"samples": samples, "expert_format": fmt.describe()}
+    extra = {"samples": samples, "expert_format": fmt.describe(), "cpu_kernel": s.cpu_kernel}
     if fmt.quantized:
         extra["cpu_fused_kernel_max_tokens"] = CPU_FUSED_KERNEL_MAX_TOKENS[fmt.name]
     return CostModel(name=name, description=f"Measured by `hybrimoe calibrate`: {where}.",

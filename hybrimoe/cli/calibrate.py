@@ -36,7 +36,8 @@ def run(args: argparse.Namespace) -> int:
     settings = CalibrationSettings(hidden=hidden, intermediate=intermediate, dtype=args.dtype,
                                    token_counts=_token_counts(args.tokens), layers=args.layers,
                                    experts_per_layer=args.experts_per_layer, device=args.device,
-                                   threads=args.threads, expert_dtype=args.expert_dtype, int4_group=args.int4_group)
+                                   threads=args.threads, expert_dtype=args.expert_dtype, int4_group=args.int4_group,
+                                   cpu_kernel=args.cpu_kernel)
     profile: CostModel = calibrate(settings, name=args.name or Path(args.out).stem)
     profile.extra["expert_of"] = label
     profile.save(args.out)
@@ -59,6 +60,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-dtype", default=None, choices=["bf16", "fp16", "fp32", "int8", "int4"],
                    help="expert format to measure, as the engine stores and computes it (default: --dtype)")
     p.add_argument("--int4-group", type=int, default=None, metavar="N", help="int4 group size (default: the engine's)")
+    p.add_argument("--cpu-kernel", default="torch", choices=["torch", "onnxruntime"],
+                   help="CPU int4 kernel to measure (as `generate --cpu-kernel`; onnxruntime needs --expert-dtype int4)")
     p.add_argument("--tokens", default="1,2,4,8,16,32,64,128", help="token counts to measure (default 1,2,...,128)")
     p.add_argument("--layers", type=int, default=5, help="simulated layers per token count (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -255,16 +255,15 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
-    """What OrtMatmul computes, in plain fp32 torch: int8-rounded activations @ (q - zp) * scale."""
-    w = ort_int4_weights(view)
-    assert w is not None
-    low, high = torch.from_numpy(w.codes) & 15, torch.from_numpy(w.codes) >> 4
-    codes = torch.stack((low, high), dim=-1).view(w.n, w.k).float()
-    zp = torch.stack((torch.from_numpy(w.zero_points) & 15, torch.from_numpy(w.zero_points) >> 4), dim=-1)
-    zp = zp.view(w.n, -1)[:, :w.k // w.group].float()  # [N, K/g]
-    scale = torch.from_numpy(w.scales).view(w.n, -1)
-    weight = ((codes.view(w.n, -1, w.group) - zp[..., None]) * scale[..., None]).view(w.n, w.k)
-    return quantize_activations(x.float(), w.group) @ weight.t()
+    """What OrtMatmul computes, in plain fp32 torch, from the codes as torch's layout unpacks them (not from
+    the bytes handed to onnxruntime): int8-rounded activations @ ((q - zp) * scale)."""
+    n, k, g = view.n, view.k, view.group
+    scale, zero = view.sz[..., 0].t().float().cpu(), view.sz[..., 1].t().float().cpu()  # [N, K/g]
+    zp = integer_zero_points(scale, zero)
+    assert zp is not None, "a matrix with fractional zero points has no onnxruntime computation"
+    codes = view.layout.unpack(view.packed.cpu(), n, k).float().view(n, k // g, g)
+    weight = ((codes - zp.float()[..., None]) * scale[..., None]).view(n, k)
+    return quantize_activations(x.float().cpu(), g) @ weight.t()
 
 
 def apply_cpu_kernel(model: Any, name: str, progress: bool = True) -> None:
