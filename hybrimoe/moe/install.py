@@ -97,7 +97,9 @@ def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions
         model = load_model(model_dir, dtype=dtype, device=device, progress=progress, pin_memory=pin,
                            expert_dtype=expert_dtype, int4_group=int4_group, dense_dtype=dense_dtype,
                            lm_head_dtype=lm_head_dtype)
-    apply_cpu_kernel(model, cpu_kernel, progress)
+    from hybrimoe.moe.runtime import default_cpu_threads
+
+    apply_cpu_kernel(model, cpu_kernel, progress, threads=options.cpu_threads or default_cpu_threads())
     return model, install_runtime(model, options)
 
 

@@ -21,7 +21,7 @@ from hybrimoe.moe.kernels import ExpertView, FloatExpert
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
 
 log = logging.getLogger(__name__)
-ORT_MEMORY_FACTOR = 1.7  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
+ORT_MEMORY_FACTOR = 1.35  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
 
 
 def host_available_bytes() -> int | None:
@@ -148,7 +148,7 @@ class ExpertStore:
         """Computes the host experts with onnxruntime's int4 kernel from now on (hybrimoe.moe.ort_kernels):
         builds every expert's session here (with a progress bar). Experts with a non-integer zero point
         (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
-        is extra host memory (about 1.7x that). Int4 stores only."""
+        is extra host memory (about 1.35x that). Int4 stores only."""
         from tqdm import tqdm
 
         from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
