@@ -151,10 +151,21 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", spec.inv_freq(), persistent=False)  # [d/2]
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions LongTensor [T] -> (cos, sin), each float32 [T, d/2]."""
+        """positions LongTensor [T] -> (cos, sin), each float32 [T, d/2]. Every layer of a forward passes the
+        same positions tensor: the tables of the last one are kept per spec and device, so one forward
+        computes them once instead of once per layer (the identity check makes a new forward recompute)."""
+        key = (self.spec, positions.device)
+        last = _LAST_TABLES.get(key)
+        if last is not None and last[0] is positions:
+            return last[1], last[2]
         freqs = positions.to(torch.float32)[:, None] * self.inv_freq.to(positions.device)[None, :]
         scale = self.spec.cos_sin_scale
-        return freqs.cos() * scale, freqs.sin() * scale
+        cos, sin = freqs.cos() * scale, freqs.sin() * scale
+        _LAST_TABLES[key] = (positions, cos, sin)
+        return cos, sin
+
+
+_LAST_TABLES: dict[tuple[RopeSpec, torch.device], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
