@@ -79,10 +79,6 @@ def _runtime(threads: int | None = None) -> Any:
     return ort
 
 
-def ort_threads() -> int | None:
-    """The onnxruntime thread pool's size (None before the first session)."""
-    return _STATE["threads"]
-
 
 @dataclass(frozen=True)
 class OrtInt4:
