@@ -55,3 +55,25 @@ def test_expert_views_are_built_once_per_memory() -> None:
     store._bind(flat)
     again = store.expert(0, 1)
     assert again is not view and again.gate_up.q.data_ptr() == store.buffer(0, 1).data_ptr()
+
+
+@pytest.mark.parametrize("family,cached", [("mixtral", torch.float32), ("qwen3-moe", torch.float32),
+                                           ("deepseek-v2", torch.bfloat16)])
+def test_a_bf16_model_on_the_cpu_caches_gqa_keys_in_fp32(family: str, cached: torch.dtype) -> None:
+    """GQA attention computes in fp32 on the CPU, so its cache is kept in fp32 (no whole-cache conversion per
+    token); MLA keeps the model's dtype; the batch engine's KV estimate counts what is allocated."""
+    from hybrimoe.engine.batch import BatchEngine
+    from hybrimoe.models.kv_cache import kv_bytes_per_token
+
+    config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=2, experts=8, top_k=2, hidden=64).to_dict())
+    model = build_dummy_model(config, "bf16", seed=3, std=0.1)
+    kv = model.new_kv_cache(16)
+    logits = model(torch.tensor([3, 5, 7]), 0, kv)
+    assert logits.shape == (3, 256) and kv[0].k.dtype == cached and kv[0].v.dtype == cached
+
+    class FakeEngine:  # what BatchEngine.kv_bytes reads
+        max_context = 16
+
+    FakeEngine.model = model
+    assert BatchEngine.kv_bytes(FakeEngine(), 2) == 2 * 16 * kv_bytes_per_token(config, cached)
+    assert kv.nbytes() == 16 * kv_bytes_per_token(config, cached)  # one sequence of 16 positions

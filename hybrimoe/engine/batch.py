@@ -24,7 +24,7 @@ from hybrimoe.engine.forward import Segment, forward_segments
 from hybrimoe.engine.sequence import SequenceState
 from hybrimoe.engine.types import SamplingParams, StreamChunk
 from hybrimoe.errors import ConfigError
-from hybrimoe.models.kv_cache import kv_bytes_per_token
+from hybrimoe.models.kv_cache import kv_bytes_per_token, kv_cache_dtype
 
 log = logging.getLogger(__name__)
 
@@ -91,8 +91,12 @@ class BatchEngine:
 
     @staticmethod
     def kv_bytes(engine: Any, max_batch: int) -> int:
-        """KV cache bytes `max_batch` sequences of `engine.max_context` tokens need (model dtype)."""
-        return max_batch * engine.max_context * kv_bytes_per_token(engine.model.config, engine.model.dtype)
+        """KV cache bytes `max_batch` sequences of `engine.max_context` tokens need (in the cache's dtype:
+        fp32 for a half-precision GQA model on the CPU, `kv_cache_dtype`)."""
+        model = engine.model
+        device = next(model.parameters()).device
+        dtype = kv_cache_dtype(model.config, model.dtype, device)
+        return max_batch * engine.max_context * kv_bytes_per_token(model.config, dtype)
 
     # -- stepping --------------------------------------------------------------------------------
     def step(self) -> list[BatchEvent]:

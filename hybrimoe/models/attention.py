@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from hybrimoe.config import ModelConfig
-from hybrimoe.models.kv_cache import LayerKV
+from hybrimoe.models.kv_cache import LayerKV, gqa_cache_dtype
 from hybrimoe.models.layers import RMSNorm, causal_attention
 from hybrimoe.models.yarn import RopeSpec, Rotary, apply_rotary
 
@@ -75,6 +75,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1)  # [heads, N, D]
         cos, sin = self.rotary(positions)                                     # [N, D/2] fp32
         q, k = apply_rotary(q, cos, sin, False), apply_rotary(k, cos, sin, False)
+        cached = gqa_cache_dtype(k.dtype, k.device)                           # fp32 on the CPU for bf16/fp16
+        k, v = k.to(cached), v.to(cached)
         outs, lo = [], 0
         for kv_layer, t in zip(kv_layers, lengths):
             k_all, v_all = kv_layer.append(k[:, lo:lo + t], v[:, lo:lo + t])  # [Hkv, S_i, D]

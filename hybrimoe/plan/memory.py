@@ -4,7 +4,8 @@ GPU (bytes), for a policy whose cache holds S experts of E_b bytes each:
     reserve                      CUDA context, allocator slack, activations (--gpu-reserve, default 1 GB)
   + KV cache                     at --context tokens: what the engine's KVCache allocates (GQA: 2 x kv heads x
                                  head dim per position and layer; MLA: latent + rope key; linear attention:
-                                 its fixed state), in the model's dtype
+                                 its fixed state), in the model's dtype (GQA on the CPU: fp32, as the
+                                 engine caches it for a half-precision model)
   + 2 transient expert buffers   GpuExpertCache's staging ring for copies the cache does not keep
   + dense part                   hybrimoe.moe.budget.dense_bytes (a meta-device model of the config)
   + staging slots x E_b          prefetching presets (--staging-slots, default 4)
@@ -27,6 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe.errors import BudgetError
+from hybrimoe.models.kv_cache import gqa_cache_dtype
 from hybrimoe.moe.budget import dense_bytes, plan_budget
 from hybrimoe.moe.cache import STAGING_BUFFERS
 from hybrimoe.moe.expert_layout import expert_nbytes
@@ -156,7 +158,9 @@ def format_memory(target: Target, fmt: ExpertFormat, machine: Machine) -> Format
     # pinned when serve would pin, unless only the pageable store fits (then --no-pin-memory)
     pin = machine.pinned and pinned_bytes(total * eb) <= machine.host_bytes
     host = pinned_bytes(total * eb) if pin else total * eb
-    return FormatMemory(fmt, dense, kv_bytes(target, machine.context, dtype.itemsize), eb, total, host,
+    # the KV cache's dtype as the engine allocates it: GQA on the CPU keeps fp32 for a half-precision model
+    kv_dtype = dtype if shape.attention.kind == "mla" else gqa_cache_dtype(dtype, machine.device)
+    return FormatMemory(fmt, dense, kv_bytes(target, machine.context, kv_dtype.itemsize), eb, total, host,
                         machine.host_bytes, target.config is None, pin)
 
 
