@@ -179,15 +179,18 @@ def test_every_policy_gives_the_plain_logits_and_the_cpu_side_runs_onnxruntime(p
     assert calls, f"{policy}: no expert ran on the CPU's onnxruntime sessions"
 
 
+def quantized_with_fractional_offsets(store) -> tuple[Int4Matrix, Int4Matrix]:
+    """gate_up and down matrices for one expert of `store`, gate_up with Q4_K-like offsets (-4.37 steps)."""
+    n, k, i, h = 2 * store.intermediate, store.hidden, store.intermediate, store.hidden
+    gate_up = Int4Matrix(torch.randint(0, 16, (n, k), dtype=torch.uint8), torch.full((n, k // 32), 0.01),
+                         torch.full((n, k // 32), -0.0437), 32)
+    return gate_up, quantize_int4(torch.randn(h, i) * 0.1, 32)
+
+
 def test_fractional_zero_points_stay_on_torchs_kernel(caplog) -> None:
     model = copy.deepcopy(dummy("mixtral"))
     store = model.expert_store
-    view = store.expert(0, 3)
-    m = Int4Matrix(torch.randint(0, 16, (view.gate_up.n, view.gate_up.k), dtype=torch.uint8),
-                   torch.full((view.gate_up.n, view.gate_up.k // 32), 0.01),
-                   torch.full((view.gate_up.n, view.gate_up.k // 32), -0.0437), 32)  # -4.37 steps: Q4_K-like
-    down = quantize_int4(torch.randn(view.down.n, view.down.k) * 0.1, 32)
-    store.set_expert_quantized(0, 3, m, down)
+    store.set_expert_quantized(0, 3, *quantized_with_fractional_offsets(store))
     with caplog.at_level("WARNING"):
         apply_cpu_kernel(model, "onnxruntime", progress=False)
     assert isinstance(store.expert(0, 3), QuantExpert) and isinstance(store.expert(0, 2), OrtExpert)
@@ -241,3 +244,28 @@ def test_calibrate_measures_the_onnxruntime_kernel(monkeypatch) -> None:
     with pytest.raises(ConfigError, match="int4"):
         calibrate(CalibrationSettings(hidden=256, intermediate=128, token_counts=(1,), layers=1, device="cpu",
                                       expert_dtype="int8", cpu_kernel="onnxruntime"))
+
+
+def test_a_cpu_only_engine_keeps_onnxruntimes_copy_only(tiny_checkpoint, reference_int4, monkeypatch) -> None:
+    """Without the hybrid runtime nothing copies experts to a GPU: the store's own bytes are freed, and the
+    sessions compute every token count (no torch fallback that would need them)."""
+    from hybrimoe.engine.engine import Engine
+    from hybrimoe.errors import HybrimoeError
+    from hybrimoe.loader import load_model
+
+    path = tiny_checkpoint("mixtral")
+    engine = Engine.from_pretrained(path, dtype="fp32", expert_dtype="int4", cpu_kernel="onnxruntime")
+    store = engine.model.expert_store
+    assert store.released and store.nbytes == 0
+    assert all(store.expert(layer, e).fallback is None  # nothing holds a view of the freed bytes
+               for layer in store.layers for e in range(store.config.num_experts))
+    with pytest.raises(HybrimoeError, match="released"):
+        store.buffer(store.layers[0], 0)
+    monkeypatch.setitem(ort_kernels.CPU_FUSED_KERNEL_MAX_TOKENS, "onnxruntime", 1)  # every expert over it
+    want = prefill(load_model(path, "fp32", progress=False, expert_dtype="int4"))  # torch path, reference numerics
+    assert rel(prefill(engine.model), want) <= 1e-4
+    kept = load_model(path, "fp32", progress=False, expert_dtype="int4")
+    apply_cpu_kernel(kept, "onnxruntime", progress=False)
+    kept.expert_store.set_expert_quantized(0, 0, *quantized_with_fractional_offsets(kept.expert_store))
+    kept.expert_store._ort.pop((0, 0))  # as if that expert had been loaded from Q4_K
+    assert kept.expert_store.release_host_copy() == 0 and not kept.expert_store.released  # it still needs the bytes

@@ -44,7 +44,7 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     fmt.add_argument("--cpu-kernel", choices=CPU_KERNELS, default=None,
                      help="CPU int4 matmuls (experts and dense linears): torch's int4 kernel (default) or "
                           "onnxruntime's MatMulNBits (int8 activations; faster, and its packed copy of the int4 "
-                          "weights takes ~1.35x their bytes of extra host memory; pip install onnxruntime onnx)")
+                          "weights takes ~1.5x their bytes of host memory (a CPU-only run then frees the store's own copy); pip install onnxruntime onnx)")
     group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
     group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "

@@ -133,6 +133,8 @@ class Engine:
 
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
             apply_cpu_kernel(model, options.cpu_kernel)
+            if options.cpu_kernel == "onnxruntime":  # no runtime: nothing copies experts to a GPU
+                model.expert_store.release_host_copy()
         model.eval()
         try:
             if gguf:

@@ -18,8 +18,9 @@ Q4_0 give) can run here; GGUF Q4_K's fractional offsets cannot and stay on torch
 
 Memory: onnxruntime packs each matrix into its own layout at session creation (MLAS reorders the codes
 and keeps fp32 scales and per-block sums) and never reads our arrays again (the tests check this by
-overwriting them); the packed copy is ADDITIONAL host memory next to the expert store (measured 1.34x the
-int4 bytes: benchmarks/RESULTS_formats.md). One global onnxruntime thread pool serves every session (torch's
+overwriting them); the packed copy is host memory next to the expert store (measured 1.5x the int4
+bytes at group 32, 1.2x at 128: benchmarks/RESULTS_formats.md; a CPU-only engine then frees the store's
+own copy, `ExpertStore.release_host_copy`). One global onnxruntime thread pool serves every session (torch's
 thread count, or the hybrid runtime's CPU worker threads), without spinning (OMP_WAIT_POLICY=PASSIVE's
 reasoning: shared cores).
 """
@@ -179,7 +180,7 @@ class OrtMatmul:
     """x [T, K] @ W^T for one int4 matrix, computed by onnxruntime on the CPU."""
     session: Any
     fallback: Int4View  # more tokens than the crossover
-    nbytes: int  # the int4 bytes handed to onnxruntime (its packed copy is about 1.34x this)
+    nbytes: int  # the int4 bytes handed to onnxruntime (its packed copy is about 1.5x this at group 32)
 
     @classmethod
     def build(cls, view: Int4View) -> OrtMatmul | None:
@@ -218,7 +219,7 @@ class OrtMatmul:
 class OrtExpert:
     """f(x) = down @ (silu(gate @ x) * (up @ x)) in ONE onnxruntime run (gate_up [2I, H], down [H, I])."""
     session: Any
-    fallback: QuantExpert  # more tokens than the crossover
+    fallback: QuantExpert | None  # more tokens than the crossover (None: the store's copy was released)
     nbytes: int
 
     @classmethod
@@ -244,7 +245,7 @@ class OrtExpert:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H] in x's dtype."""
-        if x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
+        if self.fallback is not None and x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
             return self.fallback.forward(x)
         return _run(self.session, x)
 
@@ -302,8 +303,8 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
 
 def release_free_heap() -> None:
     """Hands the heap that building the sessions freed back to the OS (glibc's malloc_trim; a no-op
-    elsewhere). Measured on the 1 GB benchmark model: the process kept 2.26x the int4 bytes after the
-    build without it, 1.34x with it (onnxruntime's packed copy)."""
+    elsewhere). Measured on the 1 GB benchmark model (group 32): the process kept 2.26x the int4 bytes after
+    the build without it, 1.5x with it (onnxruntime's packed copy)."""
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe.config import ModelConfig
-from hybrimoe.errors import BudgetError, ConfigError
+from hybrimoe.errors import BudgetError, ConfigError, HybrimoeError
 from hybrimoe.moe.expert_layout import ExpertLayout
 from hybrimoe.moe.kernels import ExpertView, FloatExpert
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
 
 log = logging.getLogger(__name__)
-ORT_MEMORY_FACTOR = 1.35  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
+ORT_MEMORY_FACTOR = 1.5  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
 
 
 def host_available_bytes() -> int | None:
@@ -76,6 +76,7 @@ class ExpertStore:
         self.expert_numel = self.layout.numel
         self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, numel]
         self.cpu_kernel = "torch"  # or "onnxruntime" (`use_onnxruntime`)
+        self.released = False  # `release_host_copy` freed the bytes (onnxruntime's copy is the only one)
         self._ort: dict[tuple[int, int], ExpertView] = {}  # onnxruntime experts (kept across `pin`)
         self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
@@ -97,7 +98,7 @@ class ExpertStore:
     def pin(self) -> None:
         """Moves the store into page-locked host memory (one allocation; no-op when already pinned).
         Take `buffer()` / `weights()` views after this: earlier views still point at the old memory."""
-        if not self._layers or next(iter(self._layers.values())).is_pinned():
+        if self.released or not self._layers or next(iter(self._layers.values())).is_pinned():
             return
         flat = torch.empty(sum(t.numel() for t in self._layers.values()), dtype=self.dtype, pin_memory=True)
         old = self._layers
@@ -124,6 +125,9 @@ class ExpertStore:
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         """Expert (layer, expert) as a contiguous 1-D tensor [numel] (a view, writes go to the store)."""
+        if self.released:
+            raise HybrimoeError("the expert store's host copy was released (--cpu-kernel onnxruntime in a CPU-only "
+                                "run keeps onnxruntime's copy only); its bytes cannot be read")
         return self._layers[layer][expert]
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
@@ -148,7 +152,8 @@ class ExpertStore:
         """Computes the host experts with onnxruntime's int4 kernel from now on (hybrimoe.moe.ort_kernels):
         builds every expert's session here (with a progress bar). Experts with a non-integer zero point
         (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
-        is extra host memory (about 1.35x that). Int4 stores only."""
+        is extra host memory (about 1.5x that at group 32, 1.2x at 128; `release_host_copy` frees the store's
+        own bytes where nothing else needs them). Int4 stores only."""
         from tqdm import tqdm
 
         from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
@@ -175,6 +180,28 @@ class ExpertStore:
         log.info("onnxruntime CPU kernel: %d experts, %.2f GB of int4 weights packed into onnxruntime's own "
                  "memory (about %.2f GB more host memory)", len(self._ort), handed / 1e9, ORT_MEMORY_FACTOR * handed / 1e9)
         return handed
+
+    def release_host_copy(self) -> int:
+        """Frees the store's own bytes once every expert computes on its onnxruntime session (a CPU-only run
+        with `--cpu-kernel onnxruntime`: nothing copies experts to a GPU, and onnxruntime's packed copy then
+        is the only one). The sessions take every token count from then on (no torch fallback above the
+        crossover: measured 14% slower there, 99 against 87 ms at 512 tokens on one expert). Returns the
+        bytes freed; 0 (nothing freed) when some expert has no session (e.g. GGUF Q4_K)."""
+        import dataclasses
+
+        from hybrimoe.moe.ort_kernels import OrtExpert
+
+        keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
+        if self.released or not all(isinstance(self._ort.get(k), OrtExpert) for k in keys):
+            return 0
+        freed = self.nbytes
+        for key in keys:
+            self._ort[key] = dataclasses.replace(self._ort[key], fallback=None)
+        self._views = {}
+        self._layers = {layer: torch.empty(self.config.num_experts, 0, dtype=self.dtype) for layer in self._layers}
+        self.released = True
+        log.info("expert store: released its %.2f GB host copy (onnxruntime's is the only one now)", freed / 1e9)
+        return freed
 
     def view(self, buffer: torch.Tensor) -> ExpertView:
         """A computable view of an expert buffer [numel] anywhere (e.g. a GPU cache slot after a copy)."""
