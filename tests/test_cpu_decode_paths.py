@@ -5,6 +5,8 @@
 - ReferenceExecutor's one-token path (no grouping) gives bit-identical sums to the grouped path, in
   bf16 too, for top-2 and top-3 (ascending expert order kept).
 - ExpertStore.expert returns one view per expert, rebuilt when the store's memory is rebound.
+- One CPU decode query over a long cache (plain matmuls) = the general attention, sliding window too.
+- A bf16 model on the CPU caches GQA keys/values in fp32 (MLA in bf16), and the KV estimates count it.
 """
 
 from __future__ import annotations
@@ -77,3 +79,18 @@ def test_a_bf16_model_on_the_cpu_caches_gqa_keys_in_fp32(family: str, cached: to
     FakeEngine.model = model
     assert BatchEngine.kv_bytes(FakeEngine(), 2) == 2 * 16 * kv_bytes_per_token(config, cached)
     assert kv.nbytes() == 16 * kv_bytes_per_token(config, cached)  # one sequence of 16 positions
+
+
+@pytest.mark.parametrize("window", [None, 1000, 5000])
+def test_one_query_over_a_long_cache_equals_the_general_attention(window, monkeypatch) -> None:
+    """From LONG_DECODE_KEYS keys on, a CPU decode query attends through plain matmuls: the same result
+    as the masked scaled_dot_product_attention path (the threshold lowered to reach both with one input)."""
+    from hybrimoe.models import layers
+
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(shape, generator=gen) for shape in ((8, 1, 16), (2, 3000, 16), (2, 3000, 16)))
+    long_path = causal_attention(q, k, v, 0.25, window)  # 3000 >= 2048: the matmul path
+    monkeypatch.setattr(layers, "LONG_DECODE_KEYS", 10**9)
+    general = causal_attention(q, k, v, 0.25, window)
+    assert long_path.shape == general.shape == (1, 8 * 16)
+    assert torch.allclose(long_path, general, atol=1e-5, rtol=1e-4)
