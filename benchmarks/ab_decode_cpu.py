@@ -5,7 +5,8 @@
 Model: benchmarks/bench_vs_llamacpp.py's (random Mixtral-shaped, int4 g32 experts, dense as given),
 plain engine. Each variant undoes ONE change by patching it back to the previous code:
   base               everything as committed
-  half_bmm           attention's matmuls in bf16 again (oneDNN builds a kernel per new shape)
+  half_bmm           attention's matmuls in bf16 again (oneDNN builds a kernel per new shape), over a
+                     bf16 KV cache as then
   grouped_executor   the one-token decode goes through group_by_expert again
   views_rebuilt      every expert view is rebuilt from its buffer on each call again
 Prints per variant the median ms per decode token over --rounds rounds, its ratio to base's, and the
@@ -27,7 +28,7 @@ from unittest.mock import patch
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from profile_decode_cpu import _bench_module, decode  # noqa: E402
+from profile_decode_cpu import _bench_module, build_model, decode  # noqa: E402
 
 
 def _half_causal_attention(q, k, v, scale, sliding_window=None):
@@ -52,8 +53,11 @@ def variant(name: str):
     from hybrimoe.moe.layer import ReferenceExecutor
     from hybrimoe.moe.store import ExpertStore
 
-    if name == "half_bmm":
-        return patch("hybrimoe.models.attention.causal_attention", _half_causal_attention)
+    if name == "half_bmm":  # the cache in the model's dtype too, as it was then (it is fp32 on the CPU now)
+        stack = contextlib.ExitStack()
+        stack.enter_context(patch("hybrimoe.models.attention.causal_attention", _half_causal_attention))
+        stack.enter_context(patch("hybrimoe.models.attention.gqa_cache_dtype", lambda dtype, device: dtype))
+        return stack
     if name == "grouped_executor":
         return patch.object(ReferenceExecutor, "run", ReferenceExecutor.run_grouped)  # the general path for 1 token too
     if name == "views_rebuilt":
@@ -74,10 +78,7 @@ def main() -> None:
                              "repeated lengths hit oneDNN's kernel cache)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = bench.build_ours(args)
-    if args.dense_dtype != "bf16":
-        from hybrimoe.models.quant_linear import quantize_dense
-        quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
+    model = build_model(bench, args)
     prompt = torch.randint(259, args.vocab, (32,), generator=torch.Generator().manual_seed(0)).tolist()
     names = args.variants.split(",")
     times: dict[str, list[float]] = {n: [] for n in names}

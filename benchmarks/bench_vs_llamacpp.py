@@ -238,10 +238,9 @@ def main() -> None:
     for dense in denses:  # one expert store per kernel, shared by the dense variants; dense weights copied
         fmt = None if dense == "bf16" else dense
         for kernel in kernels:
-            store = stores.setdefault(kernel, model.expert_store if kernel == "torch" else
-                                      copy.deepcopy(model.expert_store))
-            ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): store})
-            ours[dense, kernel].expert_store = store
+            if kernel not in stores:
+                stores[kernel] = model.expert_store if kernel == "torch" else copy.deepcopy(model.expert_store)
+            ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): stores[kernel]})
             quantize_dense(ours[dense, kernel], fmt, fmt, args.int4_group)
             if kernel != "torch":
                 apply_cpu_kernel(ours[dense, kernel], kernel, progress=False)

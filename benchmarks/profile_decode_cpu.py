@@ -107,6 +107,19 @@ def decode(model, prompt: list[int], new: int, on: dict[str, bool] | None = None
     return out
 
 
+def build_model(bench, args: argparse.Namespace):
+    """bench_vs_llamacpp.py's model with its dense linears and lm_head in --dense-dtype and the CPU int4
+    kernel of --cpu-kernel (torch when the script has no such flag). Shared with ab_decode_cpu.py."""
+    from hybrimoe.models.quant_linear import quantize_dense
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+
+    model = bench.build_ours(args)
+    if args.dense_dtype != "bf16":
+        quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
+    apply_cpu_kernel(model, getattr(args, "cpu_kernel", "torch"), progress=False)
+    return model
+
+
 def main() -> None:
     bench = _bench_module()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -118,12 +131,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    model = bench.build_ours(args)
-    if args.dense_dtype != "bf16":  # as bench_vs_llamacpp.py: dense linears and lm_head in the same format
-        from hybrimoe.models.quant_linear import quantize_dense
-        quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
-    apply_cpu_kernel(model, args.cpu_kernel, progress=False)
+    model = build_model(bench, args)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (32,), generator=gen).tolist()
     decode(model, prompt, 4)

@@ -25,8 +25,7 @@ from hybrimoe.errors import ConfigError
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.moe import ort_kernels
 from hybrimoe.moe.kernels import Int4View, QuantExpert
-from hybrimoe.moe.ort_kernels import (OrtExpert, OrtInt4, OrtMatmul, apply_cpu_kernel, integer_zero_points,
-                                      reference_matmul)
+from hybrimoe.moe.ort_kernels import OrtExpert, OrtInt4, OrtMatmul, apply_cpu_kernel, integer_zero_points
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, quantize_int4
 from hybrimoe.tiny import FAMILIES, tiny_config
 
@@ -38,6 +37,28 @@ PROMPT = [5, 17, 42, 9, 77, 3, 120, 64]
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x [T, K] fp32 after MLAS's int8 activation rounding: per block of `group` inputs, scale =
+    max|x| / 127, round half to even (what the int8 dot product sees), returned dequantised."""
+    t, k = x.shape
+    blocks = x.float().view(t, k // group, group)
+    scale = blocks.abs().amax(dim=2, keepdim=True) / 127.0
+    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    return (torch.round(blocks * inv) * scale).view(t, k)
+
+
+def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
+    """What OrtMatmul computes, in plain fp32 torch, from the codes as torch's layout unpacks them (not from
+    the bytes handed to onnxruntime): int8-rounded activations @ ((q - zp) * scale)."""
+    n, k, g = view.n, view.k, view.group
+    scale, zero = view.sz[..., 0].t().float().cpu(), view.sz[..., 1].t().float().cpu()  # [N, K/g]
+    zp = integer_zero_points(scale, zero)
+    assert zp is not None, "a matrix with fractional zero points has no onnxruntime computation"
+    codes = view.layout.unpack(view.packed.cpu(), n, k).float().view(n, k // g, g)
+    weight = ((codes - zp.float()[..., None]) * scale[..., None]).view(n, k)
+    return quantize_activations(x.float().cpu(), g) @ weight.t()
 
 
 def linear(n: int, k: int, dtype: torch.dtype = torch.float32, seed: int = 0):
@@ -151,6 +172,10 @@ def test_every_family_equals_the_reference_with_onnxruntime(family: str, referen
     assert all(isinstance(store.expert(layer, e), OrtExpert) for layer in store.layers
                for e in range(store.config.num_experts))
     assert model.lm_head.ort is not None
+    sessions = dict(store._ort)
+    shared = copy.deepcopy(dummy(family), memo={id(dummy(family).expert_store): store})
+    apply_cpu_kernel(shared, "onnxruntime", progress=False)  # a second model on the same store
+    assert store._ort == sessions
     attentions = [m for m in model.modules() if hasattr(m, "stack_for_onnxruntime")]
     assert all(a.qkv is not None for a in attentions)  # q/k/v stacked where the family has them
     assert rel(prefill(model), want) <= 1e-4, family

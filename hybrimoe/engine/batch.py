@@ -95,7 +95,7 @@ class BatchEngine:
         fp32 for a half-precision GQA model on the CPU, `kv_cache_dtype`)."""
         model = engine.model
         device = next(model.parameters()).device
-        dtype = kv_cache_dtype(model.config, model.dtype, device)
+        dtype = kv_cache_dtype(model.config.attention, model.dtype, device)
         return max_batch * engine.max_context * kv_bytes_per_token(model.config, dtype)
 
     # -- stepping --------------------------------------------------------------------------------

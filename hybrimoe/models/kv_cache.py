@@ -79,9 +79,10 @@ def gqa_cache_dtype(dtype: torch.dtype, device: torch.device | str) -> torch.dty
     return dtype
 
 
-def kv_cache_dtype(config: Any, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
-    """The dtype a model of `dtype` on `device` caches in: `gqa_cache_dtype` for GQA, the model's for MLA."""
-    return dtype if config.attention == "mla" else gqa_cache_dtype(dtype, device)
+def kv_cache_dtype(attention: str, dtype: torch.dtype, device: torch.device | str) -> torch.dtype:
+    """The dtype a model of `dtype` on `device` caches in, by its attention kind (`config.attention`,
+    `ModelShape.attention.kind`): `gqa_cache_dtype` for GQA, the model's for "mla"."""
+    return dtype if attention == "mla" else gqa_cache_dtype(dtype, device)
 
 
 def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:

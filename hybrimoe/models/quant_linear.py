@@ -28,6 +28,7 @@ from hybrimoe.moe.int4_layout import PLAIN, cpu_int4_layout
 from hybrimoe.moe.kernels import Int4View, Int8View
 from hybrimoe.moe.quant import INT4_GROUPS, ExpertFormat, Int4Matrix, Int8Matrix, quantize_int4, quantize_int8, \
     stored_scale_zero
+from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +184,6 @@ class StackedLinears:
         return None if ort is None else cls(linears, ort)
 
     def __call__(self, x: torch.Tensor) -> list[torch.Tensor]:
-        from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
-
         lead = x.shape[:-1]
         flat = x.reshape(-1, x.shape[-1])
         if flat.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:

@@ -14,7 +14,7 @@ Numerics (onnxruntime's `accuracy_level=4`): each run quantises x to int8 per bl
 scales the block sums in fp32: w = (q - zp) * scale with an INTEGER zero point zp per group. Only int4
 matrices whose stored zero is an integer code (zero = (8 - zp) * scale, what `quantize_int4` and GGUF
 Q4_0 give) can run here; GGUF Q4_K's fractional offsets cannot and stay on torch's kernel.
-`reference_matmul` is the same computation in plain torch (the tests compare against it).
+tests/test_ort_kernels.py re-implements this in plain torch and compares against it.
 
 Memory: onnxruntime packs each matrix into its own layout at session creation (MLAS reorders the codes
 and keeps fp32 scales and per-block sums) and never reads our arrays again (the tests check this by
@@ -179,7 +179,7 @@ def _run(session: Any, x: torch.Tensor) -> torch.Tensor:
 class OrtMatmul:
     """x [T, K] @ W^T for one int4 matrix, computed by onnxruntime on the CPU."""
     session: Any
-    fallback: Int4View  # more tokens than the crossover
+    fallback: Int4View | None  # more tokens than the crossover (None: this session takes every token count)
     nbytes: int  # the int4 bytes handed to onnxruntime (its packed copy is about 1.5x this at group 32)
 
     @classmethod
@@ -195,8 +195,8 @@ class OrtMatmul:
     @classmethod
     def stacked(cls, views: list[Int4View]) -> OrtMatmul | None:
         """ONE session for the matrices of `views` stacked along N (same K and group; e.g. q/k/v
-        projections: one call instead of three). Its fallback is the first view: the caller must not
-        pass it more than the crossover's tokens."""
+        projections: one call instead of three). It has no fallback: it computes every token count (its
+        caller, StackedLinears, runs the linears one by one above the crossover)."""
         parts = [ort_int4_weights(v) for v in views]
         if any(p is None for p in parts) or len({(p.k, p.group) for p in parts}) != 1:
             return None
@@ -206,11 +206,11 @@ class OrtMatmul:
         inits: list[Any] = []
         feeds: dict[str, np.ndarray] = {}
         node = _matmul_node("w", "x", "y", w, inits, feeds)
-        return cls(_session([node], inits, feeds, w.k, w.n), views[0], w.nbytes)
+        return cls(_session([node], inits, feeds, w.k, w.n), None, w.nbytes)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N] in x's dtype."""
-        if x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
+        if self.fallback is not None and x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
             return self.fallback.matmul(x)
         return _run(self.session, x)
 
@@ -248,28 +248,6 @@ class OrtExpert:
         if self.fallback is not None and x.shape[0] > CPU_FUSED_KERNEL_MAX_TOKENS["onnxruntime"]:
             return self.fallback.forward(x)
         return _run(self.session, x)
-
-
-def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x [T, K] fp32 after MLAS's int8 activation rounding: per block of `group` inputs, scale =
-    max|x| / 127, round half to even (what the int8 dot product sees), returned dequantised."""
-    t, k = x.shape
-    blocks = x.float().view(t, k // group, group)
-    scale = blocks.abs().amax(dim=2, keepdim=True) / 127.0
-    inv = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    return (torch.round(blocks * inv) * scale).view(t, k)
-
-
-def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
-    """What OrtMatmul computes, in plain fp32 torch, from the codes as torch's layout unpacks them (not from
-    the bytes handed to onnxruntime): int8-rounded activations @ ((q - zp) * scale)."""
-    n, k, g = view.n, view.k, view.group
-    scale, zero = view.sz[..., 0].t().float().cpu(), view.sz[..., 1].t().float().cpu()  # [N, K/g]
-    zp = integer_zero_points(scale, zero)
-    assert zp is not None, "a matrix with fractional zero points has no onnxruntime computation"
-    codes = view.layout.unpack(view.packed.cpu(), n, k).float().view(n, k // g, g)
-    weight = ((codes - zp.float()[..., None]) * scale[..., None]).view(n, k)
-    return quantize_activations(x.float().cpu(), g) @ weight.t()
 
 
 def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int | None = None) -> None:

@@ -17,7 +17,7 @@ import torch
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import BudgetError, ConfigError, HybrimoeError
 from hybrimoe.moe.expert_layout import ExpertLayout
-from hybrimoe.moe.kernels import ExpertView, FloatExpert
+from hybrimoe.moe.kernels import ExpertView
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
 
 log = logging.getLogger(__name__)
@@ -153,11 +153,14 @@ class ExpertStore:
         builds every expert's session here (with a progress bar). Experts with a non-integer zero point
         (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
         is extra host memory (about 1.5x that at group 32, 1.2x at 128; `release_host_copy` frees the store's
-        own bytes where nothing else needs them). Int4 stores only."""
+        own bytes where nothing else needs them). Int4 stores only; a second call changes nothing (models
+        sharing one store each switch it)."""
         from tqdm import tqdm
 
         from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
 
+        if self.cpu_kernel == "onnxruntime":
+            return sum(e.nbytes for e in self._ort.values())
         check_cpu_kernel("onnxruntime")
         if self.format.name != "int4":
             raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts; these are {self.format.describe()} "
@@ -166,8 +169,7 @@ class ExpertStore:
         keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
         handed, kept = 0, 0
         for key in tqdm(keys, desc="onnxruntime experts", unit="expert", disable=not progress):
-            view = self.expert(*key)
-            built = OrtExpert.build(view) if not isinstance(view, FloatExpert) else None
+            built = OrtExpert.build(self.expert(*key))  # None: not computable there (kept on torch's kernel)
             if built is None:
                 kept += 1
                 continue

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe.errors import BudgetError
-from hybrimoe.models.kv_cache import gqa_cache_dtype
+from hybrimoe.models.kv_cache import kv_cache_dtype
 from hybrimoe.moe.budget import dense_bytes, plan_budget
 from hybrimoe.moe.cache import STAGING_BUFFERS
 from hybrimoe.moe.expert_layout import expert_nbytes
@@ -159,7 +159,7 @@ def format_memory(target: Target, fmt: ExpertFormat, machine: Machine) -> Format
     pin = machine.pinned and pinned_bytes(total * eb) <= machine.host_bytes
     host = pinned_bytes(total * eb) if pin else total * eb
     # the KV cache's dtype as the engine allocates it: GQA on the CPU keeps fp32 for a half-precision model
-    kv_dtype = dtype if shape.attention.kind == "mla" else gqa_cache_dtype(dtype, machine.device)
+    kv_dtype = kv_cache_dtype(shape.attention.kind, dtype, machine.device)
     return FormatMemory(fmt, dense, kv_bytes(target, machine.context, kv_dtype.itemsize), eb, total, host,
                         machine.host_bytes, target.config is None, pin)
 
