@@ -207,8 +207,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--write-only", action="store_true", help="write the GGUFs (to --gguf-dir) and stop")
     parser.add_argument("--cpu-kernel", default="torch",
-                        help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime (onnxruntime's "
-                             "thread pool is sized once: its variants run at the largest --threads only)")
+                        help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime, onnxruntime-nograph "
+                             "(onnxruntime's kernel without the per-layer decode graph of hybrimoe.models.ort_decode); "
+                             "onnxruntime's thread pool is sized once: its variants run at the largest --threads only")
     args = parser.parse_args()
     kernels = args.cpu_kernel.split(",")
     denses = args.dense_dtype.split(",")
@@ -238,12 +239,15 @@ def main() -> None:
     for dense in denses:  # one expert store per kernel, shared by the dense variants; dense weights copied
         fmt = None if dense == "bf16" else dense
         for kernel in kernels:
-            if kernel not in stores:
-                stores[kernel] = model.expert_store if kernel == "torch" else copy.deepcopy(model.expert_store)
-            ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): stores[kernel]})
+            base = kernel.removesuffix("-nograph")
+            if base not in stores:
+                stores[base] = model.expert_store if base == "torch" else copy.deepcopy(model.expert_store)
+            ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): stores[base]})
             quantize_dense(ours[dense, kernel], fmt, fmt, args.int4_group)
-            if kernel != "torch":
-                apply_cpu_kernel(ours[dense, kernel], kernel, progress=False)
+            if base != "torch":
+                apply_cpu_kernel(ours[dense, kernel], base, progress=False)
+            if kernel.endswith("-nograph"):
+                ours[dense, kernel].ort_decoder = None  # decode tokens take the torch path around the kernels
         for n in thread_counts:
             llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
                                      n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)

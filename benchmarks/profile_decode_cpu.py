@@ -11,6 +11,10 @@ runs on a CPU-only machine without runtime flags). Parts, each summed over the l
   router      the MoE gate matmul and top-k routing (the block minus its executor)
   experts     the executor: grouping, routed expert matmuls, combine
   lm_head     the output projection
+  layer_graphs  with --cpu-kernel onnxruntime: the per-layer decode graphs (hybrimoe.models.ort_decode:
+              norms, q/k/v/o, attention, router logits in one onnxruntime run per layer); attn_proj,
+              attn_core and router are then absent, norms is the final norm only, routing is in "other"
+              (--no-decode-graph: the torch path around the kernels)
   other       the token's wall time minus all of the above (embedding, residual adds, Python between)
 Hooks add a few microseconds per module; the untimed run next to them gives the true total.
 Prints one JSON row per measurement; --out appends them to a file. Measured, never in CI.
@@ -85,7 +89,22 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
         if isinstance(module, RMSNorm):
             _timed(times, on, "norms", module)
     _timed(times, on, "lm_head", model.lm_head)
+    for layer in (model.ort_decoder.layers if model.ort_decoder is not None else []):
+        layer.session = _TimedSession(layer.session, times, on)
     return times, on
+
+
+class _TimedSession:
+    """An onnxruntime session whose run_with_iobinding adds its wall time to times["layer_graphs"]."""
+
+    def __init__(self, session, times: dict[str, float], on: dict[str, bool]) -> None:
+        self.session, self.times, self.on = session, times, on
+
+    def run_with_iobinding(self, io) -> None:
+        t0 = time.perf_counter()
+        self.session.run_with_iobinding(io)
+        if self.on["on"]:
+            self.times["layer_graphs"] += time.perf_counter() - t0
 
 
 def decode(model, prompt: list[int], new: int, on: dict[str, bool] | None = None) -> list[float]:
@@ -117,6 +136,8 @@ def build_model(bench, args: argparse.Namespace):
     if args.dense_dtype != "bf16":
         quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
     apply_cpu_kernel(model, getattr(args, "cpu_kernel", "torch"), progress=False)
+    if getattr(args, "no_decode_graph", False):
+        model.ort_decoder = None
     return model
 
 
@@ -128,6 +149,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profiler", action="store_true", help="also print torch.profiler's top ops")
     parser.add_argument("--cpu-kernel", default="torch", help="our CPU int4 kernel: torch or onnxruntime")
+    parser.add_argument("--no-decode-graph", action="store_true",
+                        help="with --cpu-kernel onnxruntime: decode through the torch path around the kernels")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -141,14 +164,16 @@ def main() -> None:
     hooked = statistics.mean(steps)
     n = args.new_tokens
     parts = {k: v / n * 1e3 for k, v in times.items()}
-    parts["attn_core"] = parts.pop("attention") - parts["attn_proj"]
-    parts["router"] = parts.pop("moe_block") - parts["experts"]
+    if "attention" in parts:  # the torch path (the decode graph runs neither module)
+        parts["attn_core"] = parts.pop("attention") - parts["attn_proj"]
+        parts["router"] = parts.pop("moe_block") - parts["experts"]
     parts["other"] = hooked * 1e3 - sum(parts.values())
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "?")
     row = {"kind": "profile", "cpu": name, "threads": args.threads, "load": os.getloadavg(),
            "torch": torch.__version__, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
            "dense_dtype": args.dense_dtype, "int4_group": args.int4_group, "cpu_kernel": args.cpu_kernel,
+           "decode_graph": model.ort_decoder is not None,
            "ms_per_token_plain": round(plain * 1e3, 2),
            "ms_per_token_hooked": round(hooked * 1e3, 2),
            "parts_ms": {k: round(v, 2) for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}, "measured": True}

@@ -93,7 +93,7 @@ def test_onnxruntime_never_reads_our_arrays_after_the_session_is_built() -> None
     assert w is not None
     arrays = OrtInt4(w.codes.copy(), w.scales.copy(), w.zero_points.copy(), w.n, w.k, w.group)
     inits, feeds = [], {}
-    node = ort_kernels._matmul_node("w", "x", "y", arrays, inits, feeds)
+    node = ort_kernels.matmul_node("w", "x", "y", arrays, inits, feeds)
     session = ort_kernels._session([node], inits, feeds, w.k, w.n)
     x = torch.randn(2, 96)
     before = ort_kernels._run(session, x)

@@ -33,14 +33,21 @@ class LayerKV:
         """
         start_pos = self.cache.length
         end = start_pos + k.shape[1]
+        cache_k, cache_v = self.buffers(end, k.shape[0], k.shape[2], v.shape[2], k.dtype, k.device)
+        cache_k[:, start_pos:end] = k
+        cache_v[:, start_pos:end] = v
+        return cache_k[:, :end], cache_v[:, :end]
+
+    def buffers(self, end: int, heads: int, dk: int, dv: int, dtype: torch.dtype,
+                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole buffers k [heads, max_tokens, dk], v [heads, max_tokens, dv] (allocated on first use),
+        after checking that `end` tokens fit: HybrimoeError when they do not."""
         if end > self.max_tokens:
             raise HybrimoeError(f"KV cache full: {end} tokens do not fit in max_tokens={self.max_tokens}")
         if self.k is None or self.v is None:
-            self.k = k.new_empty(k.shape[0], self.max_tokens, k.shape[2])
-            self.v = v.new_empty(v.shape[0], self.max_tokens, v.shape[2])
-        self.k[:, start_pos:end] = k
-        self.v[:, start_pos:end] = v
-        return self.k[:, :end], self.v[:, :end]
+            self.k = torch.empty(heads, self.max_tokens, dk, dtype=dtype, device=device)
+            self.v = torch.empty(heads, self.max_tokens, dv, dtype=dtype, device=device)
+        return self.k, self.v
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.k, self.v) if t is not None)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from itertools import accumulate
+from typing import Any
 
 import torch
 from torch import nn
@@ -77,6 +78,7 @@ class MoETransformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.moe_blocks: dict[int, MoEBlock] = {
             i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEBlock)}
+        self.ort_decoder: Any = None  # hybrimoe.models.ort_decode.OrtDecoder (`--cpu-kernel onnxruntime`)
 
     @property
     def routing_observer(self) -> RoutingObserver | None:
@@ -140,9 +142,12 @@ class MoETransformer(nn.Module):
             kv.length = start
         self._hooks.prefill = max(lengths) > 1 if prefill is None else bool(prefill)
         try:
-            x = self.model.embed_tokens(input_ids)                                   # [N, H]
-            for i, layer in enumerate(self.model.layers):
-                x = layer(x, positions, [kv[i] for kv in caches], lengths)
+            if self.ort_decoder is not None and lengths == [1] and input_ids.device.type == "cpu":
+                x = self.ort_decoder.hidden(self, input_ids, segments[0][1], caches[0])  # [1, H]: one decode token
+            else:
+                x = self.model.embed_tokens(input_ids)                               # [N, H]
+                for i, layer in enumerate(self.model.layers):
+                    x = layer(x, positions, [kv[i] for kv in caches], lengths)
         finally:
             self._hooks.prefill = None
         for (_, start, kv), t in zip(segments, lengths):

@@ -157,7 +157,11 @@ class MoEBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] -> [T, H]."""
-        logits = self.gate(x)                                             # [T, E]
+        return self.from_logits(x, self.gate(x))
+
+    def from_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The block after its router: x [T, H], logits [T, E] fp32 (the onnxruntime decode graph computes
+        them, `hybrimoe.models.ort_decode`) -> [T, H]."""
         expert_ids, weights, scores = route(logits, self.config, self.gate.e_score_correction_bias)
         if self.hooks.observer is not None:
             self.hooks.observer(self.layer_idx, RoutingRecord(self.layer_idx, expert_ids, weights, scores))

@@ -127,6 +127,15 @@ def ort_int4_weights(view: Int4View) -> OrtInt4 | None:
     return OrtInt4(packed.numpy(), scale.float().reshape(-1).numpy().copy(), zp_bytes.contiguous().numpy(), n, k, g)
 
 
+def stack_int4(parts: list[OrtInt4 | None]) -> OrtInt4 | None:
+    """One matrix of `parts` stacked along N (same K and group), or None when any is None or they differ."""
+    if any(p is None for p in parts) or len({(p.k, p.group) for p in parts}) != 1:
+        return None
+    return OrtInt4(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
+                   np.concatenate([p.zero_points for p in parts]), sum(p.n for p in parts), parts[0].k,
+                   parts[0].group)
+
+
 def _external(name: str, onnx_type: int, dims: list[int]) -> Any:
     """An initializer declared in the graph whose data comes from SessionOptions.add_external_initializers."""
     from onnx import TensorProto
@@ -139,7 +148,7 @@ def _external(name: str, onnx_type: int, dims: list[int]) -> Any:
     return t
 
 
-def _matmul_node(prefix: str, x: str, y: str, w: OrtInt4, inits: list[Any], feeds: dict[str, np.ndarray]) -> Any:
+def matmul_node(prefix: str, x: str, y: str, w: OrtInt4, inits: list[Any], feeds: dict[str, np.ndarray]) -> Any:
     from onnx import TensorProto, helper
 
     names = (f"{prefix}_codes", f"{prefix}_scales", f"{prefix}_zp")
@@ -156,9 +165,18 @@ def _session(nodes: list[Any], inits: list[Any], feeds: dict[str, np.ndarray], k
     while the session is created (MatMulNBits packs them into its own memory)."""
     from onnx import TensorProto, helper
 
+    return graph_session(nodes, inits, feeds, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])])
+
+
+def graph_session(nodes: list[Any], inits: list[Any], feeds: dict[str, np.ndarray], inputs: list[Any],
+                  outputs: list[Any]) -> Any:
+    """A CPU session on the global pool for a graph of `nodes` (opset 21 and com.microsoft), onnx value infos
+    `inputs` -> `outputs`; `feeds`: the external initializers, only read while the session is created."""
+    from onnx import helper
+
     ort = _runtime()
-    graph = helper.make_graph(nodes, "hybrimoe", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n])], initializer=inits)
+    graph = helper.make_graph(nodes, "hybrimoe", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
     options.use_per_session_threads = False  # the global pool (`_runtime`)
@@ -189,7 +207,7 @@ class OrtMatmul:
             return None
         inits: list[Any] = []
         feeds: dict[str, np.ndarray] = {}
-        node = _matmul_node("w", "x", "y", w, inits, feeds)
+        node = matmul_node("w", "x", "y", w, inits, feeds)
         return cls(_session([node], inits, feeds, w.k, w.n), view, w.nbytes)
 
     @classmethod
@@ -197,15 +215,12 @@ class OrtMatmul:
         """ONE session for the matrices of `views` stacked along N (same K and group; e.g. q/k/v
         projections: one call instead of three). It has no fallback: it computes every token count (its
         caller, StackedLinears, runs the linears one by one above the crossover)."""
-        parts = [ort_int4_weights(v) for v in views]
-        if any(p is None for p in parts) or len({(p.k, p.group) for p in parts}) != 1:
+        w = stack_int4([ort_int4_weights(v) for v in views])
+        if w is None:
             return None
-        w = OrtInt4(np.concatenate([p.codes for p in parts]), np.concatenate([p.scales for p in parts]),
-                    np.concatenate([p.zero_points for p in parts]), sum(p.n for p in parts), parts[0].k,
-                    parts[0].group)
         inits: list[Any] = []
         feeds: dict[str, np.ndarray] = {}
-        node = _matmul_node("w", "x", "y", w, inits, feeds)
+        node = matmul_node("w", "x", "y", w, inits, feeds)
         return cls(_session([node], inits, feeds, w.k, w.n), None, w.nbytes)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
@@ -234,12 +249,12 @@ class OrtExpert:
             return None
         inits: list[Any] = []
         feeds: dict[str, np.ndarray] = {}
-        nodes = [_matmul_node("gate_up", "x", "h", a, inits, feeds),                    # [T, 2I]
+        nodes = [matmul_node("gate_up", "x", "h", a, inits, feeds),                    # [T, 2I]
                  helper.make_node("Split", ["h"], ["g", "u"], axis=-1, num_outputs=2),   # [T, I] each
                  helper.make_node("Sigmoid", ["g"], ["sg"]),
                  helper.make_node("Mul", ["g", "sg"], ["silu"]),
                  helper.make_node("Mul", ["silu", "u"], ["act"]),
-                 _matmul_node("down", "act", "y", b, inits, feeds)]                      # [T, H]
+                 matmul_node("down", "act", "y", b, inits, feeds)]                      # [T, H]
         assert a.n == 2 * intermediate and b.k == intermediate
         return cls(_session(nodes, inits, feeds, a.k, b.n), expert, a.nbytes + b.nbytes)
 
@@ -276,6 +291,9 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     if not switched:
         raise ConfigError("--cpu-kernel onnxruntime computes int4 weights; this model has none on the CPU "
                           "(add --expert-dtype int4 and/or --dense-dtype int4)")
+    if hasattr(model, "ort_decoder"):
+        from hybrimoe.models.ort_decode import OrtDecoder
+        model.ort_decoder = OrtDecoder.build(model)  # one graph per layer for decode tokens (None: torch path)
     release_free_heap()
 
 
