@@ -15,8 +15,11 @@ row read per token). q/k rows are not permuted, so the two models do not compute
 (random weights: only speed is compared). Both decode the same token ids (a seeded 32-token prompt, then
 --new-tokens tokens), CPU only, the same thread count, alternately for --repeats rounds; ms per decode
 token and tokens/s, median per engine. Ours runs as `hybrimoe generate` does without runtime flags (the
-plain engine: the reference executor on the CPU). One JSON row per engine and variant plus a header row
-with the machine; never run in CI.
+plain engine: the reference executor on the CPU), in this process; llama.cpp runs in a process of its own
+(benchmarks/llama_worker.py) with OMP_WAIT_POLICY unset, as its users run it (--llama-omp-wait-policy to
+change it): in one process both engines shared one OMP_WAIT_POLICY, and PASSIVE, which this script's runs
+before 2026-11-30 23:30 UTC used, slowed llama.cpp by 1.5x. One JSON row per engine and variant plus a
+header row with the machine; never run in CI.
 """
 
 from __future__ import annotations
@@ -173,25 +176,13 @@ def time_ours(model, prompt: list[int], new: int) -> float:
     return (time.perf_counter() - start) / new
 
 
-def time_llama(llm, prompt: list[int], new: int) -> float:
-    llm.reset()
-    llm.eval(prompt)
-    token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    start = time.perf_counter()
-    for _ in range(new):
-        llm.eval([token])
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
-    return (time.perf_counter() - start) / new
-
-
-def machine_row(args: argparse.Namespace, model, ggufs: dict[str, Path]) -> dict:
+def machine_row(args: argparse.Namespace, model, ggufs: dict[str, Path], llama_version: str) -> dict:
     cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
     name = next((line.split(":", 1)[1].strip() for line in cpu.splitlines() if line.startswith("Model name")), "?")
-    import llama_cpp
-
     return {"kind": "machine", "cpu": name, "threads": args.threads, "load": os.getloadavg(), "measured": True,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "torch": torch.__version__,
-            "llama_cpp_python": llama_cpp.__version__, "int4_expert_bytes": model.expert_store.nbytes,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
+            "llama_omp_wait_policy": args.llama_omp_wait_policy or "(default)", "torch": torch.__version__,
+            "llama_cpp_python": llama_version, "int4_expert_bytes": model.expert_store.nbytes,
             "gguf_bytes": {d: p.stat().st_size for d, p in ggufs.items()}, "config": model_config(args)}
 
 
@@ -206,6 +197,9 @@ def main() -> None:
                         help="keep the GGUFs here and reuse them (written by an earlier run with the same sizes)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--write-only", action="store_true", help="write the GGUFs (to --gguf-dir) and stop")
+    parser.add_argument("--llama-omp-wait-policy", default=None,
+                        help="OMP_WAIT_POLICY of the llama.cpp process (default: unset, llama.cpp's own default; "
+                             "ours runs in this process with this process's environment)")
     parser.add_argument("--cpu-kernel", default="torch",
                         help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime, onnxruntime-nograph "
                              "(onnxruntime's kernel without the per-layer decode graph of hybrimoe.models.ort_decode); "
@@ -231,7 +225,7 @@ def main() -> None:
     if args.write_only:
         print(json.dumps({d: str(p) for d, p in ggufs.items()}))
         return
-    from llama_cpp import Llama
+    from llama_worker import LlamaProcess
 
     from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
@@ -248,9 +242,8 @@ def main() -> None:
                 apply_cpu_kernel(ours[dense, kernel], base, progress=False)
             if kernel.endswith("-nograph"):
                 ours[dense, kernel].ort_decoder = None  # decode tokens take the torch path around the kernels
-        for n in thread_counts:
-            llamas[dense, n] = Llama(model_path=str(ggufs[dense]), n_threads=n, n_threads_batch=n, n_ctx=256,
-                                     n_batch=64, n_gpu_layers=0, logits_all=True, verbose=False)
+        for n in thread_counts:  # llama.cpp in processes of their own (benchmarks/llama_worker.py: why)
+            llamas[dense, n] = LlamaProcess(ggufs[dense], n, args.llama_omp_wait_policy)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
     variants = [(d, k, n) for d in denses for k in ["llama.cpp", *kernels] for n in thread_counts
@@ -261,7 +254,7 @@ def main() -> None:
     def timed(dense: str, impl: str, n: int, new: int) -> float:
         torch.set_num_threads(n)
         if impl == "llama.cpp":
-            return time_llama(llamas[dense, n], prompt, new)
+            return llamas[dense, n].seconds_per_token(prompt, new)
         return time_ours(ours[dense, impl], prompt, new)
 
     for dense, impl, n in variants:  # warm-up
@@ -269,11 +262,13 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: every variant of both engines in each round
         for dense, impl, n in variants:
             times.setdefault((impl, dense, n), []).append(timed(dense, impl, n, args.new_tokens))
-    rows = [machine_row(args, model, ggufs)]
+    for llama in llamas.values():
+        llama.close()
+    rows = [machine_row(args, model, ggufs, next(iter(llamas.values())).version)]
     for (impl, dense, n), runs in times.items():
         s = statistics.median(runs)
         label = f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense" if impl == "llama.cpp" else \
-            f"hybrimoe int4 g32 experts, {dense} dense, {impl} CPU kernel"
+            f"hybrimoe int4 g{args.int4_group} experts, {dense} dense, {impl} CPU kernel"
         rows.append({"kind": "decode", "impl": "llama.cpp" if impl == "llama.cpp" else "hybrimoe",
                      "cpu_kernel": None if impl == "llama.cpp" else impl, "label": label, "dense": dense,
                      "threads": n, "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),

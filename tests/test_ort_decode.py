@@ -175,3 +175,19 @@ def test_a_head_dim_gqa_cannot_rotate_keeps_the_torch_path(caplog) -> None:
     with caplog.at_level(logging.INFO, logger="hybrimoe.models.ort_decode"):
         apply_cpu_kernel(model, "onnxruntime", progress=False)
     assert model.ort_decoder is None and "head dim 24" in caplog.text
+
+
+def test_the_engine_decodes_through_the_graph(tiny_checkpoint) -> None:
+    """`Engine.from_pretrained(..., cpu_kernel="onnxruntime")` with int4 dense weights builds the graphs; its
+    greedy tokens equal the same engine's with the graph off (accuracy level 0: no activation rounding)."""
+    from hybrimoe.engine.engine import Engine
+    from hybrimoe.engine.types import SamplingParams
+
+    engine = without_activation_rounding(lambda: Engine.from_pretrained(
+        tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="int4", dense_dtype="int4", cpu_kernel="onnxruntime"))
+    decoder = engine.model.ort_decoder
+    assert decoder is not None
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=[])
+    with_graph = engine.generate(PROMPT, params).token_ids
+    engine.model.ort_decoder = None
+    assert engine.generate(PROMPT, params).token_ids == with_graph and len(with_graph) > 1
