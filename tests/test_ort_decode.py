@@ -191,3 +191,14 @@ def test_the_engine_decodes_through_the_graph(tiny_checkpoint) -> None:
     with_graph = engine.generate(PROMPT, params).token_ids
     engine.model.ort_decoder = None
     assert engine.generate(PROMPT, params).token_ids == with_graph and len(with_graph) > 1
+
+
+def test_a_cpu_only_engine_leaves_the_cores_to_onnxruntime(tiny_checkpoint) -> None:
+    from hybrimoe.engine.engine import Engine
+
+    torch.set_num_threads(2)  # the module fixture restores its own count afterwards
+    Engine.from_pretrained(tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="int4", cpu_kernel="onnxruntime")
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(2)
+    Engine.from_pretrained(tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="int4")  # torch's kernel
+    assert torch.get_num_threads() == 2

@@ -129,12 +129,14 @@ class Engine:
                                                RuntimeOptions.from_kwargs(device=options.device, **hybrid),
                                                cpu_kernel=options.cpu_kernel, **options.weight_formats())
         else:
-            from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+            from hybrimoe.moe.ort_kernels import apply_cpu_kernel, leave_cores_to_onnxruntime
 
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
             apply_cpu_kernel(model, options.cpu_kernel)
             if options.cpu_kernel == "onnxruntime":  # no runtime: nothing copies experts to a GPU
                 model.expert_store.release_host_copy()
+                if model.device.type == "cpu":
+                    leave_cores_to_onnxruntime()
         model.eval()
         try:
             if gguf:

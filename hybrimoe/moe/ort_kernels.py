@@ -297,6 +297,17 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     release_free_heap()
 
 
+def leave_cores_to_onnxruntime() -> None:
+    """A CPU-only engine on onnxruntime's kernels: torch drops to one thread beside onnxruntime's pool (sized
+    before, from torch's count). torch's OpenMP team and onnxruntime's pool spin on the same cores; on the
+    2-vCPU AMD EPYC, OMP_WAIT_POLICY unset, 1 GB benchmark model: decode without the decode graph 71 against
+    23 ms per token, a 128-token prompt 1.33 against 0.69 s; under PASSIVE the prompt took the same time
+    (benchmarks/RESULTS_formats.md). The heavy work runs in onnxruntime either way."""
+    if torch.get_num_threads() > 1:
+        log.info("torch: 1 thread beside onnxruntime's %s", _STATE["threads"])
+        torch.set_num_threads(1)
+
+
 def release_free_heap() -> None:
     """Hands the heap that building the sessions freed back to the OS (glibc's malloc_trim; a no-op
     elsewhere). Measured on the 1 GB benchmark model (group 32): the process kept 2.26x the int4 bytes after
