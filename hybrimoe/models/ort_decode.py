@@ -177,8 +177,8 @@ class DecodeLayer:
     r2: torch.Tensor
     n: torch.Tensor
     logits: torch.Tensor | None
-    kv_address: tuple[int, int] = (0, 0)
-    tables_address: int = 0
+    kv_bound: tuple[int, ...] = ()  # (k address, v address, max_tokens) of the cache bound now
+    tables_bound: tuple[int, ...] = ()  # (cos address, sin address, rows)
 
 
 class OrtDecoder:
@@ -233,15 +233,15 @@ class OrtDecoder:
             k, v = kv[i].buffers(end, self.kv_heads, self.head_dim, self.head_dim, torch.float32, torch.device("cpu"))
             if k.dtype != torch.float32:
                 raise HybrimoeError(f"the onnxruntime decode graph needs an fp32 KV cache, layer {i} holds {k.dtype}")
-            if layer.kv_address != (k.data_ptr(), v.data_ptr()):
-                for name, buffer in (("past_k", k), ("past_v", v)):
+            if layer.kv_bound != (k.data_ptr(), v.data_ptr(), k.shape[1]):  # a new cache (shape in the key:
+                for name, buffer in (("past_k", k), ("past_v", v)):          # memory can be reused at one address)
                     _bind(layer.io, name, buffer[None])
                     _bind(layer.io, name.replace("past", "present"), buffer[None], output=True)
-                layer.kv_address = (k.data_ptr(), v.data_ptr())
-            if layer.tables_address != self.cos.data_ptr():
+                layer.kv_bound = (k.data_ptr(), v.data_ptr(), k.shape[1])
+            if layer.tables_bound != (self.cos.data_ptr(), self.sin.data_ptr(), self.cos.shape[0]):
                 _bind(layer.io, "cos", self.cos)
                 _bind(layer.io, "sin", self.sin)
-                layer.tables_address = self.cos.data_ptr()
+                layer.tables_bound = (self.cos.data_ptr(), self.sin.data_ptr(), self.cos.shape[0])
 
     def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
         """The hidden state [1, H] (model dtype, before the final norm) of one token at position `start`,
@@ -252,7 +252,7 @@ class OrtDecoder:
         dtype = model.dtype
         self.layers[0].x.copy_(model.model.embed_tokens(input_ids))
         delta: torch.Tensor | None = None
-        for i, (decode, layer) in enumerate(zip(self.layers, model.model.layers)):
+        for decode, layer in zip(self.layers, model.model.layers):
             if delta is not None:
                 decode.delta.copy_(delta)
             decode.session.run_with_iobinding(decode.io)
