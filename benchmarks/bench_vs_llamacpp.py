@@ -252,7 +252,9 @@ def main() -> None:
     times: dict[tuple[str, str, int], list[float]] = {}
 
     def timed(dense: str, impl: str, n: int, new: int) -> float:
-        torch.set_num_threads(n)
+        # torch at one thread beside onnxruntime's pool of n, as `hybrimoe generate` runs it (ort_kernels.
+        # leave_cores_to_onnxruntime); runs before 2026-12-01 00:20 UTC had torch at n threads there too
+        torch.set_num_threads(1 if impl.startswith("onnxruntime") else n)
         if impl == "llama.cpp":
             return llamas[dense, n].seconds_per_token(prompt, new)
         return time_ours(ours[dense, impl], prompt, new)
@@ -271,7 +273,8 @@ def main() -> None:
             f"hybrimoe int4 g{args.int4_group} experts, {dense} dense, {impl} CPU kernel"
         rows.append({"kind": "decode", "impl": "llama.cpp" if impl == "llama.cpp" else "hybrimoe",
                      "cpu_kernel": None if impl == "llama.cpp" else impl, "label": label, "dense": dense,
-                     "threads": n, "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
+                     "threads": n, "torch_threads": 1 if impl.startswith("onnxruntime") else n,
+                     "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
                      "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in runs],
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})
     for dense, impl, n in variants:

@@ -293,4 +293,25 @@ def test_a_cpu_only_engine_keeps_onnxruntimes_copy_only(tiny_checkpoint, referen
     apply_cpu_kernel(kept, "onnxruntime", progress=False)
     kept.expert_store.set_expert_quantized(0, 0, *quantized_with_fractional_offsets(kept.expert_store))
     kept.expert_store._ort.pop((0, 0))  # as if that expert had been loaded from Q4_K
-    assert kept.expert_store.release_host_copy() == 0 and not kept.expert_store.released  # it still needs the bytes
+    store = kept.expert_store
+    layer_bytes = store.nbytes // len(store.layers)
+    assert store.release_host_copy() == layer_bytes * (len(store.layers) - 1)  # every layer but layer 0
+    assert not store.released and store.buffer(0, 0).numel() > 0  # layer 0 still needs its bytes
+    with pytest.raises(HybrimoeError, match=f"layer {store.layers[1]}"):
+        store.buffer(store.layers[1], 0)
+
+
+def test_release_store_frees_each_layer_as_its_sessions_are_built(tiny_checkpoint, monkeypatch) -> None:
+    """Host memory peaks at onnxruntime's copy, not at the store plus that copy: while the sessions of
+    layer l are built, the layers before it are already freed (a CPU-only engine passes release_store)."""
+    from hybrimoe.loader import load_model
+
+    model = load_model(tiny_checkpoint("mixtral"), "fp32", progress=False, expert_dtype="int4")
+    store, experts = model.expert_store, model.config.num_experts
+    seen: list[int] = []  # the store's bytes as each session is built
+    build = OrtExpert.build.__func__
+    monkeypatch.setattr(OrtExpert, "build", classmethod(lambda cls, e: seen.append(store.nbytes) or build(cls, e)))
+    apply_cpu_kernel(model, "onnxruntime", progress=False, release_store=True)
+    per_layer = seen[0] // len(store.layers)
+    assert seen == [per_layer * (len(store.layers) - i // experts) for i in range(len(seen))]
+    assert store.released and store.nbytes == 0

@@ -132,11 +132,10 @@ class Engine:
             from hybrimoe.moe.ort_kernels import apply_cpu_kernel, leave_cores_to_onnxruntime
 
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
-            apply_cpu_kernel(model, options.cpu_kernel)
-            if options.cpu_kernel == "onnxruntime":  # no runtime: nothing copies experts to a GPU
-                model.expert_store.release_host_copy()
-                if model.device.type == "cpu":
-                    leave_cores_to_onnxruntime()
+            # no runtime: nothing copies experts to a GPU, so the store's bytes go as the sessions are built
+            apply_cpu_kernel(model, options.cpu_kernel, release_store=True)
+            if options.cpu_kernel == "onnxruntime" and model.device.type == "cpu":
+                leave_cores_to_onnxruntime()
         model.eval()
         try:
             if gguf:

@@ -265,19 +265,22 @@ class OrtExpert:
         return _run(self.session, x)
 
 
-def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int | None = None) -> None:
+def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int | None = None,
+                     release_store: bool = False) -> None:
     """Switches `model`'s CPU int4 matmuls to kernel `name`: "torch" (the default: nothing to do) or
     "onnxruntime" (the routed experts of an int4 store, `ExpertStore.use_onnxruntime`, q/k/v projections
     stacked into one matmul where all three are int4, and every other int4 `QuantLinear` on the CPU).
     ConfigError when nothing in the model is int4. `threads`: onnxruntime's pool (one per process, sized by
-    the first call; default torch's thread count)."""
+    the first call; default torch's thread count). `release_store`: free the store's bytes layer by layer as
+    the sessions are built (`ExpertStore.use_onnxruntime(release=True)`: a CPU-only engine, where nothing
+    copies experts to a GPU)."""
     if check_cpu_kernel(name) == "torch":
         return
     _runtime(threads)  # the pool's size: the CPU worker's threads under the hybrid runtime, else torch's
     store = model.expert_store
     switched = 0
     if store.format.name == "int4":
-        store.use_onnxruntime(progress)
+        store.use_onnxruntime(progress, release=release_store)
         switched += 1
     stacked: set[int] = set()  # linears computed inside a stacked matmul (q/k/v): no session of their own
     for module in model.modules():

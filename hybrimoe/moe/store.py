@@ -36,6 +36,24 @@ def host_available_bytes() -> int | None:
     return None
 
 
+def drop_pages(tensor: torch.Tensor) -> None:
+    """Returns the whole pages inside `tensor`'s memory to the OS (Linux madvise MADV_DONTNEED; a no-op
+    elsewhere): the memory reads as zeros afterwards, so only for bytes nothing reads again."""
+    import ctypes
+    import mmap
+
+    page = mmap.PAGESIZE
+    start = -(-tensor.data_ptr() // page) * page
+    end = (tensor.data_ptr() + tensor.numel() * tensor.element_size()) // page * page
+    if end <= start or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError:
+        return
+    libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), mmap.MADV_DONTNEED)
+
+
 def check_host_memory(needed: int, what: str) -> None:
     """BudgetError before allocating `needed` bytes of host memory that the machine does not have."""
     available = host_available_bytes()
@@ -76,7 +94,7 @@ class ExpertStore:
         self.expert_numel = self.layout.numel
         self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, numel]
         self.cpu_kernel = "torch"  # or "onnxruntime" (`use_onnxruntime`)
-        self.released = False  # `release_host_copy` freed the bytes (onnxruntime's copy is the only one)
+        self._released: set[int] = set()  # layers whose bytes were freed (onnxruntime's copy is the only one)
         self._ort: dict[tuple[int, int], ExpertView] = {}  # onnxruntime experts (kept across `pin`)
         self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
@@ -98,7 +116,7 @@ class ExpertStore:
     def pin(self) -> None:
         """Moves the store into page-locked host memory (one allocation; no-op when already pinned).
         Take `buffer()` / `weights()` views after this: earlier views still point at the old memory."""
-        if self.released or not self._layers or next(iter(self._layers.values())).is_pinned():
+        if self._released or not self._layers or next(iter(self._layers.values())).is_pinned():
             return
         flat = torch.empty(sum(t.numel() for t in self._layers.values()), dtype=self.dtype, pin_memory=True)
         old = self._layers
@@ -109,6 +127,11 @@ class ExpertStore:
     @property
     def layers(self) -> tuple[int, ...]:
         return tuple(self._layers)
+
+    @property
+    def released(self) -> bool:
+        """Every layer's bytes were freed (`release_host_copy`): onnxruntime's copy is the only one."""
+        return bool(self._layers) and self._released == set(self._layers)
 
     @property
     def expert_nbytes(self) -> int:
@@ -125,8 +148,8 @@ class ExpertStore:
 
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         """Expert (layer, expert) as a contiguous 1-D tensor [numel] (a view, writes go to the store)."""
-        if self.released:
-            raise HybrimoeError("the expert store's host copy was released (--cpu-kernel onnxruntime in a CPU-only "
+        if layer in self._released:
+            raise HybrimoeError(f"the expert store's host copy of layer {layer} was released (--cpu-kernel onnxruntime in a CPU-only "
                                 "run keeps onnxruntime's copy only); its bytes cannot be read")
         return self._layers[layer][expert]
 
@@ -148,16 +171,18 @@ class ExpertStore:
             view = self._views[(layer, expert)] = self.layout.view(self.buffer(layer, expert))
         return view
 
-    def use_onnxruntime(self, progress: bool = True) -> int:
+    def use_onnxruntime(self, progress: bool = True, release: bool = False) -> int:
         """Computes the host experts with onnxruntime's int4 kernel from now on (hybrimoe.moe.ort_kernels):
         builds every expert's session here (with a progress bar). Experts with a non-integer zero point
         (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
         is extra host memory (about 1.5x that at group 32, 1.2x at 128; `release_host_copy` frees the store's
         own bytes where nothing else needs them). Int4 stores only; a second call changes nothing (models
-        sharing one store each switch it)."""
+        sharing one store each switch it). `release`: free each layer's bytes as soon as its sessions exist
+        (`release_layer`; a CPU-only engine), so that host memory peaks at onnxruntime's copy instead of
+        the store plus that copy."""
         from tqdm import tqdm
 
-        from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
+        from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel, release_free_heap
 
         if self.cpu_kernel == "onnxruntime":
             return sum(e.nbytes for e in self._ort.values())
@@ -165,16 +190,21 @@ class ExpertStore:
         if self.format.name != "int4":
             raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts; these are {self.format.describe()} "
                               "(add --expert-dtype int4)")
-        check_host_memory(int(ORT_MEMORY_FACTOR * self.nbytes), "onnxruntime's packed copy of the int4 experts")
+        extra = ORT_MEMORY_FACTOR - 1 if release else ORT_MEMORY_FACTOR  # freed as built: the peak is the end
+        check_host_memory(int(extra * self.nbytes), "onnxruntime's packed copy of the int4 experts")
         keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
         handed, kept = 0, 0
         for key in tqdm(keys, desc="onnxruntime experts", unit="expert", disable=not progress):
             built = OrtExpert.build(self.expert(*key))  # None: not computable there (kept on torch's kernel)
             if built is None:
                 kept += 1
-                continue
-            self._ort[key] = built
-            handed += built.nbytes
+            else:
+                self._ort[key] = built
+                handed += built.nbytes
+            if key[1] == self.config.num_experts - 1:  # the layer's last expert
+                if release:
+                    self.release_layer(key[0])
+                release_free_heap()  # the build's temporaries (glibc keeps freed heap otherwise)
         self.cpu_kernel = "onnxruntime"
         if kept:
             log.warning("%d of %d experts have non-integer int4 zero points (e.g. GGUF Q4_K) and stay on torch's "
@@ -184,25 +214,37 @@ class ExpertStore:
         return handed
 
     def release_host_copy(self) -> int:
-        """Frees the store's own bytes once every expert computes on its onnxruntime session (a CPU-only run
-        with `--cpu-kernel onnxruntime`: nothing copies experts to a GPU, and onnxruntime's packed copy then
-        is the only one). The sessions take every token count from then on (no torch fallback above the
-        crossover: measured 14% slower there, 99 against 87 ms at 512 tokens on one expert). Returns the
-        bytes freed; 0 (nothing freed) when some expert has no session (e.g. GGUF Q4_K)."""
+        """Frees the store's own bytes of every layer whose experts all compute on onnxruntime sessions (a
+        CPU-only run with `--cpu-kernel onnxruntime`: nothing copies experts to a GPU, and onnxruntime's
+        packed copy then is the only one; `release_layer`). Returns the bytes freed."""
+        freed = sum(self.release_layer(layer) for layer in self.layers)
+        if freed:
+            log.info("expert store: released %.2f GB of its host copy (onnxruntime's is the only one there)",
+                     freed / 1e9)
+        return freed
+
+    def release_layer(self, layer: int) -> int:
+        """Frees `layer`'s bytes if each of its experts has an onnxruntime session (else, e.g. GGUF Q4_K
+        experts on torch's kernel, nothing): the sessions then take every token count (no torch fallback
+        above the crossover: measured 14% slower there, 99 against 87 ms at 512 tokens on one expert), and
+        `buffer` raises for the layer. The pages go back to the OS at once (`madvise`), though the store is one
+        allocation. Returns the bytes freed."""
         import dataclasses
 
         from hybrimoe.moe.ort_kernels import OrtExpert
 
-        keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
-        if self.released or not all(isinstance(self._ort.get(k), OrtExpert) for k in keys):
+        keys = [(layer, e) for e in range(self.config.num_experts)]
+        if layer in self._released or not all(isinstance(self._ort.get(k), OrtExpert) for k in keys):
             return 0
-        freed = self.nbytes
+        tensor = self._layers[layer]
+        freed = tensor.numel() * tensor.element_size()
         for key in keys:
             self._ort[key] = dataclasses.replace(self._ort[key], fallback=None)
-        self._views = {}
-        self._layers = {layer: torch.empty(self.config.num_experts, 0, dtype=self.dtype) for layer in self._layers}
-        self.released = True
-        log.info("expert store: released its %.2f GB host copy (onnxruntime's is the only one now)", freed / 1e9)
+            self._views.pop(key, None)
+        if not tensor.is_pinned():
+            drop_pages(tensor)
+        self._layers[layer] = torch.empty(self.config.num_experts, 0, dtype=self.dtype)
+        self._released.add(layer)
         return freed
 
     def view(self, buffer: torch.Tensor) -> ExpertView:
