@@ -202,3 +202,32 @@ def test_a_cpu_only_engine_leaves_the_cores_to_onnxruntime(tiny_checkpoint) -> N
     torch.set_num_threads(2)
     Engine.from_pretrained(tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="int4")  # torch's kernel
     assert torch.get_num_threads() == 2
+
+
+def test_a_batch_switching_between_graph_and_torch_steps_gives_each_request_its_solo_tokens(tiny_checkpoint,
+                                                                                        monkeypatch) -> None:
+    """BatchEngine: a step with one decoding sequence runs the graphs (bound to that sequence's cache), a step
+    with two runs the torch path; the caches each path writes are the other's, so every request still gets
+    the tokens it gets alone."""
+    from test_batch_engine import run_batch
+
+    from hybrimoe.engine.batch import BatchEngine
+    from hybrimoe.engine.engine import Engine
+    from hybrimoe.engine.types import SamplingParams
+    from hybrimoe.models.ort_decode import OrtDecoder
+
+    engine = without_activation_rounding(lambda: Engine.from_pretrained(
+        tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="int4", dense_dtype="int4", cpu_kernel="onnxruntime"))
+    requests = [(PROMPT, SamplingParams(max_new_tokens=10, stop_token_ids=[])),
+                (PROMPT[:5], SamplingParams(max_new_tokens=4, stop_token_ids=[])),
+                ([9, 8, 7, 6], SamplingParams(max_new_tokens=8, stop_token_ids=[]))]
+    solo = {i: engine.generate(p, s).token_ids for i, (p, s) in enumerate(requests)}
+    steps: list[str] = []  # per forward: "graph", or the segment lengths of a torch-path forward
+    hidden, forward_batch = OrtDecoder.hidden, engine.model.forward_batch
+    monkeypatch.setattr(OrtDecoder, "hidden", lambda self, *a: steps.append("graph") or hidden(self, *a))
+    monkeypatch.setattr(engine.model, "forward_batch", lambda segments, *a, **k: steps.append(
+        [int(ids.shape[0]) for ids, _, _ in segments]) or forward_batch(segments, *a, **k))
+    got = run_batch(BatchEngine(engine, max_batch=2, prefill_chunk=256), requests, join_at=[0, 3, 6])
+    tokens = {i: [t for chunk in chunks for t in chunk[0]] for i, chunks in got.items()}
+    assert tokens == solo
+    assert "graph" in steps and [1, 1] in steps  # one decoding sequence: graphs; two: the torch path
