@@ -38,7 +38,8 @@ def tiny_gpu_bytes(path, experts: int, fmt: str = "bf16") -> int:
     ("mixtral", "hybrimoe", "bf16", []), ("deepseek-v2-lite", "hybrimoe", "int4", []),
     ("qwen2-moe", "ktransformers", "int8", []), ("qwen3-moe", "llamacpp", "bf16", []),
     ("olmoe", None, "bf16,int8,int4", []), ("deepseek-v3", "hybrimoe", "int8", ["--staging-slots", "0"]),
-    ("deepseek-v2", "hybrimoe", "bf16", ["--staging-slots", "2"])])
+    ("deepseek-v2", "hybrimoe", "bf16", ["--staging-slots", "2"]),
+    ("mixtral", "hybrimoe", "int4", ["--cpu-kernel", "onnxruntime"])])
 def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, capsys, family, policy, fmt, extra):
     """The command of the largest cache that fits (every fitting row has one; the recommended row's is
     the plan's recommendation) starts the runtime, which allocates exactly the planned cache and store."""
@@ -75,6 +76,9 @@ def test_recommended_command_runs_within_the_stated_memory(tiny_checkpoint, caps
             assert pool == rec["cache_bytes"] and cache.num_slots == rec["cache_slots"]
         assert cache.staging_slots == rec["staging_slots"] and len(cache._prefetch_buffers) <= rec["staging_slots"]
         assert model.expert_store.nbytes == rec["host_bytes"] == rec["store_bytes"]
+        kernel = "onnxruntime" if "onnxruntime" in extra else "torch"
+        assert model.expert_store.cpu_kernel == rec["cpu_kernel"] == kernel
+        assert (rec["onnxruntime_bytes"] > 0) == (kernel == "onnxruntime")
         dense = sum(p.numel() * p.element_size() for p in model.parameters()) + \
             sum(b.numel() * b.element_size() for b in model.buffers())
         assert dense == rec["dense_bytes"]

@@ -18,6 +18,7 @@ def _names(text: str) -> tuple[str, ...]:
 
 
 def register(subparsers) -> None:
+    from hybrimoe.moe.ort_kernels import CPU_KERNELS
     from hybrimoe.plan.build import DEFAULT_FORMATS, DEFAULT_POLICIES
     from hybrimoe.plan.memory import DEFAULT_GPU_RESERVE
 
@@ -44,6 +45,10 @@ def register(subparsers) -> None:
     p.add_argument("--staging-slots", type=int, default=4, metavar="N", help="prefetch staging buffers (default 4)")
     p.add_argument("--gpu-reserve", default=str(DEFAULT_GPU_RESERVE), metavar="BYTES",
                    help="GPU memory kept for the CUDA context and activations (default 1GB)")
+    p.add_argument("--cpu-kernel", default="torch", choices=CPU_KERNELS,
+                   help="the CPU side's int4 kernel of the serve command (onnxruntime: its packed copy of the int4 "
+                        "experts, 1.5x their bytes, counts as host memory; other formats are refused; speeds come "
+                        "from the profile unless --calibrate measures this kernel)")
     p.add_argument("--device", default="cuda", help="device of the serve command (default cuda; cpu: CPU fallback)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dense weights (default bf16)")
     p.add_argument("--trace", default=None, metavar="FILE", help="routing recorded from this model (hybrimoe "
@@ -57,6 +62,7 @@ def register(subparsers) -> None:
 
 
 def _machine(args: argparse.Namespace):
+    from hybrimoe.moe.ort_kernels import check_cpu_kernel
     from hybrimoe.moe.store import host_available_bytes
     from hybrimoe.plan.memory import Machine
     from hybrimoe.runtime_options import parse_bytes
@@ -80,7 +86,8 @@ def _machine(args: argparse.Namespace):
         raise ConfigError(f"--context {args.context} must exceed --prompt-tokens {args.prompt_tokens}")
     if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
         raise ConfigError(f"--device must be cuda, cuda:N or cpu, got {args.device!r}")
-    return Machine(gpu, host, args.context, parse_bytes(args.gpu_reserve, "--gpu-reserve"), args.device, args.dtype)
+    return Machine(gpu, host, args.context, parse_bytes(args.gpu_reserve, "--gpu-reserve"), args.device, args.dtype,
+                   check_cpu_kernel(args.cpu_kernel))
 
 
 def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
@@ -103,7 +110,8 @@ def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
     for name in formats:
         log.info("calibrating %s experts %dx%d on this machine", name, shape.hidden, shape.moe_intermediate)
         settings = CalibrationSettings(hidden=shape.hidden, intermediate=shape.moe_intermediate, dtype=machine.dtype,
-                                       expert_dtype=name, int4_group=args.int4_group, layers=3)
+                                       expert_dtype=name, int4_group=args.int4_group, layers=3,
+                                       cpu_kernel=machine.cpu_kernel if name == "int4" else "torch")
         # inference mode, as the engine runs its kernels: the per-thread dequantisation workspace
         # (hybrimoe.moe.kernels.workspace) made under inference mode cannot be written outside it
         with torch.inference_mode():

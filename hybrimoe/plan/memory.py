@@ -16,7 +16,9 @@ here with the same options the recommended command gives), so the runtime is han
 Host (bytes): the expert store, every routed expert in its format in ONE allocation
 (hybrimoe.moe.store.ExpertStore); on CUDA it is page-locked, and torch's caching host allocator rounds
 a pinned request up to the next power of two (ATen/core/CachingHostAllocator.h, `PowerOf2Ceil`), so
-that is what a pinned store takes. Families the runtime cannot load get the same sums with the dense
+that is what a pinned store takes. With `--cpu-kernel onnxruntime`, onnxruntime's packed copy of the int4
+experts (`ORT_MEMORY_FACTOR` = 1.5x their bytes, measured at group 32) is host memory too: the runtime
+keeps the store for its copies. Families the runtime cannot load get the same sums with the dense
 part estimated from the shape (attention, shared experts, dense MLPs, norms, embeddings, lm_head in the
 model's dtype, routers fp32), labelled an estimate.
 """
@@ -34,6 +36,7 @@ from hybrimoe.moe.cache import STAGING_BUFFERS
 from hybrimoe.moe.expert_layout import expert_nbytes
 from hybrimoe.moe.install import staging_slots
 from hybrimoe.moe.quant import ExpertFormat
+from hybrimoe.moe.store import ORT_MEMORY_FACTOR
 from hybrimoe.plan.target import Target
 from hybrimoe.policy.presets import get_preset
 from hybrimoe.runtime_options import RuntimeOptions
@@ -60,6 +63,7 @@ class Machine:
     reserve_bytes: int = DEFAULT_GPU_RESERVE
     device: str = "cuda"  # where `serve` runs the dense part and the cache (cpu: the CPU fallback)
     dtype: str = "bf16"  # dense weights and activations
+    cpu_kernel: str = "torch"  # the CPU side's int4 kernel (`--cpu-kernel`: onnxruntime adds its packed copy)
 
     @property
     def pinned(self) -> bool:
@@ -84,6 +88,8 @@ class FormatMemory:
     host_available: int
     estimated: bool  # dense part estimated from the shape (the runtime cannot load this family)
     pinned: bool = False  # the store is page-locked (CUDA, unless only a pageable store fits: --no-pin-memory)
+    ort_bytes: int = 0  # onnxruntime's packed copy of the int4 experts (--cpu-kernel onnxruntime; the runtime
+    #                     keeps the store for its copies, so both are host memory)
 
     @property
     def store_bytes(self) -> int:
@@ -95,7 +101,7 @@ class FormatMemory:
 
     @property
     def host_fits(self) -> bool:
-        return self.host_bytes <= self.host_available
+        return self.host_bytes + self.ort_bytes <= self.host_available
 
     def runtime_gpu_memory(self, machine: Machine) -> int:
         """What the runtime's --gpu-memory may count: the GPU minus reserve, KV cache and transient buffers."""
@@ -155,13 +161,14 @@ def format_memory(target: Target, fmt: ExpertFormat, machine: Machine) -> Format
     total = shape.routed_expert_count
     dense = dense_bytes(target.config, dtype) if target.config is not None \
         else estimated_dense_bytes(target, dtype.itemsize)
+    ort = int(ORT_MEMORY_FACTOR * total * eb) if machine.cpu_kernel == "onnxruntime" and fmt.name == "int4" else 0
     # pinned when serve would pin, unless only the pageable store fits (then --no-pin-memory)
-    pin = machine.pinned and pinned_bytes(total * eb) <= machine.host_bytes
+    pin = machine.pinned and pinned_bytes(total * eb) + ort <= machine.host_bytes
     host = pinned_bytes(total * eb) if pin else total * eb
     # the KV cache's dtype as the engine allocates it: GQA on the CPU keeps fp32 for a half-precision model
     kv_dtype = kv_cache_dtype(shape.attention.kind, dtype, machine.device)
     return FormatMemory(fmt, dense, kv_bytes(target, machine.context, kv_dtype.itemsize), eb, total, host,
-                        machine.host_bytes, target.config is None, pin)
+                        machine.host_bytes, target.config is None, pin, ort)
 
 
 def device_budget(target: Target, mem: FormatMemory, machine: Machine, policy: str,
@@ -180,10 +187,13 @@ def device_budget(target: Target, mem: FormatMemory, machine: Machine, policy: s
     def refused(reason: str) -> DeviceBudget:
         return DeviceBudget(policy, mem, want, n_staging, False, reason, machine.reserve_bytes)
 
+    if machine.cpu_kernel == "onnxruntime" and mem.fmt.name != "int4":
+        return refused(f"--cpu-kernel onnxruntime computes int4 experts, not {mem.fmt.describe()}")
     if not mem.host_fits:
+        ort = f" + onnxruntime's packed copy {gb(mem.ort_bytes)}" if mem.ort_bytes else ""
         return refused(f"host: the {mem.fmt.describe()} expert store takes {gb(mem.host_bytes)}"
-                       f"{' pinned' if mem.pinned else ''}, {gb(mem.host_bytes - mem.host_available)} more than "
-                       f"{gb(mem.host_available)}")
+                       f"{' pinned' if mem.pinned else ''}{ort}, "
+                       f"{gb(mem.host_bytes + mem.ort_bytes - mem.host_available)} more than {gb(mem.host_available)}")
     if available < least:
         what = "dense part + every expert" if resident else "dense part" + (" + staging" if n_staging else "")
         return refused(f"GPU: {what} + KV cache + 2 transient expert buffers + reserve need "

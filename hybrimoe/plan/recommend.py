@@ -74,6 +74,8 @@ def serve_command(plan: "PlanResult", row: "Row") -> str | None:
     args += ["--gpu-memory", size_arg(budget.runtime_bytes, mem.runtime_gpu_memory(machine))]
     if get_preset(budget.policy).prefetch != "none" and budget.staging_slots != DEFAULT_STAGING:
         args += ["--staging-slots", str(budget.staging_slots)]
+    if machine.cpu_kernel != "torch":
+        args += ["--cpu-kernel", machine.cpu_kernel]
     if machine.pinned and not mem.pinned:
         args += ["--no-pin-memory"]
     args += ["--max-context", str(machine.context)]
