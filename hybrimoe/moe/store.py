@@ -149,8 +149,8 @@ class ExpertStore:
     def buffer(self, layer: int, expert: int) -> torch.Tensor:
         """Expert (layer, expert) as a contiguous 1-D tensor [numel] (a view, writes go to the store)."""
         if layer in self._released:
-            raise HybrimoeError(f"the expert store's host copy of layer {layer} was released (--cpu-kernel onnxruntime in a CPU-only "
-                                "run keeps onnxruntime's copy only); its bytes cannot be read")
+            raise HybrimoeError(f"the expert store's host copy of layer {layer} was released (--cpu-kernel "
+                                "onnxruntime in a CPU-only run keeps onnxruntime's copy only); its bytes cannot be read")
         return self._layers[layer][expert]
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
