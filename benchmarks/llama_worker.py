@@ -18,6 +18,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -25,8 +26,6 @@ import numpy as np
 
 def time_llama(llm, prompt: list[int], new: int) -> float:
     """Seconds per decode token (greedy, prompt evaluated first)."""
-    import time
-
     llm.reset()
     llm.eval(prompt)
     token = int(np.argmax(llm.scores[llm.n_tokens - 1]))

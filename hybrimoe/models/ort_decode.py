@@ -168,11 +168,11 @@ def _bind(io: Any, name: str, tensor: torch.Tensor | np.ndarray, output: bool = 
 
 @dataclass
 class DecodeLayer:
-    """One layer's session and its bound buffers (fp32): input x and delta [1, H], outputs r2, n [1, H] and
-    logits [1, E] (None for a dense layer)."""
+    """One layer's session and its bound buffers (fp32): input delta [1, H] (its input x is the previous
+    layer's r2, or the decoder's embedding buffer), outputs r2, n [1, H] and logits [1, E] (None for a
+    dense layer)."""
     session: Any
     io: Any
-    x: torch.Tensor
     delta: torch.Tensor
     r2: torch.Tensor
     n: torch.Tensor
@@ -184,9 +184,9 @@ class DecodeLayer:
 class OrtDecoder:
     """The decode graphs of every layer of one model; `hidden` runs a one-token forward through them."""
 
-    def __init__(self, model: nn.Module, layers: list[DecodeLayer], int4_bytes: int) -> None:
+    def __init__(self, model: nn.Module, layers: list[DecodeLayer], x: torch.Tensor) -> None:
         self.layers = layers
-        self.int4_bytes = int4_bytes
+        self.x = x                               # [1, H] fp32: the token's embedding, layer 0's input
         first = model.model.layers[0].self_attn
         self.rotary, self.kv_heads, self.head_dim = first.rotary, first.num_kv_heads, first.head_dim
         self.seqlens = np.zeros(1, np.int32)     # cached tokens before the new one (GQA: total - 1)
@@ -210,20 +210,20 @@ class OrtDecoder:
             g, inputs, outputs = graph
             built.append((g, ort_kernels.graph_session(g.nodes, g.inits, g.feeds, inputs, outputs)))
         layers: list[DecodeLayer] = []
+        x = torch.zeros(1, model.model.layers[0].post_attention_layernorm.weight.shape[0])
         for (g, session), layer in zip(built, model.model.layers):
-            hidden = layer.post_attention_layernorm.weight.shape[0]
-            buffers = [torch.zeros(1, hidden) for _ in range(4)]
+            buffers = [torch.zeros_like(x) for _ in range(3)]  # delta, r2, n
             experts = layer.mlp.gate.weight.shape[0] if isinstance(layer.mlp, MoEBlock) else 0
             logits = torch.zeros(1, experts) if experts else None
             decode = DecodeLayer(session, session.io_binding(), *buffers, logits)
-            _bind(decode.io, "x", layers[-1].r2 if layers else decode.x)  # layer l + 1 reads layer l's r2
+            _bind(decode.io, "x", layers[-1].r2 if layers else x)  # layer l + 1 reads layer l's r2
             _bind(decode.io, "delta", decode.delta)
             for name in ("r2", "n") + (("logits",) if logits is not None else ()):
                 _bind(decode.io, name, getattr(decode, name), output=True)
             layers.append(decode)
         total = sum(g.int4_bytes for g, _ in built)
         log.info("onnxruntime decode graphs: %d layers, %.1f MB of int4 q/k/v/o packed again", len(layers), total / 1e6)
-        return cls(model, layers, total)
+        return cls(model, layers, x)
 
     def _prepare(self, kv: KVCache, end: int) -> None:
         """Rotary tables covering kv's max_tokens, and every layer's cache bound (allocated on first use)."""
@@ -250,7 +250,7 @@ class OrtDecoder:
         self.seqlens[0] = start
         self.total[...] = start + 1
         dtype = model.dtype
-        self.layers[0].x.copy_(model.model.embed_tokens(input_ids))
+        self.x.copy_(model.model.embed_tokens(input_ids))
         delta: torch.Tensor | None = None
         for decode, layer in zip(self.layers, model.model.layers):
             if delta is not None:

@@ -21,8 +21,10 @@ and keeps fp32 scales and per-block sums) and never reads our arrays again (the 
 overwriting them); the packed copy is host memory next to the expert store (measured 1.5x the int4
 bytes at group 32, 1.2x at 128: benchmarks/RESULTS_formats.md; a CPU-only engine then frees the store's
 own copy, `ExpertStore.release_host_copy`). One global onnxruntime thread pool serves every session (torch's
-thread count, or the hybrid runtime's CPU worker threads), without spinning (OMP_WAIT_POLICY=PASSIVE's
-reasoning: shared cores).
+thread count, or the hybrid runtime's CPU worker threads). Each session asks for no spinning
+(`session.intra_op.allow_spinning` = 0); whether onnxruntime applies that to the global pool, whose Python
+API sets only its size, was not verified. A CPU-only engine instead leaves the cores to onnxruntime
+(`leave_cores_to_onnxruntime`: torch at one thread).
 """
 
 from __future__ import annotations
@@ -202,26 +204,23 @@ class OrtMatmul:
 
     @classmethod
     def build(cls, view: Int4View) -> OrtMatmul | None:
-        w = ort_int4_weights(view)
-        if w is None:
-            return None
-        inits: list[Any] = []
-        feeds: dict[str, np.ndarray] = {}
-        node = matmul_node("w", "x", "y", w, inits, feeds)
-        return cls(_session([node], inits, feeds, w.k, w.n), view, w.nbytes)
+        return cls._of(ort_int4_weights(view), view)
 
     @classmethod
     def stacked(cls, views: list[Int4View]) -> OrtMatmul | None:
         """ONE session for the matrices of `views` stacked along N (same K and group; e.g. q/k/v
         projections: one call instead of three). It has no fallback: it computes every token count (its
         caller, StackedLinears, runs the linears one by one above the crossover)."""
-        w = stack_int4([ort_int4_weights(v) for v in views])
+        return cls._of(stack_int4([ort_int4_weights(v) for v in views]), None)
+
+    @classmethod
+    def _of(cls, w: OrtInt4 | None, fallback: Int4View | None) -> OrtMatmul | None:
         if w is None:
             return None
         inits: list[Any] = []
         feeds: dict[str, np.ndarray] = {}
         node = matmul_node("w", "x", "y", w, inits, feeds)
-        return cls(_session([node], inits, feeds, w.k, w.n), None, w.nbytes)
+        return cls(_session([node], inits, feeds, w.k, w.n), fallback, w.nbytes)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] -> [T, N] in x's dtype."""
