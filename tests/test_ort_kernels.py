@@ -238,7 +238,7 @@ def test_the_flag_reaches_the_engine_and_bad_requests_name_the_fix(tiny_checkpoi
     with pytest.raises(ConfigError, match="--expert-dtype int4"):
         Engine.from_pretrained(path, dtype="fp32", cpu_kernel="onnxruntime")  # nothing int4
     with pytest.raises(ConfigError, match="unknown CPU kernel"):
-        Engine.from_pretrained(path, dtype="fp32", cpu_kernel="ggml")
+        Engine.from_pretrained(path, dtype="fp32", cpu_kernel="mkl")
     monkeypatch.setattr(ort_kernels.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ConfigError, match="pip install"):
         Engine.from_pretrained(path, dtype="fp32", expert_dtype="int4", cpu_kernel="onnxruntime")

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.moe.quant import FORMAT_NAMES
 from hybrimoe.policy.cost import CostModel
 from hybrimoe.policy.shape import ModelShape
 
@@ -57,7 +58,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--intermediate", type=int, help="expert intermediate size I")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
                    help="activation and dense-weight dtype (default bf16)")
-    p.add_argument("--expert-dtype", default=None, choices=["bf16", "fp16", "fp32", "int8", "int4"],
+    p.add_argument("--expert-dtype", default=None, choices=list(FORMAT_NAMES),
                    help="expert format to measure, as the engine stores and computes it (default: --dtype)")
     p.add_argument("--int4-group", type=int, default=None, metavar="N", help="int4 group size (default: the engine's)")
     p.add_argument("--cpu-kernel", default="torch", choices=["torch", "onnxruntime"],

@@ -31,7 +31,8 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
     fmt = parser.add_argument_group("weight formats (with or without the hybrid runtime)")
     fmt.add_argument("--expert-dtype", choices=FORMAT_NAMES, default=None,
                      help="routed experts in host memory, GPU cache and copies: bf16, int8 or int4 (quantised at "
-                          "load; fp32/fp16 too); default: the model's --dtype")
+                          "load; fp32/fp16 too); q4_0 = int4 by llama.cpp's symmetric Q4_0 rule (what "
+                          "--cpu-kernel ggml computes fastest); default: the model's --dtype")
     fmt.add_argument("--int4-group", type=int, default=None, metavar="N",
                      help=f"int4: inputs per scale/zero group, one of {', '.join(map(str, INT4_GROUPS))} "
                           f"(default {DEFAULT_INT4_GROUP}); experts and dense linears alike")

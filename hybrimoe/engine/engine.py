@@ -134,8 +134,8 @@ class Engine:
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
             # no runtime: nothing copies experts to a GPU, so the store's bytes go as the sessions are built
             apply_cpu_kernel(model, options.cpu_kernel, release_store=True)
-            if options.cpu_kernel == "onnxruntime" and model.device.type == "cpu":
-                leave_cores_to_onnxruntime()
+            if options.cpu_kernel != "torch" and model.device.type == "cpu":
+                leave_cores_to_onnxruntime()  # (ggml's thread pool too)
         model.eval()
         try:
             if gguf:

@@ -103,7 +103,7 @@ class ExpertLayout:
         if isinstance(w, torch.Tensor):
             if tuple(w.shape) != (m.n, m.k):
                 raise ValueError(f"expected a [{m.n}, {m.k}] matrix, got {tuple(w.shape)}")
-            w = quantize_int8(w) if m.int4 is None else quantize_int4(w, m.group)
+            w = quantize_int8(w) if m.int4 is None else quantize_int4(w, m.group, self.fmt.symmetric)
         dtype = self.fmt.compute_dtype
         q = buffer[m.q_at:m.q_at + m.q_bytes]
         s = buffer[m.s_at:m.s_at + m.s_bytes].view(dtype)
@@ -116,19 +116,19 @@ class ExpertLayout:
         if not isinstance(w, Int4Matrix):
             raise TypeError(f"an int4 store takes float or Int4Matrix weights, got {type(w).__name__}")
         if w.group != m.group:
-            w = _regroup(w, m.group)
+            w = _regroup(w, m.group, self.fmt.symmetric)
         scale, zero = stored_scale_zero(w, dtype)  # [N, K/g] each
         q.copy_(m.int4.pack(w.q.to(torch.uint8)))
         s.view(m.k // m.group, m.n, 2).copy_(torch.stack((scale.t(), zero.t()), dim=-1))
 
 
-def _regroup(w: Int4Matrix, group: int) -> Int4Matrix:
+def _regroup(w: Int4Matrix, group: int, symmetric: bool = False) -> Int4Matrix:
     """`w` in the store's group size. A coarser `w` (its group a multiple of the store's) keeps its codes,
     each scale/offset repeated; a finer one cannot, and is dequantised and quantised again."""
     if w.group % group == 0:  # finer store groups: repeat each scale/offset, codes unchanged
         rep = w.group // group
         return Int4Matrix(w.q, w.scale.repeat_interleave(rep, dim=1), w.offset.repeat_interleave(rep, dim=1), group)
-    return quantize_int4(w.dequantize(), group)
+    return quantize_int4(w.dequantize(), group, symmetric)
 
 
 def expert_nbytes(fmt: ExpertFormat, intermediate: int, hidden: int) -> int:

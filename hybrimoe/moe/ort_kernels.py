@@ -45,7 +45,7 @@ from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
-CPU_KERNELS = ("torch", "onnxruntime")
+CPU_KERNELS = ("torch", "onnxruntime", "ggml")
 ZERO_TOLERANCE = 0.05  # |8 - zero/scale - zp| allowed: a bf16 zero rounds (8 - zp) * scale by <= 8 * 2^-9
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path; 0/1 dequantise to fp32, 3-4x slower here)
 _STATE: dict[str, Any] = {"threads": None}
@@ -57,9 +57,14 @@ def onnxruntime_available() -> bool:
 
 
 def check_cpu_kernel(name: str) -> str:
-    """`name` validated ("torch" | "onnxruntime"); ConfigError naming the fix when onnxruntime is missing."""
+    """`name` validated ("torch" | "onnxruntime" | "ggml"); ConfigError naming the fix when its library is
+    missing."""
     if name not in CPU_KERNELS:
         raise ConfigError(f"unknown CPU kernel {name!r}; supported: {', '.join(CPU_KERNELS)}")
+    if name == "ggml":
+        from hybrimoe.moe.ggml_lib import INSTALL_HINT, ggml_available
+        if not ggml_available():
+            raise ConfigError(INSTALL_HINT)
     if name == "onnxruntime" and not onnxruntime_available():
         raise ConfigError("--cpu-kernel onnxruntime needs the onnxruntime and onnx packages: "
                           "pip install 'hybrimoe[onnxruntime]' (or: pip install onnxruntime onnx)")
@@ -266,21 +271,35 @@ class OrtExpert:
 
 def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int | None = None,
                      release_store: bool = False) -> None:
-    """Switches `model`'s CPU int4 matmuls to kernel `name`: "torch" (the default: nothing to do) or
-    "onnxruntime" (the routed experts of an int4 store, `ExpertStore.use_onnxruntime`, q/k/v projections
-    stacked into one matmul where all three are int4, and every other int4 `QuantLinear` on the CPU).
-    ConfigError when nothing in the model is int4. `threads`: onnxruntime's pool (one per process, sized by
-    the first call; default torch's thread count). `release_store`: free the store's bytes layer by layer as
-    the sessions are built (`ExpertStore.use_onnxruntime(release=True)`: a CPU-only engine, where nothing
+    """Switches `model`'s CPU int4 matmuls to kernel `name`: "torch" (the default: nothing to do),
+    "onnxruntime" (the routed experts of an int4 store, `ExpertStore.use_cpu_kernel`, q/k/v projections
+    stacked into one matmul where all three are int4, every other int4 `QuantLinear` on the CPU, and the
+    decode graph) or "ggml" (the routed experts on llama.cpp's kernels, hybrimoe.moe.ggml_kernels; the dense
+    int4 linears as with "onnxruntime" when onnxruntime is installed, else torch's kernel). ConfigError when
+    nothing the kernel computes is int4. `threads`: the kernels' thread pools (one per process, sized by the
+    first call; default torch's thread count). `release_store`: free the store's bytes layer by layer as the
+    kernel's copies are built (`ExpertStore.use_cpu_kernel(release=True)`: a CPU-only engine, where nothing
     copies experts to a GPU)."""
     if check_cpu_kernel(name) == "torch":
         return
-    _runtime(threads)  # the pool's size: the CPU worker's threads under the hybrid runtime, else torch's
+    dense = name == "onnxruntime" or onnxruntime_available()  # the dense int4 linears go to onnxruntime
+    if name == "ggml":
+        from hybrimoe.moe.ggml_lib import ggml_runtime
+        ggml_runtime(threads)
+    if dense:
+        _runtime(threads)  # the pool's size: the CPU worker's threads under the hybrid runtime, else torch's
     store = model.expert_store
     switched = 0
     if store.format.name == "int4":
-        store.use_onnxruntime(progress, release=release_store)
+        store.use_cpu_kernel(name, progress, release=release_store)
         switched += 1
+    if name == "ggml" and not switched:
+        raise ConfigError("--cpu-kernel ggml computes int4 experts; these are "
+                          f"{store.format.describe()} (add --expert-dtype q4_0, or int4)")
+    if not dense:
+        log.info("--cpu-kernel ggml: dense int4 linears stay on torch's kernel (pip install onnxruntime onnx "
+                 "puts them on onnxruntime's)")
+        return
     stacked: set[int] = set()  # linears computed inside a stacked matmul (q/k/v): no session of their own
     for module in model.modules():
         if callable(getattr(module, "stack_for_onnxruntime", None)):

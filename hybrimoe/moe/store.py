@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -93,9 +94,9 @@ class ExpertStore:
         self.layout = ExpertLayout(self.format, self.intermediate, self.hidden)
         self.expert_numel = self.layout.numel
         self._layers: dict[int, torch.Tensor] = {}   # layer -> [E, numel]
-        self.cpu_kernel = "torch"  # or "onnxruntime" (`use_onnxruntime`)
-        self._released: set[int] = set()  # layers whose bytes were freed (onnxruntime's copy is the only one)
-        self._ort: dict[tuple[int, int], ExpertView] = {}  # onnxruntime experts (kept across `pin`)
+        self.cpu_kernel = "torch"  # or "onnxruntime" / "ggml" (`use_cpu_kernel`)
+        self._released: set[int] = set()  # layers whose bytes were freed (the CPU kernel's copy is the only one)
+        self._ort: dict[tuple[int, int], Any] = {}  # the CPU kernel's experts (`use_cpu_kernel`; kept across `pin`)
         self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
             check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_nbytes,
@@ -130,7 +131,7 @@ class ExpertStore:
 
     @property
     def released(self) -> bool:
-        """Every layer's bytes were freed (`release_host_copy`): onnxruntime's copy is the only one."""
+        """Every layer's bytes were freed (`release_host_copy`): the CPU kernel's copy is the only one."""
         return bool(self._layers) and self._released == set(self._layers)
 
     @property
@@ -150,7 +151,7 @@ class ExpertStore:
         """Expert (layer, expert) as a contiguous 1-D tensor [numel] (a view, writes go to the store)."""
         if layer in self._released:
             raise HybrimoeError(f"the expert store's host copy of layer {layer} was released (--cpu-kernel "
-                                "onnxruntime in a CPU-only run keeps onnxruntime's copy only); its bytes cannot be read")
+                                "onnxruntime/ggml in a CPU-only run keeps that kernel's copy only); its bytes cannot be read")
         return self._layers[layer][expert]
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
@@ -162,7 +163,7 @@ class ExpertStore:
     def expert(self, layer: int, expert: int) -> ExpertView:
         """The expert as a computable view (`.forward(x [T, H]) -> [T, H]`) of its host buffer (built once per
         expert and memory: ~15 us of tensor views per call otherwise, on every decode token); with
-        `use_onnxruntime`, its onnxruntime session where it has one."""
+        `use_cpu_kernel`, that kernel's expert where it has one."""
         ort = self._ort.get((layer, expert))
         if ort is not None:
             return ort
@@ -172,30 +173,44 @@ class ExpertStore:
         return view
 
     def use_onnxruntime(self, progress: bool = True, release: bool = False) -> int:
-        """Computes the host experts with onnxruntime's int4 kernel from now on (hybrimoe.moe.ort_kernels):
-        builds every expert's session here (with a progress bar). Experts with a non-integer zero point
-        (GGUF Q4_K) keep torch's kernel. Returns the int4 bytes handed to onnxruntime; its packed copy
-        is extra host memory (about 1.5x that at group 32, 1.2x at 128; `release_host_copy` frees the store's
-        own bytes where nothing else needs them). Int4 stores only; a second call changes nothing (models
-        sharing one store each switch it). `release`: free each layer's bytes as soon as its sessions exist
-        (`release_layer`; a CPU-only engine), so that host memory peaks at onnxruntime's copy instead of
-        the store plus that copy."""
+        """`use_cpu_kernel("onnxruntime", ...)`."""
+        return self.use_cpu_kernel("onnxruntime", progress, release)
+
+    def use_cpu_kernel(self, name: str, progress: bool = True, release: bool = False) -> int:
+        """Computes the host experts with CPU kernel `name` from now on: "onnxruntime" (MatMulNBits,
+        hybrimoe.moe.ort_kernels) or "ggml" (llama.cpp's Q4_0/Q4_1 kernels, hybrimoe.moe.ggml_kernels).
+        Builds every expert's kernel copy here (with a progress bar); experts the kernel cannot compute
+        (onnxruntime: GGUF Q4_K's non-integer zero points) keep torch's kernel. Returns the int4 bytes
+        handed over; the kernel's copy is extra host memory (onnxruntime: about 1.5x that at group 32, 1.2x at
+        128; ggml: 18 or 20 bytes per 32 weights), `release_host_copy` frees the store's own bytes where
+        nothing else needs them. Int4 stores only; a second call changes nothing (models sharing one store each
+        switch it). `release`: free each layer's bytes as soon as its copies exist (`release_layer`; a
+        CPU-only engine), so that host memory peaks at the kernel's copy instead of the store plus that copy."""
         from tqdm import tqdm
 
-        from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel, release_free_heap
+        from hybrimoe.moe.ort_kernels import check_cpu_kernel, release_free_heap
 
-        if self.cpu_kernel == "onnxruntime":
+        if self.cpu_kernel == name:
             return sum(e.nbytes for e in self._ort.values())
-        check_cpu_kernel("onnxruntime")
+        if self.cpu_kernel != "torch":
+            raise ConfigError(f"the expert store already computes on {self.cpu_kernel}, not {name}")
+        check_cpu_kernel(name)
         if self.format.name != "int4":
-            raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts; these are {self.format.describe()} "
+            raise ConfigError(f"--cpu-kernel {name} computes int4 experts; these are {self.format.describe()} "
                               "(add --expert-dtype int4)")
-        extra = ORT_MEMORY_FACTOR - 1 if release else ORT_MEMORY_FACTOR  # freed as built: the peak is the end
-        check_host_memory(int(extra * self.nbytes), "onnxruntime's packed copy of the int4 experts")
+        if name == "ggml":
+            from hybrimoe.moe.ggml_kernels import GgmlExpert
+            builder: Any = GgmlExpert.build
+            factor = 1.0  # Q4_1 at 20 bytes per 32 weights: a bf16 group-32 store's size (Q4_0: 0.9x)
+        else:
+            from hybrimoe.moe.ort_kernels import OrtExpert
+            builder, factor = OrtExpert.build, ORT_MEMORY_FACTOR
+        extra = factor - 1 if release else factor  # freed as built: the peak is the end
+        check_host_memory(int(extra * self.nbytes), f"{name}'s copy of the int4 experts")
         keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
         handed, kept = 0, 0
-        for key in tqdm(keys, desc="onnxruntime experts", unit="expert", disable=not progress):
-            built = OrtExpert.build(self.expert(*key))  # None: not computable there (kept on torch's kernel)
+        for key in tqdm(keys, desc=f"{name} experts", unit="expert", disable=not progress):
+            built = builder(self.expert(*key))  # None: not computable there (kept on torch's kernel)
             if built is None:
                 kept += 1
             else:
@@ -205,41 +220,40 @@ class ExpertStore:
                 if release:
                     self.release_layer(key[0])
                 release_free_heap()  # the build's temporaries (glibc keeps freed heap otherwise)
-        self.cpu_kernel = "onnxruntime"
+        self.cpu_kernel = name
         if kept:
-            log.warning("%d of %d experts have non-integer int4 zero points (e.g. GGUF Q4_K) and stay on torch's "
-                        "CPU kernel", kept, len(keys))
-        log.info("onnxruntime CPU kernel: %d experts, %.2f GB of int4 weights packed into onnxruntime's own "
-                 "memory (about %.2f GB more host memory)", len(self._ort), handed / 1e9, ORT_MEMORY_FACTOR * handed / 1e9)
+            log.warning("%d of %d experts cannot run on %s (e.g. GGUF Q4_K's non-integer zero points on "
+                        "onnxruntime, an int4 group below 32 on ggml) and stay on torch's CPU kernel", kept, len(keys), name)
+        log.info("%s CPU kernel: %d experts, %.2f GB of int4 weights copied into its own memory (about %.2f GB "
+                 "more host memory)", name, len(self._ort), handed / 1e9, factor * handed / 1e9)
         return handed
 
     def release_host_copy(self) -> int:
-        """Frees the store's own bytes of every layer whose experts all compute on onnxruntime sessions (a
-        CPU-only run with `--cpu-kernel onnxruntime`: nothing copies experts to a GPU, and onnxruntime's
-        packed copy then is the only one; `release_layer`). Returns the bytes freed."""
+        """Frees the store's own bytes of every layer whose experts all compute on the CPU kernel's copies (a
+        CPU-only run with `--cpu-kernel onnxruntime|ggml`: nothing copies experts to a GPU, and that kernel's
+        copy then is the only one; `release_layer`). Returns the bytes freed."""
         freed = sum(self.release_layer(layer) for layer in self.layers)
         if freed:
-            log.info("expert store: released %.2f GB of its host copy (onnxruntime's is the only one there)",
+            log.info("expert store: released %.2f GB of its host copy (the CPU kernel's is the only one there)",
                      freed / 1e9)
         return freed
 
     def release_layer(self, layer: int) -> int:
-        """Frees `layer`'s bytes if each of its experts has an onnxruntime session (else, e.g. GGUF Q4_K
-        experts on torch's kernel, nothing): the sessions then take every token count (no torch fallback
+        """Frees `layer`'s bytes if each of its experts has a CPU kernel copy (an onnxruntime session or a ggml
+        expert; else, e.g. GGUF Q4_K experts on torch's kernel, nothing): onnxruntime's sessions then take every token count (no torch fallback
         above the crossover: measured 14% slower there, 99 against 87 ms at 512 tokens on one expert), and
         `buffer` raises for the layer. The pages go back to the OS at once (`madvise`), though the store is one
         allocation. Returns the bytes freed."""
         import dataclasses
 
-        from hybrimoe.moe.ort_kernels import OrtExpert
-
         keys = [(layer, e) for e in range(self.config.num_experts)]
-        if layer in self._released or not all(isinstance(self._ort.get(k), OrtExpert) for k in keys):
+        if layer in self._released or not all(k in self._ort for k in keys):
             return 0
         tensor = self._layers[layer]
         freed = tensor.numel() * tensor.element_size()
         for key in keys:
-            self._ort[key] = dataclasses.replace(self._ort[key], fallback=None)
+            if hasattr(self._ort[key], "fallback"):  # onnxruntime's: its sessions now take every token count
+                self._ort[key] = dataclasses.replace(self._ort[key], fallback=None)
             self._views.pop(key, None)
         if not tensor.is_pinned():
             drop_pages(tensor)

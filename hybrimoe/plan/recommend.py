@@ -65,7 +65,7 @@ def serve_command(plan: "PlanResult", row: "Row") -> str | None:
     args = ["hybrimoe", "serve", "--model", target.model_arg, "--device", machine.device]
     if machine.dtype != "bf16":
         args += ["--dtype", machine.dtype]
-    args += ["--policy", budget.policy, "--expert-dtype", mem.fmt.name]
+    args += ["--policy", budget.policy, "--expert-dtype", mem.fmt.cli_name]
     if mem.fmt.name == "int4" and mem.fmt.group_size != DEFAULT_INT4_GROUP:
         args += ["--int4-group", str(mem.fmt.group_size)]
     if budget.policy != "resident":

@@ -1,0 +1,232 @@
+"""`--cpu-kernel ggml` (int4 experts on llama.cpp's kernels) and `--expert-dtype q4_0` (Q4_0's rounding).
+
+Without llama.cpp's libraries (CI: llama-cpp-python takes ~15 minutes to build) only the parts that need no
+ggml run: the Q4_0 quantiser gives the gguf package's Q4_0 codes and scales; our blocks, decoded by the gguf
+package's own Q4_0/Q4_1 reader, are the store's weights; the flag names the fix when the libraries are missing.
+With them (`pip install llama-cpp-python`):
+- one expert, Q4_0 (repacked) and Q4_1, 1 and 5 tokens, equals a plain fp32 re-implementation of what ggml
+  computes (activations rounded to Q8_0 / Q8_1 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
+- tiny models of every family equal that reference, and every placement preset gives the plain engine's
+  logits while the hybrid runtime's CPU side runs ggml;
+- the engine's greedy tokens equal the reference's, and a CPU-only engine keeps ggml's copy only.
+"""
+
+from __future__ import annotations
+
+import copy
+from functools import cache
+
+import numpy as np
+import pytest
+import torch
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.errors import ConfigError
+from hybrimoe.loader import build_dummy_model
+from hybrimoe.moe.ggml_kernels import ggml_blocks
+from hybrimoe.moe.ggml_lib import GGML_Q4_0, GGML_Q4_1, ggml_available
+from hybrimoe.moe.kernels import Int4View, QuantExpert
+from hybrimoe.moe.quant import ExpertFormat, quantize_int4
+from hybrimoe.tiny import FAMILIES, tiny_config
+
+needs_ggml = pytest.mark.skipif(not ggml_available(), reason="llama.cpp's ggml libraries (pip install "
+                                "llama-cpp-python) are not installed")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
+PROMPT = [5, 17, 42, 9, 77, 3, 120, 64]
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+def half(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.float16).float()
+
+
+def expert_view(fmt: ExpertFormat, intermediate: int = 64, hidden: int = 96, seed: int = 3) -> QuantExpert:
+    from hybrimoe.moe.expert_layout import ExpertLayout
+
+    layout = ExpertLayout(fmt, intermediate, hidden)
+    buffer = torch.empty(layout.numel, dtype=torch.uint8)
+    gen = torch.Generator().manual_seed(seed)
+    layout.write_matrix(buffer, 0, torch.randn(2 * intermediate, hidden, generator=gen) * 0.1)
+    layout.write_matrix(buffer, 1, torch.randn(hidden, intermediate, generator=gen) * 0.1)
+    view = layout.view(buffer)
+    assert isinstance(view, QuantExpert)
+    return view
+
+
+def store_weights(view: Int4View) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What ggml computes with, from the store's codes/scale/zero (not from our blocks): the weight [N, K]
+    with fp16 d (Q4_0 when every zero is 0: (q - 8) * d) or q * d alone plus the fp16 m per 32 [N, K/32]."""
+    n, k, g = view.n, view.k, view.group
+    scale = view.sz[..., 0].t().float().repeat_interleave(g // 32, dim=1)  # [N, K/32]
+    zero = view.sz[..., 1].t().float().repeat_interleave(g // 32, dim=1)
+    codes = view.layout.unpack(view.packed, n, k).float().view(n, k // 32, 32)
+    if bool((zero == 0).all()):
+        return ((codes - 8) * half(scale)[..., None]).view(n, k), None
+    return (codes * half(scale)[..., None]).view(n, k), half(zero - 8 * scale)
+
+
+def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
+    """x [T, K] @ W^T as ggml computes it, in plain fp32: x rounded to Q8_0/Q8_1 per 32 (d = max|x| / 127
+    stored in fp16, codes round(x * 127 / max|x|), halves to even as ggml's AVX quantiser), times the
+    weights of `store_weights`; Q4_1's m multiplies Q8_1's block sum s = fp16(d * sum(codes)) with d in fp32."""
+    t, k = x.shape
+    blocks = x.float().view(t, k // 32, 32)
+    amax = blocks.abs().amax(dim=2, keepdim=True)
+    codes = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
+    d = half(amax / 127.0)
+    weight, m = store_weights(view)
+    y = (codes * d).view(t, k) @ weight.t()
+    if m is not None:
+        y = y + half(amax[..., 0] / 127.0 * codes.sum(dim=2)) @ m.t()  # [T, K/32] @ [K/32, N] (fp32 d here)
+    return y
+
+
+def reference_expert(view: QuantExpert, x: torch.Tensor) -> torch.Tensor:
+    g, u = reference_matmul(x, view.gate_up).split(view.intermediate, dim=-1)
+    return reference_matmul(torch.nn.functional.silu(g) * u, view.down)
+
+
+def test_the_q4_0_quantiser_gives_the_gguf_packages_q4_0() -> None:
+    from gguf import GGMLQuantizationType, quants
+
+    w = torch.randn(48, 256, generator=torch.Generator().manual_seed(0))
+    w[3, :32] = 0.0  # an all-zero block
+    w[5, 40] = -w[5, 32:64].abs().max() - 1  # a negative extreme: a positive d
+    m = quantize_int4(w, 32, symmetric=True)
+    blocks = quants.quantize(w.numpy(), GGMLQuantizationType.Q4_0).reshape(48, 8, 18)
+    qs = torch.from_numpy(blocks[..., 2:].copy())
+    codes = torch.cat((qs & 15, qs >> 4), dim=-1).view(48, 256)  # weight j low, j + 16 high
+    d = torch.from_numpy(blocks[..., :2].copy()).view(torch.float16).float().squeeze(-1)  # [48, 8]
+    assert torch.equal(codes, m.q)
+    assert torch.equal(d, half(m.scale))
+    assert torch.equal(m.offset, -8 * m.scale)
+    assert (m.q[3, :32] == 8).all()
+
+
+@pytest.mark.parametrize("name, group, want", [("q4_0", 32, GGML_Q4_0), ("q4_0", 64, GGML_Q4_0),
+                                               ("int4", 32, GGML_Q4_1), ("int4", 128, GGML_Q4_1)])
+def test_our_blocks_read_back_by_the_gguf_package_are_the_stores_weights(name, group, want) -> None:
+    from gguf import GGMLQuantizationType, quants
+
+    fmt = ExpertFormat.parse(name, torch.bfloat16, group)
+    view = expert_view(fmt, intermediate=128, hidden=256)
+    for matrix in (view.gate_up, view.down):
+        assert isinstance(matrix, Int4View)
+        blocks = ggml_blocks(matrix)
+        assert blocks is not None and blocks.type == want
+        kind = GGMLQuantizationType.Q4_0 if want == GGML_Q4_0 else GGMLQuantizationType.Q4_1
+        decoded = torch.from_numpy(quants.dequantize(blocks.data.reshape(matrix.n, -1), kind).copy())
+        weight, m = store_weights(matrix)
+        if m is not None:
+            weight = (weight.view(matrix.n, -1, 32) + m[..., None]).view(matrix.n, matrix.k)
+        assert torch.allclose(decoded, weight, rtol=0, atol=1e-6)
+        scale, zero = matrix.sz[..., 0].t().float(), matrix.sz[..., 1].t().float()  # [N, K/g]
+        codes = matrix.layout.unpack(matrix.packed, matrix.n, matrix.k).float().view(matrix.n, -1, group)
+        exact = ((codes - 8) * scale[..., None] + zero[..., None]).view(matrix.n, matrix.k)
+        assert rel(decoded, exact) <= (0 if want == GGML_Q4_0 else 1e-3)  # bf16 scales are fp16's; m is rounded
+
+
+def test_a_missing_library_names_the_fix(tiny_checkpoint, monkeypatch) -> None:
+    from hybrimoe.engine.engine import Engine
+    from hybrimoe.moe import ggml_lib
+
+    monkeypatch.setattr(ggml_lib, "ggml_library_dir", lambda: None)
+    with pytest.raises(ConfigError, match="pip install llama-cpp-python"):
+        Engine.from_pretrained(tiny_checkpoint("mixtral"), dtype="fp32", expert_dtype="q4_0", cpu_kernel="ggml")
+
+
+@needs_ggml
+@pytest.mark.parametrize("name", ["q4_0", "int4"])
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_one_expert_equals_the_reference(name, tokens) -> None:
+    from hybrimoe.moe.ggml_kernels import GgmlExpert
+
+    view = expert_view(ExpertFormat.parse(name, torch.float32, 32))
+    expert = GgmlExpert.build(view)
+    assert expert is not None
+    assert expert.types == ((GGML_Q4_0,) * 2 if name == "q4_0" else (GGML_Q4_1,) * 2)
+    for seed in range(3):  # the one-token graph is cached: it must take new inputs every call
+        x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(seed))
+        assert rel(expert.forward(x), reference_expert(view, x)) <= 1e-5
+    assert expert.forward(x.bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.fixture
+def reference_int4(monkeypatch):
+    """torch's int4 path computes what the ggml kernel computes (Q8-rounded activations)."""
+    monkeypatch.setattr(Int4View, "matmul", lambda self, x: reference_matmul(x, self).to(x.dtype))
+
+
+@cache
+def dummy(family: str, name: str = "q4_0") -> torch.nn.Module:
+    top_k = 3 if family.startswith("deepseek") else 2
+    config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=top_k, hidden=64).to_dict())
+    return build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype=name)
+
+
+def prefill_and_decode(model, prompt=PROMPT) -> torch.Tensor:
+    """Prompt logits [T, V] and one decode step's [1, V], stacked."""
+    kv = model.new_kv_cache(len(prompt) + 2)
+    logits = model(torch.tensor(prompt), 0, kv)
+    return torch.cat([logits, model(torch.tensor([7]), len(prompt), kv)])
+
+
+@needs_ggml
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_family_equals_the_reference_with_ggml(family: str, reference_int4) -> None:
+    from hybrimoe.moe.ggml_kernels import GgmlExpert
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+
+    want = prefill_and_decode(dummy(family))  # torch path, reference numerics
+    model = copy.deepcopy(dummy(family))
+    apply_cpu_kernel(model, "ggml", progress=False)
+    store = model.expert_store
+    assert store.cpu_kernel == "ggml"
+    assert all(isinstance(store.expert(layer, e), GgmlExpert) for layer in store.layers
+               for e in range(store.config.num_experts))
+    assert rel(prefill_and_decode(model), want) <= 1e-4, family
+
+
+@needs_ggml
+@pytest.mark.parametrize("policy", ["hybrimoe", "ktransformers", "fiddler"])  # presets that use the CPU
+def test_every_policy_gives_the_plain_logits_and_the_cpu_side_runs_ggml(policy, reference_int4,
+                                                                           monkeypatch) -> None:
+    from hybrimoe.moe.ggml_kernels import GgmlExpert
+    from hybrimoe.moe.install import install_runtime
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.policy.plan import LinearCosts
+    from hybrimoe.runtime_options import RuntimeOptions
+
+    model = copy.deepcopy(dummy("qwen3-moe", "int4"))
+    apply_cpu_kernel(model, "ggml", progress=False)
+    want = prefill_and_decode(model)
+    calls = []
+    forward = GgmlExpert.forward
+    monkeypatch.setattr(GgmlExpert, "forward", lambda self, x: calls.append(1) or forward(self, x))
+    costs = LinearCosts(cpu_per_token=2e-5, gpu_fixed=3e-5, copy_seconds=6e-5, cpu_fixed=2e-5, cpu_first_extra=1e-5)
+    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=0.25, cpu_threads=1), costs=costs)
+    try:
+        got = prefill_and_decode(model)
+    finally:
+        runtime.close()
+    assert rel(got, want) <= 1e-4
+    assert calls, f"{policy}: no expert ran on the CPU's ggml kernels"
+
+
+@needs_ggml
+def test_the_engine_gives_the_references_tokens_and_keeps_ggmls_copy_only(tiny_checkpoint, reference_int4) -> None:
+    from hybrimoe.engine.engine import Engine
+    from hybrimoe.engine.types import SamplingParams
+
+    path = tiny_checkpoint("mixtral")
+    params = SamplingParams(max_new_tokens=12, stop_token_ids=[])
+    want = Engine.from_pretrained(path, dtype="fp32", expert_dtype="q4_0").generate(PROMPT, params).token_ids
+    engine = Engine.from_pretrained(path, dtype="fp32", expert_dtype="q4_0", cpu_kernel="ggml")
+    store = engine.model.expert_store
+    assert store.cpu_kernel == "ggml" and store.released  # CPU-only: the store's own bytes went
+    assert engine.generate(PROMPT, params).token_ids == want and len(want) == 12
+    with pytest.raises(ConfigError, match="--expert-dtype q4_0"):
+        Engine.from_pretrained(path, dtype="fp32", cpu_kernel="ggml")  # nothing int4
