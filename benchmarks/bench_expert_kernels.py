@@ -8,7 +8,10 @@ from the store's own layout (hybrimoe.moe.expert_layout) with each CPU kernel th
 "fused" (aten._weight_int8pack_mm / _weight_int4pack_mm_for_cpu), "dequant" (dequantise + F.linear),
 "auto" (what the engine picks: hybrimoe.policy.cost.CPU_FUSED_KERNEL_MAX_TOKENS) and, for int4 with
 `--kernels ...,onnxruntime`, "onnxruntime" (`--cpu-kernel onnxruntime`: one MatMulNBits session per
-expert copy, hybrimoe.moe.ort_kernels; its weight bytes are counted as our int4 layout's). Enough copies of
+expert copy, hybrimoe.moe.ort_kernels; its weight bytes are counted as our int4 layout's) and, with
+`--kernels ...,ggml`, "ggml" (`--cpu-kernel ggml`: llama.cpp's kernels, hybrimoe.moe.ggml_kernels; Q4_0 blocks,
+repacked, for the q4_0 format, Q4_1 for asymmetric int4; its weight bytes are ggml's own, 18 or 20 bytes
+per 32 weights). Format q4_0 is int4 by Q4_0's symmetric rule (`--expert-dtype q4_0`). Enough copies of
 the expert rotate that their bytes exceed the last-level cache 8x, so every call reads weights from
 DRAM as a decode step does. Rounds are interleaved (every configuration once per round; the median
 over rounds is reported) so that other processes on a shared machine disturb all alike.
@@ -33,7 +36,8 @@ from hybrimoe.moe.quant import ExpertFormat
 from machine import cpu_model  # benchmarks/machine.py
 
 SHAPES = {"mixtral-8x7b": (4096, 14336), "deepseek-v2-lite": (2048, 1408)}
-FORMATS = (("bf16", 0), ("int8", 0), ("int4", 32), ("int4", 128))
+FORMATS = (("bf16", 0), ("int8", 0), ("int4", 32), ("int4", 128), ("q4_0", 32))
+INT4 = ("int4", "q4_0")  # formats the int4 kernels (onnxruntime, ggml) take
 TOKENS = (1, 8, 32, 128)
 LLC_BYTES = 32 << 20
 
@@ -41,7 +45,7 @@ LLC_BYTES = 32 << 20
 
 
 def make_experts(name: str, group: int, hidden: int, inter: int, seed: int = 0) -> tuple[list, int]:
-    fmt = ExpertFormat(name, torch.bfloat16, group or 32)
+    fmt = ExpertFormat.parse(name, torch.bfloat16, group or 32)
     layout = ExpertLayout(fmt, inter, hidden)
     gen = torch.Generator().manual_seed(seed)
     buffer = torch.empty(layout.numel, dtype=fmt.storage_dtype)
@@ -59,7 +63,7 @@ def make_experts(name: str, group: int, hidden: int, inter: int, seed: int = 0) 
 
 
 def run_expert(expert, x: torch.Tensor, kernel: str, fmt: str) -> None:
-    if kernel == "onnxruntime":  # `expert` is an OrtExpert
+    if kernel in ("onnxruntime", "ggml"):  # `expert` is an OrtExpert / GgmlExpert
         expert.forward(x)
         return
     if kernel == "auto" or fmt == "bf16":
@@ -77,8 +81,8 @@ def run_expert(expert, x: torch.Tensor, kernel: str, fmt: str) -> None:
 
 
 def key(config: tuple) -> tuple:
-    """The experts a configuration (format, group, tokens, kernel) runs: the onnxruntime sessions or the views."""
-    return ("onnxruntime", config[1]) if config[3] == "onnxruntime" else config[:2]
+    """The experts a configuration (format, group, tokens, kernel) runs: the kernel's copies or the views."""
+    return (config[3], *config[:2]) if config[3] in ("onnxruntime", "ggml") else config[:2]
 
 
 def main() -> None:
@@ -87,12 +91,17 @@ def main() -> None:
     parser.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--kernels", default="auto,fused,dequant")
+    parser.add_argument("--kernels", default="auto,fused,dequant",
+                        help="comma list of auto, fused, dequant, onnxruntime, ggml (run onnxruntime and ggml in "
+                             "separate processes: onnxruntime's global pool spins between runs and slows ggml's)")
+    parser.add_argument("--formats", default=",".join(f"{f}:{g}" if g else f for f, g in FORMATS),
+                        help="comma list of FORMAT[:GROUP] (default: all)")
     parser.add_argument("--out", default=None, help="JSON rows file (default: print only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     tokens = [int(t) for t in args.tokens.split(",")]
     kinds = args.kernels.split(",")
+    formats = [(f.split(":")[0], int(f.split(":")[1]) if ":" in f else 0) for f in args.formats.split(",")]
     header = {"kind": "machine", "cpu": cpu_model(), "cores": os.cpu_count(), "threads": args.threads,
               "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability(),
               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"), "load_before": os.getloadavg(),
@@ -103,16 +112,20 @@ def main() -> None:
     for shape in args.shapes.split(","):
         hidden, inter = SHAPES[shape]
         configs, experts = [], {}
-        for fmt, group in FORMATS:
+        for fmt, group in formats:
             experts[(fmt, group)] = make_experts(fmt, group, hidden, inter)
             for n in tokens:
                 for kernel in (["auto"] if fmt == "bf16" else kinds):
-                    if kernel != "onnxruntime" or fmt == "int4":
+                    if kernel not in ("onnxruntime", "ggml") or fmt in INT4:
                         configs.append((fmt, group, n, kernel))
-            if fmt == "int4" and "onnxruntime" in kinds:
+            if fmt in INT4 and "onnxruntime" in kinds:
                 from hybrimoe.moe.ort_kernels import OrtExpert
-                experts[("onnxruntime", group)] = ([OrtExpert.build(v) for v in experts[(fmt, group)][0]],
-                                                   experts[(fmt, group)][1])
+                experts[("onnxruntime", fmt, group)] = ([OrtExpert.build(v) for v in experts[(fmt, group)][0]],
+                                                        experts[(fmt, group)][1])
+            if fmt in INT4 and "ggml" in kinds:
+                from hybrimoe.moe.ggml_kernels import GgmlExpert
+                built = [GgmlExpert.build(v) for v in experts[(fmt, group)][0]]
+                experts[("ggml", fmt, group)] = (built, built[0].nbytes)
         xs = {n: torch.randn(n, hidden, dtype=torch.bfloat16) for n in tokens}
         times: dict[tuple, list[float]] = {c: [] for c in configs}
         reads: list[float] = []

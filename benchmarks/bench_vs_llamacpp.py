@@ -75,8 +75,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
 GGUF_DENSE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the GGUF's matching dense type
 
 
-def build_ours(args: argparse.Namespace):
-    """Our model, dense weights bf16 (quantise them with `quantize_dense` after writing the GGUF)."""
+def build_ours(args: argparse.Namespace, expert_dtype: str = "int4"):
+    """Our model, dense weights bf16 (quantise them with `quantize_dense` after writing the GGUF); experts int4
+    (asymmetric, --int4-group) or q4_0 (Q4_0's rounding: the GGUF's expert codes and scales, to fp16)."""
     from unittest.mock import patch
 
     from hybrimoe.config import ModelConfig
@@ -85,7 +86,7 @@ def build_ours(args: argparse.Namespace):
 
     config = ModelConfig.from_dict(model_config(args))
     with patch.object(ExpertStore, "fill_random", lambda self, generator, std: None):  # experts come below
-        model = build_dummy_model(config, args.dtype, seed=0, std=0.02, expert_dtype="int4", int4_group=args.int4_group)
+        model = build_dummy_model(config, args.dtype, seed=0, std=0.02, expert_dtype=expert_dtype, int4_group=args.int4_group)
     store = model.expert_store
     for layer in config.moe_layers:
         gate, up, down = expert_tensors(layer, args)
@@ -202,7 +203,8 @@ def main() -> None:
                              "ours runs in this process with this process's environment)")
     parser.add_argument("--cpu-kernel", default="torch",
                         help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime, onnxruntime-nograph "
-                             "(onnxruntime's kernel without the per-layer decode graph of hybrimoe.models.ort_decode); "
+                             "(onnxruntime's kernel without the per-layer decode graph of hybrimoe.models.ort_decode), ggml "
+                             "(llama.cpp's kernels, experts in q4_0: the GGUF's own codes; dense int4 on onnxruntime); "
                              "onnxruntime's thread pool is sized once: its variants run at the largest --threads only")
     args = parser.parse_args()
     kernels = args.cpu_kernel.split(",")
@@ -235,7 +237,8 @@ def main() -> None:
         for kernel in kernels:
             base = kernel.removesuffix("-nograph")
             if base not in stores:
-                stores[base] = model.expert_store if base == "torch" else copy.deepcopy(model.expert_store)
+                stores[base] = model.expert_store if base == "torch" else \
+                    build_ours(args, "q4_0").expert_store if base == "ggml" else copy.deepcopy(model.expert_store)
             ours[dense, kernel] = copy.deepcopy(model, memo={id(model.expert_store): stores[base]})
             quantize_dense(ours[dense, kernel], fmt, fmt, args.int4_group)
             if base != "torch":
@@ -254,7 +257,7 @@ def main() -> None:
     def timed(dense: str, impl: str, n: int, new: int) -> float:
         # torch at one thread beside onnxruntime's pool of n, as `hybrimoe generate` runs it (ort_kernels.
         # leave_cores_to_onnxruntime); runs before 2026-12-01 00:20 UTC had torch at n threads there too
-        torch.set_num_threads(1 if impl.startswith("onnxruntime") else n)
+        torch.set_num_threads(1 if impl != "torch" else n)
         if impl == "llama.cpp":
             return llamas[dense, n].seconds_per_token(prompt, new)
         return time_ours(ours[dense, impl], prompt, new)
@@ -270,10 +273,10 @@ def main() -> None:
     for (impl, dense, n), runs in times.items():
         s = statistics.median(runs)
         label = f"llama.cpp Q4_0 experts, {GGUF_DENSE[dense]} dense" if impl == "llama.cpp" else \
-            f"hybrimoe int4 g{args.int4_group} experts, {dense} dense, {impl} CPU kernel"
+            f"hybrimoe {'q4_0' if impl == 'ggml' else f'int4 g{args.int4_group}'} experts, {dense} dense, {impl} CPU kernel"
         rows.append({"kind": "decode", "impl": "llama.cpp" if impl == "llama.cpp" else "hybrimoe",
                      "cpu_kernel": None if impl == "llama.cpp" else impl, "label": label, "dense": dense,
-                     "threads": n, "torch_threads": 1 if impl.startswith("onnxruntime") else n,
+                     "threads": n, "torch_threads": 1 if impl != "torch" else n,
                      "gguf_dense": GGUF_DENSE[dense], "ms_per_token": round(s * 1e3, 2),
                      "tokens_per_second": round(1 / s, 2), "runs_ms": [round(t * 1e3, 2) for t in runs],
                      "new_tokens": args.new_tokens, "prompt_tokens": args.prompt_tokens, "measured": True})

@@ -132,10 +132,11 @@ def build_model(bench, args: argparse.Namespace):
     from hybrimoe.models.quant_linear import quantize_dense
     from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
-    model = bench.build_ours(args)
+    kernel = getattr(args, "cpu_kernel", "torch")
+    model = bench.build_ours(args, "q4_0" if kernel == "ggml" else "int4")  # ggml: Q4_0's own codes
     if args.dense_dtype != "bf16":
         quantize_dense(model, args.dense_dtype, args.dense_dtype, args.int4_group)
-    apply_cpu_kernel(model, getattr(args, "cpu_kernel", "torch"), progress=False)
+    apply_cpu_kernel(model, kernel, progress=False)
     if getattr(args, "no_decode_graph", False):
         model.ort_decoder = None
     return model
@@ -148,13 +149,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--profiler", action="store_true", help="also print torch.profiler's top ops")
-    parser.add_argument("--cpu-kernel", default="torch", help="our CPU int4 kernel: torch or onnxruntime")
+    parser.add_argument("--cpu-kernel", default="torch", help="our CPU int4 kernel: torch, onnxruntime or ggml (experts in q4_0)")
     parser.add_argument("--no-decode-graph", action="store_true",
                         help="with --cpu-kernel onnxruntime: decode through the torch path around the kernels")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = build_model(bench, args)
+    if args.cpu_kernel != "torch":
+        torch.set_num_threads(1)  # beside the kernel's pools, as `hybrimoe generate` runs it
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (32,), generator=gen).tolist()
     decode(model, prompt, 4)

@@ -24,7 +24,7 @@ import logging
 import platform
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -55,7 +55,7 @@ class CalibrationSettings:
     threads: int | None = None  # torch CPU threads (None: torch's default)
     expert_dtype: str | None = None  # expert format (bf16 | int8 | int4 | ...); None = `dtype` weights
     int4_group: int | None = None  # int4 group size (None = the engine's default)
-    cpu_kernel: str = "torch"  # CPU int4 kernel: torch | onnxruntime (`--cpu-kernel`)
+    cpu_kernel: str = "torch"  # CPU int4 kernel: torch | onnxruntime | ggml (`--cpu-kernel`)
 
     def expert_format(self) -> ExpertFormat:
         """Experts stored as the engine stores them, computed with activations of `dtype`."""
@@ -86,14 +86,19 @@ class _Experts:
         # copies of one expert: different memory, same numbers (quantising each would take long)
         self.buffers = [first.to(device)] + [first.to(device, copy=True) for _ in range(count - 1)]
         self.views = [layout.view(b) for b in self.buffers]
-        if cpu_kernel == "onnxruntime" and device.type == "cpu":
+        if cpu_kernel != "torch" and device.type == "cpu":
             from hybrimoe.moe.ort_kernels import OrtExpert, check_cpu_kernel
 
             check_cpu_kernel(cpu_kernel)
-            built = [OrtExpert.build(v) if fmt.name == "int4" else None for v in self.views]
+            if cpu_kernel == "ggml":
+                from hybrimoe.moe.ggml_kernels import GgmlExpert
+                build: Any = GgmlExpert.build
+            else:
+                build = OrtExpert.build
+            built = [build(v) if fmt.name == "int4" else None for v in self.views]
             if any(b is None for b in built):
-                raise ConfigError(f"--cpu-kernel onnxruntime computes int4 experts, not {fmt.describe()}")
-            self.views = built  # each copy packed into onnxruntime's own memory
+                raise ConfigError(f"--cpu-kernel {cpu_kernel} computes int4 experts, not {fmt.describe()}")
+            self.views = built  # each copy in the kernel's own memory
         self.nbytes = layout.nbytes
 
     def run(self, index: int, x: torch.Tensor) -> torch.Tensor:
@@ -280,6 +285,8 @@ def fit_profile(s: CalibrationSettings, cpu: dict[str, list], gpu: dict[str, lis
     if s.cpu_kernel == "onnxruntime":
         kernel = (f"; CPU kernel: onnxruntime MatMulNBits (int8 activations) up to "
                   f"{CPU_FUSED_KERNEL_MAX_TOKENS['onnxruntime']} tokens")
+    elif s.cpu_kernel == "ggml":
+        kernel = "; CPU kernel: ggml (llama.cpp's Q4_0/Q4_1 x Q8 kernels), every token count"
     values = {
         "cpu_bits": (shape.bits, f"{fmt.describe()} experts as stored (scales included), as measured{kernel}"),
         "gpu_bits": (shape.bits, f"{fmt.describe()} experts as stored and copied, as measured"),

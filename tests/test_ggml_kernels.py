@@ -2,10 +2,10 @@
 
 Without llama.cpp's libraries (CI: llama-cpp-python takes ~15 minutes to build) only the parts that need no
 ggml run: the Q4_0 quantiser gives the gguf package's Q4_0 codes and scales; our blocks, decoded by the gguf
-package's own Q4_0/Q4_1 reader, are the store's weights; the flag names the fix when the libraries are missing.
-With them (`pip install llama-cpp-python`):
-- one expert, Q4_0 (repacked) and Q4_1, 1 and 5 tokens, equals a plain fp32 re-implementation of what ggml
-  computes (activations rounded to Q8_0 / Q8_1 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
+package's own Q4_0 reader, are the store's weights (asymmetric int4 has none); the flag names the fix when
+the libraries are missing. With them (`pip install llama-cpp-python`):
+- one expert (repacked Q4_0), 1 and 5 tokens, equals a plain fp32 re-implementation of what ggml computes
+  (activations rounded to Q8_0 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
 - tiny models of every family equal that reference, and every placement preset gives the plain engine's
   logits while the hybrid runtime's CPU side runs ggml;
 - the engine's greedy tokens equal the reference's, and a CPU-only engine keeps ggml's copy only.
@@ -16,15 +16,14 @@ from __future__ import annotations
 import copy
 from functools import cache
 
-import numpy as np
 import pytest
 import torch
 
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import ConfigError
 from hybrimoe.loader import build_dummy_model
-from hybrimoe.moe.ggml_kernels import ggml_blocks
-from hybrimoe.moe.ggml_lib import GGML_Q4_0, GGML_Q4_1, ggml_available
+from hybrimoe.moe.ggml_kernels import q4_0_blocks
+from hybrimoe.moe.ggml_lib import ggml_available
 from hybrimoe.moe.kernels import Int4View, QuantExpert
 from hybrimoe.moe.quant import ExpertFormat, quantize_int4
 from hybrimoe.tiny import FAMILIES, tiny_config
@@ -56,32 +55,24 @@ def expert_view(fmt: ExpertFormat, intermediate: int = 64, hidden: int = 96, see
     return view
 
 
-def store_weights(view: Int4View) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What ggml computes with, from the store's codes/scale/zero (not from our blocks): the weight [N, K]
-    with fp16 d (Q4_0 when every zero is 0: (q - 8) * d) or q * d alone plus the fp16 m per 32 [N, K/32]."""
+def store_weights(view: Int4View) -> torch.Tensor:
+    """What ggml computes with, from the store's codes and scales (not from our blocks): (q - 8) * fp16(scale),
+    [N, K]."""
     n, k, g = view.n, view.k, view.group
+    assert bool((view.sz[..., 1] == 0).all()), "symmetric int4 only"
     scale = view.sz[..., 0].t().float().repeat_interleave(g // 32, dim=1)  # [N, K/32]
-    zero = view.sz[..., 1].t().float().repeat_interleave(g // 32, dim=1)
     codes = view.layout.unpack(view.packed, n, k).float().view(n, k // 32, 32)
-    if bool((zero == 0).all()):
-        return ((codes - 8) * half(scale)[..., None]).view(n, k), None
-    return (codes * half(scale)[..., None]).view(n, k), half(zero - 8 * scale)
+    return ((codes - 8) * half(scale)[..., None]).view(n, k)
 
 
 def reference_matmul(x: torch.Tensor, view: Int4View) -> torch.Tensor:
-    """x [T, K] @ W^T as ggml computes it, in plain fp32: x rounded to Q8_0/Q8_1 per 32 (d = max|x| / 127
-    stored in fp16, codes round(x * 127 / max|x|), halves to even as ggml's AVX quantiser), times the
-    weights of `store_weights`; Q4_1's m multiplies Q8_1's block sum s = fp16(d * sum(codes)) with d in fp32."""
+    """x [T, K] @ W^T as ggml computes it, in plain fp32: x rounded to Q8_0 per 32 (d = max|x| / 127 stored
+    in fp16, codes round(x * 127 / max|x|), halves to even as ggml's AVX quantiser), times `store_weights`."""
     t, k = x.shape
     blocks = x.float().view(t, k // 32, 32)
     amax = blocks.abs().amax(dim=2, keepdim=True)
     codes = torch.round(blocks * torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax)))
-    d = half(amax / 127.0)
-    weight, m = store_weights(view)
-    y = (codes * d).view(t, k) @ weight.t()
-    if m is not None:
-        y = y + half(amax[..., 0] / 127.0 * codes.sum(dim=2)) @ m.t()  # [T, K/32] @ [K/32, N] (fp32 d here)
-    return y
+    return (codes * half(amax / 127.0)).view(t, k) @ store_weights(view).t()
 
 
 def reference_expert(view: QuantExpert, x: torch.Tensor) -> torch.Tensor:
@@ -106,27 +97,21 @@ def test_the_q4_0_quantiser_gives_the_gguf_packages_q4_0() -> None:
     assert (m.q[3, :32] == 8).all()
 
 
-@pytest.mark.parametrize("name, group, want", [("q4_0", 32, GGML_Q4_0), ("q4_0", 64, GGML_Q4_0),
-                                               ("int4", 32, GGML_Q4_1), ("int4", 128, GGML_Q4_1)])
-def test_our_blocks_read_back_by_the_gguf_package_are_the_stores_weights(name, group, want) -> None:
+@pytest.mark.parametrize("group", [32, 64, 128])
+def test_our_blocks_read_back_by_the_gguf_package_are_the_stores_weights(group) -> None:
     from gguf import GGMLQuantizationType, quants
 
-    fmt = ExpertFormat.parse(name, torch.bfloat16, group)
-    view = expert_view(fmt, intermediate=128, hidden=256)
+    view = expert_view(ExpertFormat.parse("q4_0", torch.bfloat16, group), intermediate=128, hidden=256)
     for matrix in (view.gate_up, view.down):
         assert isinstance(matrix, Int4View)
-        blocks = ggml_blocks(matrix)
-        assert blocks is not None and blocks.type == want
-        kind = GGMLQuantizationType.Q4_0 if want == GGML_Q4_0 else GGMLQuantizationType.Q4_1
-        decoded = torch.from_numpy(quants.dequantize(blocks.data.reshape(matrix.n, -1), kind).copy())
-        weight, m = store_weights(matrix)
-        if m is not None:
-            weight = (weight.view(matrix.n, -1, 32) + m[..., None]).view(matrix.n, matrix.k)
-        assert torch.allclose(decoded, weight, rtol=0, atol=1e-6)
-        scale, zero = matrix.sz[..., 0].t().float(), matrix.sz[..., 1].t().float()  # [N, K/g]
+        blocks = q4_0_blocks(matrix)
+        assert blocks is not None and blocks.shape == (matrix.n, matrix.k // 32, 18)
+        decoded = torch.from_numpy(quants.dequantize(blocks.reshape(matrix.n, -1), GGMLQuantizationType.Q4_0).copy())
+        scale = matrix.sz[..., 0].t().float()  # [N, K/g] (bf16 values: fp16 holds them exactly)
         codes = matrix.layout.unpack(matrix.packed, matrix.n, matrix.k).float().view(matrix.n, -1, group)
-        exact = ((codes - 8) * scale[..., None] + zero[..., None]).view(matrix.n, matrix.k)
-        assert rel(decoded, exact) <= (0 if want == GGML_Q4_0 else 1e-3)  # bf16 scales are fp16's; m is rounded
+        assert torch.equal(decoded, ((codes - 8) * scale[..., None]).view(matrix.n, matrix.k))
+    asymmetric = expert_view(ExpertFormat.parse("int4", torch.bfloat16, group), intermediate=128, hidden=256)
+    assert q4_0_blocks(asymmetric.gate_up) is None  # Q4_1: no fast ggml kernel, stays on torch's
 
 
 def test_a_missing_library_names_the_fix(tiny_checkpoint, monkeypatch) -> None:
@@ -139,15 +124,13 @@ def test_a_missing_library_names_the_fix(tiny_checkpoint, monkeypatch) -> None:
 
 
 @needs_ggml
-@pytest.mark.parametrize("name", ["q4_0", "int4"])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_one_expert_equals_the_reference(name, tokens) -> None:
+def test_one_expert_equals_the_reference(tokens) -> None:
     from hybrimoe.moe.ggml_kernels import GgmlExpert
 
-    view = expert_view(ExpertFormat.parse(name, torch.float32, 32))
+    view = expert_view(ExpertFormat.parse("q4_0", torch.float32, 32))
     expert = GgmlExpert.build(view)
     assert expert is not None
-    assert expert.types == ((GGML_Q4_0,) * 2 if name == "q4_0" else (GGML_Q4_1,) * 2)
     for seed in range(3):  # the one-token graph is cached: it must take new inputs every call
         x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(seed))
         assert rel(expert.forward(x), reference_expert(view, x)) <= 1e-5
@@ -161,10 +144,10 @@ def reference_int4(monkeypatch):
 
 
 @cache
-def dummy(family: str, name: str = "q4_0") -> torch.nn.Module:
+def dummy(family: str) -> torch.nn.Module:
     top_k = 3 if family.startswith("deepseek") else 2
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=top_k, hidden=64).to_dict())
-    return build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype=name)
+    return build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0")
 
 
 def prefill_and_decode(model, prompt=PROMPT) -> torch.Tensor:
@@ -200,7 +183,7 @@ def test_every_policy_gives_the_plain_logits_and_the_cpu_side_runs_ggml(policy, 
     from hybrimoe.policy.plan import LinearCosts
     from hybrimoe.runtime_options import RuntimeOptions
 
-    model = copy.deepcopy(dummy("qwen3-moe", "int4"))
+    model = copy.deepcopy(dummy("qwen3-moe"))
     apply_cpu_kernel(model, "ggml", progress=False)
     want = prefill_and_decode(model)
     calls = []
@@ -228,5 +211,6 @@ def test_the_engine_gives_the_references_tokens_and_keeps_ggmls_copy_only(tiny_c
     store = engine.model.expert_store
     assert store.cpu_kernel == "ggml" and store.released  # CPU-only: the store's own bytes went
     assert engine.generate(PROMPT, params).token_ids == want and len(want) == 12
-    with pytest.raises(ConfigError, match="--expert-dtype q4_0"):
-        Engine.from_pretrained(path, dtype="fp32", cpu_kernel="ggml")  # nothing int4
+    for asymmetric in (None, "int4"):  # nothing int4; asymmetric int4 (ggml's Q4_1: slower than torch's)
+        with pytest.raises(ConfigError, match="--expert-dtype q4_0"):
+            Engine.from_pretrained(path, dtype="fp32", expert_dtype=asymmetric, cpu_kernel="ggml")

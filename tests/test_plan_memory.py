@@ -56,23 +56,29 @@ def test_pinned_store_rounds_up_to_a_power_of_two():
     assert not mem.pinned and mem.host_bytes == mem.store_bytes
 
 
-def test_onnxruntime_kernel_counts_its_packed_copy_and_takes_int4_only():
-    """--cpu-kernel onnxruntime: the runtime keeps the store for its copies and onnxruntime packs its own (1.5x
-    the int4 bytes), so both are host memory; a pinned store that no longer fits beside it goes pageable."""
+@pytest.mark.parametrize("kernel, factor, phrase", [("onnxruntime", 1.5, "onnxruntime's packed copy"),
+                                                   ("ggml", 0.9, "ggml's copy")])
+def test_a_cpu_kernel_counts_its_copy_and_takes_int4_only(kernel, factor, phrase):
+    """--cpu-kernel onnxruntime|ggml: the runtime keeps the store for its copies and the kernel makes its own
+    (onnxruntime 1.5x the int4 bytes, ggml 0.9x), so both are host memory; a pinned store that no longer fits
+    beside it goes pageable."""
     target = resolve_target("mixtral-8x7b")
-    int4 = ExpertFormat.parse("int4", torch.bfloat16)
+    int4 = ExpertFormat.parse("int4" if kernel == "onnxruntime" else "q4_0", torch.bfloat16)
     store = format_memory(target, int4, Machine(24 * 10**9, 200 * 10**9, 4096, device="cpu")).store_bytes
-    for host, fits in ((int(2.5 * store) + 10**6, True), (int(2.5 * store) - 10**6, False)):
-        machine = Machine(24 * 10**9, host, 4096, device="cpu", cpu_kernel="onnxruntime")
+    for host, fits in ((int((1 + factor) * store) + 10**6, True), (int((1 + factor) * store) - 10**6, False)):
+        machine = Machine(24 * 10**9, host, 4096, device="cpu", cpu_kernel=kernel)
         mem = format_memory(target, int4, machine)
-        assert mem.ort_bytes == int(1.5 * store) and mem.host_fits == fits
+        assert mem.kernel_bytes == int(factor * store) and mem.host_fits == fits
         b = device_budget(target, mem, machine, "hybrimoe")
-        assert b.fits == fits and (fits or "onnxruntime's packed copy" in b.reason)
-    assert format_memory(target, int4, Machine(24 * 10**9, 200 * 10**9, 4096, device="cpu")).ort_bytes == 0
-    cuda = Machine(24 * 10**9, int(2.5 * store) + 10**9, 4096, device="cuda", cpu_kernel="onnxruntime")
+        assert b.fits == fits and (fits or phrase in b.reason)
+    assert format_memory(target, int4, Machine(24 * 10**9, 200 * 10**9, 4096, device="cpu")).kernel_bytes == 0
+    cuda = Machine(24 * 10**9, int((1 + factor) * store) + 10**9, 4096, device="cuda", cpu_kernel=kernel)
     assert not format_memory(target, int4, cuda).pinned  # pinned (power of two) + the copy would not fit
     bf16 = format_memory(target, ExpertFormat.parse("bf16", torch.bfloat16), cuda)
     assert "computes int4 experts" in device_budget(target, bf16, cuda, "hybrimoe").reason
+    if kernel == "ggml":  # asymmetric int4 would be Q4_1: no fast ggml kernel
+        asym = format_memory(target, ExpertFormat.parse("int4", torch.bfloat16), cuda)
+        assert "q4_0" in device_budget(target, asym, cuda, "hybrimoe").reason
 
 
 def test_size_arg_reads_back_inside_its_range():

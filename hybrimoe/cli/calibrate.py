@@ -61,8 +61,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--expert-dtype", default=None, choices=list(FORMAT_NAMES),
                    help="expert format to measure, as the engine stores and computes it (default: --dtype)")
     p.add_argument("--int4-group", type=int, default=None, metavar="N", help="int4 group size (default: the engine's)")
-    p.add_argument("--cpu-kernel", default="torch", choices=["torch", "onnxruntime"],
-                   help="CPU int4 kernel to measure (as `generate --cpu-kernel`; onnxruntime needs --expert-dtype int4)")
+    p.add_argument("--cpu-kernel", default="torch", choices=["torch", "onnxruntime", "ggml"],
+                   help="CPU int4 kernel to measure (as `generate --cpu-kernel`; onnxruntime and ggml need "
+                        "--expert-dtype int4 or q4_0)")
     p.add_argument("--tokens", default="1,2,4,8,16,32,64,128", help="token counts to measure (default 1,2,...,128)")
     p.add_argument("--layers", type=int, default=5, help="simulated layers per token count (default 5)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")

@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch threads of the dense model and the engine (default: torch's, one per core); "
                              "the CPU expert worker has its own --cpu-threads; a CPU-only engine with --cpu-kernel "
-                             "onnxruntime gives them to onnxruntime and runs torch at one")
+                             "onnxruntime or ggml gives them to that kernel and runs torch at one")
     parser.add_argument("--dtype", choices=DTYPES, default="bf16", help="weight dtype (default bf16)")
     parser.add_argument("--device", default="cpu", help="torch device of the dense weights (default cpu)")
     parser.add_argument("--max-context", type=int, default=None, metavar="N",

@@ -46,8 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--gpu-reserve", default=str(DEFAULT_GPU_RESERVE), metavar="BYTES",
                    help="GPU memory kept for the CUDA context and activations (default 1GB)")
     p.add_argument("--cpu-kernel", default="torch", choices=CPU_KERNELS,
-                   help="the CPU side's int4 kernel of the serve command (onnxruntime: its packed copy of the int4 "
-                        "experts, 1.5x their bytes, counts as host memory; other formats are refused; speeds come "
+                   help="the CPU side's int4 kernel of the serve command (its copy of the int4 experts counts as "
+                        "host memory: onnxruntime 1.5x their bytes, ggml 1x; other formats are refused; speeds come "
                         "from the profile unless --calibrate measures this kernel)")
     p.add_argument("--device", default="cuda", help="device of the serve command (default cuda; cpu: CPU fallback)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"), help="dense weights (default bf16)")
@@ -111,7 +111,7 @@ def _costs(args: argparse.Namespace, target, machine, formats: tuple[str, ...]):
         log.info("calibrating %s experts %dx%d on this machine", name, shape.hidden, shape.moe_intermediate)
         settings = CalibrationSettings(hidden=shape.hidden, intermediate=shape.moe_intermediate, dtype=machine.dtype,
                                        expert_dtype=name, int4_group=args.int4_group, layers=3,
-                                       cpu_kernel=machine.cpu_kernel if name == "int4" else "torch")
+                                       cpu_kernel=machine.cpu_kernel if name in ("int4", "q4_0") else "torch")
         # inference mode, as the engine runs its kernels: the per-thread dequantisation workspace
         # (hybrimoe.moe.kernels.workspace) made under inference mode cannot be written outside it
         with torch.inference_mode():

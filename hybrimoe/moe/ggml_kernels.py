@@ -1,24 +1,25 @@
 """CPU int4 experts on llama.cpp's own kernels (`--cpu-kernel ggml`; hybrimoe.moe.ggml_lib loads ggml).
 
-    ggml_blocks(Int4View) -> GgmlBlocks | None   the matrix as ggml Q4_0 (symmetric) or Q4_1 blocks
+    q4_0_blocks(Int4View) -> np.ndarray | None   the matrix as ggml Q4_0 blocks (None: not symmetric int4)
     GgmlExpert.build(QuantExpert)                one expert: down @ swiglu(gate_up @ x), [T, H] -> [T, H]
 
-Blocks (ggml-common.h): 32 weights each; Q4_0 = fp16 d + 16 bytes, w = (q - 8) * d; Q4_1 = fp16 d, fp16 m
-+ 16 bytes, w = q * d + m; byte j holds weight j (low nibble) and weight j + 16 (high nibble). Our int4
-(w = (q - 8) * scale + zero per group of 32/64/128/256) maps onto them exactly but for fp16: a group of 64+
-becomes 2+ blocks with its scale; a store whose zeros are all 0 (`--int4-scheme q4_0`, GGUF Q4_0) becomes Q4_0
-with d = fp16(scale) (exact for bf16 scales in fp16's normal range), any other becomes Q4_1 with
-d = fp16(scale), m = fp16(zero - 8 * scale). Q4_0 goes to the CPU_REPACK buffer, where llama.cpp keeps its
-own Q4_0 weights (the q4_0_8x8 GEMV: measured 269 us for a [8192, 2048] matrix at one token on the 2-vCPU
-Zen 4, 35 GB/s, against 541 us for plain Q4_0, 600 us for Q4_1 and 750-800 us for onnxruntime's MatMulNBits
-at group 32: benchmarks/RESULTS_formats.md). Q4_1 has no repacked kernel and stays in a plain CPU buffer.
+Q4_0 (ggml-common.h): blocks of 32 weights, fp16 d + 16 bytes, w = (q - 8) * d, byte j holding weight j
+(low nibble) and weight j + 16 (high nibble). Symmetric int4 (`--expert-dtype q4_0`, or a GGUF's Q4_0:
+every stored zero is 0) is exactly that with d = fp16(scale) (exact for bf16 scales in fp16's normal range;
+a group of 64+ becomes 2+ blocks with its scale). The blocks go to the CPU_REPACK buffer, where llama.cpp
+keeps its own Q4_0 weights (the q4_0_8x8 kernels). Measured on the 2-vCPU Zen 4 (benchmarks/RESULTS_formats.md):
+a [8192, 2048] matrix at one token 269 us (35 GB/s) against 541 us for plain Q4_0 and 750-800 us for
+onnxruntime's MatMulNBits at group 32; a Mixtral expert 3.1 ms at one token, 166 ms at 128.
+Asymmetric int4 (our default quantiser, GGUF Q4_K) would be ggml's Q4_1, which has no repacked kernel
+and measured slower than torch's own int4 kernel (7.9 against 5.2 ms for the Mixtral expert at one token):
+those experts stay on torch's kernel.
 
-Numerics: ggml quantises the activations to Q8_0 (Q8_1 for Q4_1) per block of 32 (d = max|x| / 127 in fp16,
-round to nearest), multiplies in integers and sums the blocks in fp32; the swiglu between the two matmuls
-is fp32. tests/test_ggml_kernels.py re-implements this in plain torch and compares.
+Numerics: ggml quantises the activations to Q8_0 per block of 32 (d = max|x| / 127 in fp16, round to
+nearest), multiplies in integers and sums the blocks in fp32; the swiglu between the two matmuls is fp32.
+tests/test_ggml_kernels.py re-implements this in plain torch and compares.
 
-Memory: ggml holds its own copy (18 or 20 bytes per 32 weights: 0.90x or 1.0x a group-32 int4 store in
-bf16); a CPU-only engine frees the store's bytes layer by layer as the copies are made.
+Memory: ggml holds its own copy (18 bytes per 32 weights: 0.9x a group-32 int4 store in bf16); a CPU-only
+engine frees the store's bytes layer by layer as the copies are made.
 """
 
 from __future__ import annotations
@@ -30,40 +31,27 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_Q4_0, GGML_Q4_1, Ggml, ggml_runtime
+from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_Q4_0, Ggml, ggml_runtime
 from hybrimoe.moe.kernels import Int4View, QuantExpert
 
 BLOCK = 32  # weights per ggml Q4 block
 REPACK_ROWS = 8  # q4_0_8x8 interleaves 8 rows: Q4_0 matrices with a row count divisible by it are repacked
-GGML_MEMORY_FACTOR = {GGML_Q4_0: 18 / 20, GGML_Q4_1: 1.0}  # ggml's bytes / a group-32 bf16 int4 store's
 
 
-@dataclass(frozen=True)
-class GgmlBlocks:
-    """One [N, K] matrix as ggml blocks (plain numpy, copied into ggml's buffer at build)."""
-    type: int  # GGML_Q4_0 | GGML_Q4_1
-    data: np.ndarray  # uint8 [N, K/32, 18 | 20]
-    n: int
-    k: int
-
-
-def ggml_blocks(view: Int4View) -> GgmlBlocks | None:
-    """`view` (host or device) as ggml blocks; None when its group is not a multiple of 32."""
+def q4_0_blocks(view: Int4View) -> np.ndarray | None:
+    """`view` (host or device) as ggml Q4_0 blocks, uint8 [N, K/32, 18]; None unless every zero is 0
+    (symmetric int4) and the group is a multiple of 32."""
     n, k, g = view.n, view.k, view.group
     if g % BLOCK or k % g:
         return None
-    per = g // BLOCK
-    scale = view.sz[..., 0].t().float().cpu().repeat_interleave(per, dim=1)  # [N, K/32]
-    zero = view.sz[..., 1].t().float().cpu().repeat_interleave(per, dim=1)
+    zero = view.sz[..., 1]
+    if bool((zero != 0).any()):
+        return None
+    scale = view.sz[..., 0].t().float().cpu().repeat_interleave(g // BLOCK, dim=1)  # [N, K/32]
     codes = view.layout.unpack(view.packed.cpu(), n, k).view(n, k // BLOCK, 2, BLOCK // 2)
     qs = codes[:, :, 0] | (codes[:, :, 1] << 4)  # [N, K/32, 16]: weight j low, weight j + 16 high
-
-    def half(t: torch.Tensor) -> torch.Tensor:  # [N, K/32] fp32 -> [N, K/32, 2] bytes of fp16
-        return t.to(torch.float16).contiguous().view(torch.uint8).view(n, k // BLOCK, 2)
-
-    if bool((zero == 0).all()):
-        return GgmlBlocks(GGML_Q4_0, torch.cat((half(scale), qs), dim=2).numpy(), n, k)
-    return GgmlBlocks(GGML_Q4_1, torch.cat((half(scale), half(zero - 8.0 * scale), qs), dim=2).numpy(), n, k)
+    d = scale.to(torch.float16).contiguous().view(torch.uint8).view(n, k // BLOCK, 2)
+    return torch.cat((d, qs), dim=2).numpy()
 
 
 @dataclass
@@ -86,35 +74,34 @@ class GgmlExpert:
     down: Any  # ggml tensor [ne0=I, ne1=H]
     hidden: int
     intermediate: int
-    nbytes: int  # the bytes handed to ggml
-    types: tuple[int, int]
+    nbytes: int  # the Q4_0 bytes handed to ggml
     _decode: _Graph | None = field(default=None, repr=False)  # the cached one-token graph
 
     @classmethod
     def build(cls, expert: QuantExpert) -> GgmlExpert | None:
-        """None when a matrix is not int4 with a group that is a multiple of 32 (it stays on torch's kernel)."""
+        """None unless both matrices are symmetric int4 with a group that is a multiple of 32 (the expert
+        then stays on torch's kernel)."""
         if not isinstance(expert.gate_up, Int4View) or not isinstance(expert.down, Int4View):
             return None
-        a, b = ggml_blocks(expert.gate_up), ggml_blocks(expert.down)
+        a, b = q4_0_blocks(expert.gate_up), q4_0_blocks(expert.down)
         if a is None or b is None:
             return None
         lib = ggml_runtime()
         ctx = lib.context(2)
-        gate_up = lib.ggml_new_tensor_2d(ctx, a.type, a.k, a.n)
-        down = lib.ggml_new_tensor_2d(ctx, b.type, b.k, b.n)
-        repack = (lib.repack_buffer_type is not None and a.type == b.type == GGML_Q4_0
-                  and a.n % REPACK_ROWS == 0 and b.n % REPACK_ROWS == 0)
+        (n_a, k_a), (n_b, k_b) = (expert.gate_up.n, expert.gate_up.k), (expert.down.n, expert.down.k)
+        gate_up = lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k_a, n_a)  # ggml order: ne0 = the row length
+        down = lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k_b, n_b)
+        repack = lib.repack_buffer_type is not None and n_a % REPACK_ROWS == 0 and n_b % REPACK_ROWS == 0
         buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type if repack
                                                               else lib.cpu_buffer_type)
         if not buffer:
             lib.ggml_free(ctx)
-            raise MemoryError(f"ggml could not allocate an expert's {a.data.nbytes + b.data.nbytes} bytes")
+            raise MemoryError(f"ggml could not allocate an expert's {a.nbytes + b.nbytes} bytes")
         lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
         for tensor, blocks in ((gate_up, a), (down, b)):
-            assert lib.ggml_nbytes(tensor) == blocks.data.nbytes
-            lib.ggml_backend_tensor_set(tensor, blocks.data.ctypes.data, 0, blocks.data.nbytes)  # repacks
-        return cls(lib, ctx, buffer, gate_up, down, a.k, expert.intermediate, a.data.nbytes + b.data.nbytes,
-                   (a.type, b.type))
+            assert lib.ggml_nbytes(tensor) == blocks.nbytes
+            lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
+        return cls(lib, ctx, buffer, gate_up, down, k_a, expert.intermediate, a.nbytes + b.nbytes)
 
     def _graph(self, tokens: int) -> _Graph:
         lib = self.lib

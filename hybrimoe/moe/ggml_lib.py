@@ -24,7 +24,7 @@ from hybrimoe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GGML_F32, GGML_Q4_0, GGML_Q4_1 = 0, 2, 3  # enum ggml_type
+GGML_F32, GGML_Q4_0 = 0, 2  # enum ggml_type
 DEVICE_CPU = 0  # enum ggml_backend_dev_type
 BUFFER_USAGE_WEIGHTS = 1
 DEFAULT_POLL = 50  # llama.cpp's default thread-pool polling level (0: sleep at once, 100: spin)

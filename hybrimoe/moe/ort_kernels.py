@@ -22,9 +22,10 @@ overwriting them); the packed copy is host memory next to the expert store (meas
 bytes at group 32, 1.2x at 128: benchmarks/RESULTS_formats.md; a CPU-only engine then frees the store's
 own copy, `ExpertStore.release_host_copy`). One global onnxruntime thread pool serves every session (torch's
 thread count, or the hybrid runtime's CPU worker threads). Each session asks for no spinning
-(`session.intra_op.allow_spinning` = 0); whether onnxruntime applies that to the global pool, whose Python
-API sets only its size, was not verified. A CPU-only engine instead leaves the cores to onnxruntime
-(`leave_cores_to_onnxruntime`: torch at one thread).
+(`session.intra_op.allow_spinning` = 0), which the global pool ignores: its workers spin between runs
+(measured: beside ggml's pool, `--cpu-kernel ggml`, a decode token took 34 instead of 12.4 ms; with ggml
+the dense linears' sessions therefore get sleeping pools of their own, `_runtime(per_session=True)`). A CPU-only engine
+leaves the cores to onnxruntime (`leave_cores_to_onnxruntime`: torch at one thread).
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 CPU_KERNELS = ("torch", "onnxruntime", "ggml")
 ZERO_TOLERANCE = 0.05  # |8 - zero/scale - zp| allowed: a bf16 zero rounds (8 - zp) * scale by <= 8 * 2^-9
 ACCURACY_LEVEL = 4  # MatMulNBits: int8 activations (the fast path; 0/1 dequantise to fp32, 3-4x slower here)
-_STATE: dict[str, Any] = {"threads": None}
+_STATE: dict[str, Any] = {"threads": None, "per_session": False}
 _LOCK = threading.Lock()
 
 
@@ -71,19 +72,27 @@ def check_cpu_kernel(name: str) -> str:
     return name
 
 
-def _runtime(threads: int | None = None) -> Any:
-    """onnxruntime, with its global thread pool set up once per process: `threads` (default: torch's thread
-    count) at the first call; later calls get the same pool whatever they ask."""
+def _runtime(threads: int | None = None, per_session: bool = False) -> Any:
+    """onnxruntime, with its threads set up once per process: `threads` (default: torch's thread count) at the
+    first call; later calls get the same whatever they ask. One global pool, whose workers spin between runs
+    (the pool of `set_global_thread_pool_sizes` takes no spin setting); `per_session`: instead a pool of
+    `threads` per session that sleeps between runs (`session.intra_op.allow_spinning` = 0), for a process
+    whose heavy work runs on another pool (ggml's experts: beside the spinning global pool a Mixtral-shaped
+    decode token took 34 ms on the 2-vCPU Zen 4, 12.4 with sleeping per-session pools)."""
     import onnxruntime as ort
 
     with _LOCK:
         if _STATE["threads"] is None:
             ort.set_default_logger_severity(3)  # errors only (one warning per session otherwise)
             count = threads or torch.get_num_threads()
-            from onnxruntime.capi import _pybind_state
-            _pybind_state.set_global_thread_pool_sizes(count, 1)
-            _STATE["threads"] = count
-            log.info("onnxruntime CPU kernels: %d threads", count)
+            if not per_session:
+                from onnxruntime.capi import _pybind_state
+                _pybind_state.set_global_thread_pool_sizes(count, 1)
+            _STATE["threads"], _STATE["per_session"] = count, per_session
+            log.info("onnxruntime CPU kernels: %d threads%s", count, " per session" if per_session else "")
+        elif per_session and not _STATE["per_session"]:
+            log.warning("onnxruntime's global thread pool already runs in this process; its spinning workers "
+                        "slow down ggml's kernels")
     return ort
 
 
@@ -186,7 +195,10 @@ def graph_session(nodes: list[Any], inits: list[Any], feeds: dict[str, np.ndarra
     graph = helper.make_graph(nodes, "hybrimoe", inputs, outputs, initializer=inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     options = ort.SessionOptions()
-    options.use_per_session_threads = False  # the global pool (`_runtime`)
+    if _STATE["per_session"]:
+        options.intra_op_num_threads = _STATE["threads"]
+    else:
+        options.use_per_session_threads = False  # the global pool (`_runtime`)
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     values = [ort.OrtValue.ortvalue_from_numpy(a) for a in feeds.values()]
     options.add_external_initializers(list(feeds), values)
@@ -286,8 +298,8 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     if name == "ggml":
         from hybrimoe.moe.ggml_lib import ggml_runtime
         ggml_runtime(threads)
-    if dense:
-        _runtime(threads)  # the pool's size: the CPU worker's threads under the hybrid runtime, else torch's
+    if dense:  # the pools' size: the CPU worker's threads under the hybrid runtime, else torch's
+        _runtime(threads, per_session=name == "ggml")
     store = model.expert_store
     switched = 0
     if store.format.name == "int4":

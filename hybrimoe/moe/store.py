@@ -23,6 +23,7 @@ from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, Int8Matrix
 
 log = logging.getLogger(__name__)
 ORT_MEMORY_FACTOR = 1.5  # onnxruntime's packed copy / the int4 bytes (measured, benchmarks/RESULTS_formats.md)
+GGML_MEMORY_FACTOR = 0.9  # ggml's Q4_0 blocks / a bf16 group-32 int4 store (18 / 20 bytes per 32 weights)
 
 
 def host_available_bytes() -> int | None:
@@ -180,9 +181,9 @@ class ExpertStore:
         """Computes the host experts with CPU kernel `name` from now on: "onnxruntime" (MatMulNBits,
         hybrimoe.moe.ort_kernels) or "ggml" (llama.cpp's Q4_0/Q4_1 kernels, hybrimoe.moe.ggml_kernels).
         Builds every expert's kernel copy here (with a progress bar); experts the kernel cannot compute
-        (onnxruntime: GGUF Q4_K's non-integer zero points) keep torch's kernel. Returns the int4 bytes
-        handed over; the kernel's copy is extra host memory (onnxruntime: about 1.5x that at group 32, 1.2x at
-        128; ggml: 18 or 20 bytes per 32 weights), `release_host_copy` frees the store's own bytes where
+        (onnxruntime: GGUF Q4_K's non-integer zero points; ggml: any but symmetric int4) keep torch's kernel.
+        Returns the int4 bytes handed over; the kernel's copy is extra host memory (onnxruntime: about 1.5x that
+        at group 32, 1.2x at 128; ggml: 18 bytes per 32 weights), `release_host_copy` frees the store's own bytes where
         nothing else needs them. Int4 stores only; a second call changes nothing (models sharing one store each
         switch it). `release`: free each layer's bytes as soon as its copies exist (`release_layer`; a
         CPU-only engine), so that host memory peaks at the kernel's copy instead of the store plus that copy."""
@@ -201,7 +202,7 @@ class ExpertStore:
         if name == "ggml":
             from hybrimoe.moe.ggml_kernels import GgmlExpert
             builder: Any = GgmlExpert.build
-            factor = 1.0  # Q4_1 at 20 bytes per 32 weights: a bf16 group-32 store's size (Q4_0: 0.9x)
+            factor = GGML_MEMORY_FACTOR
         else:
             from hybrimoe.moe.ort_kernels import OrtExpert
             builder, factor = OrtExpert.build, ORT_MEMORY_FACTOR
@@ -220,10 +221,14 @@ class ExpertStore:
                 if release:
                     self.release_layer(key[0])
                 release_free_heap()  # the build's temporaries (glibc keeps freed heap otherwise)
+        if name == "ggml" and kept == len(keys):
+            raise ConfigError("--cpu-kernel ggml computes symmetric int4 experts (Q4_0); these are asymmetric "
+                              f"{self.format.describe()}: use --expert-dtype q4_0")
         self.cpu_kernel = name
         if kept:
-            log.warning("%d of %d experts cannot run on %s (e.g. GGUF Q4_K's non-integer zero points on "
-                        "onnxruntime, an int4 group below 32 on ggml) and stay on torch's CPU kernel", kept, len(keys), name)
+            log.warning("%d of %d experts cannot run on %s (onnxruntime: GGUF Q4_K's non-integer zero points; "
+                        "ggml: asymmetric int4, use --expert-dtype q4_0) and stay on torch's CPU kernel", kept,
+                        len(keys), name)
         log.info("%s CPU kernel: %d experts, %.2f GB of int4 weights copied into its own memory (about %.2f GB "
                  "more host memory)", name, len(self._ort), handed / 1e9, factor * handed / 1e9)
         return handed

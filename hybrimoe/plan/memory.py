@@ -16,9 +16,9 @@ here with the same options the recommended command gives), so the runtime is han
 Host (bytes): the expert store, every routed expert in its format in ONE allocation
 (hybrimoe.moe.store.ExpertStore); on CUDA it is page-locked, and torch's caching host allocator rounds
 a pinned request up to the next power of two (ATen/core/CachingHostAllocator.h, `PowerOf2Ceil`), so
-that is what a pinned store takes. With `--cpu-kernel onnxruntime`, onnxruntime's packed copy of the int4
-experts (`ORT_MEMORY_FACTOR` = 1.5x their bytes, measured at group 32) is host memory too: the runtime
-keeps the store for its copies. Families the runtime cannot load get the same sums with the dense
+that is what a pinned store takes. With `--cpu-kernel onnxruntime` or `ggml`, the kernel's copy of the int4
+experts (`ORT_MEMORY_FACTOR` = 1.5x their bytes for onnxruntime, measured at group 32; `GGML_MEMORY_FACTOR`
+= 0.9x for ggml's Q4_0) is host memory too: the runtime keeps the store for its copies. Families the runtime cannot load get the same sums with the dense
 part estimated from the shape (attention, shared experts, dense MLPs, norms, embeddings, lm_head in the
 model's dtype, routers fp32), labelled an estimate.
 """
@@ -36,7 +36,7 @@ from hybrimoe.moe.cache import STAGING_BUFFERS
 from hybrimoe.moe.expert_layout import expert_nbytes
 from hybrimoe.moe.install import staging_slots
 from hybrimoe.moe.quant import ExpertFormat
-from hybrimoe.moe.store import ORT_MEMORY_FACTOR
+from hybrimoe.moe.store import GGML_MEMORY_FACTOR, ORT_MEMORY_FACTOR
 from hybrimoe.plan.target import Target
 from hybrimoe.policy.presets import get_preset
 from hybrimoe.runtime_options import RuntimeOptions
@@ -63,7 +63,7 @@ class Machine:
     reserve_bytes: int = DEFAULT_GPU_RESERVE
     device: str = "cuda"  # where `serve` runs the dense part and the cache (cpu: the CPU fallback)
     dtype: str = "bf16"  # dense weights and activations
-    cpu_kernel: str = "torch"  # the CPU side's int4 kernel (`--cpu-kernel`: onnxruntime adds its packed copy)
+    cpu_kernel: str = "torch"  # the CPU side's int4 kernel (`--cpu-kernel`: onnxruntime/ggml add their copy)
 
     @property
     def pinned(self) -> bool:
@@ -88,7 +88,7 @@ class FormatMemory:
     host_available: int
     estimated: bool  # dense part estimated from the shape (the runtime cannot load this family)
     pinned: bool = False  # the store is page-locked (CUDA, unless only a pageable store fits: --no-pin-memory)
-    ort_bytes: int = 0  # onnxruntime's packed copy of the int4 experts (--cpu-kernel onnxruntime; the runtime
+    kernel_bytes: int = 0  # the CPU kernel's copy of the int4 experts (--cpu-kernel onnxruntime|ggml; the runtime
     #                     keeps the store for its copies, so both are host memory)
 
     @property
@@ -101,7 +101,7 @@ class FormatMemory:
 
     @property
     def host_fits(self) -> bool:
-        return self.host_bytes + self.ort_bytes <= self.host_available
+        return self.host_bytes + self.kernel_bytes <= self.host_available
 
     def runtime_gpu_memory(self, machine: Machine) -> int:
         """What the runtime's --gpu-memory may count: the GPU minus reserve, KV cache and transient buffers."""
@@ -161,7 +161,8 @@ def format_memory(target: Target, fmt: ExpertFormat, machine: Machine) -> Format
     total = shape.routed_expert_count
     dense = dense_bytes(target.config, dtype) if target.config is not None \
         else estimated_dense_bytes(target, dtype.itemsize)
-    ort = int(ORT_MEMORY_FACTOR * total * eb) if machine.cpu_kernel == "onnxruntime" and fmt.name == "int4" else 0
+    factor = {"onnxruntime": ORT_MEMORY_FACTOR, "ggml": GGML_MEMORY_FACTOR}.get(machine.cpu_kernel, 0.0)
+    ort = int(factor * total * eb) if fmt.name == "int4" else 0
     # pinned when serve would pin, unless only the pageable store fits (then --no-pin-memory)
     pin = machine.pinned and pinned_bytes(total * eb) + ort <= machine.host_bytes
     host = pinned_bytes(total * eb) if pin else total * eb
@@ -187,13 +188,16 @@ def device_budget(target: Target, mem: FormatMemory, machine: Machine, policy: s
     def refused(reason: str) -> DeviceBudget:
         return DeviceBudget(policy, mem, want, n_staging, False, reason, machine.reserve_bytes)
 
-    if machine.cpu_kernel == "onnxruntime" and mem.fmt.name != "int4":
-        return refused(f"--cpu-kernel onnxruntime computes int4 experts, not {mem.fmt.describe()}")
+    if machine.cpu_kernel != "torch" and mem.fmt.name != "int4":
+        return refused(f"--cpu-kernel {machine.cpu_kernel} computes int4 experts, not {mem.fmt.describe()}")
+    if machine.cpu_kernel == "ggml" and not mem.fmt.symmetric:
+        return refused(f"--cpu-kernel ggml computes q4_0 experts (symmetric int4), not {mem.fmt.describe()}")
     if not mem.host_fits:
-        ort = f" + onnxruntime's packed copy {gb(mem.ort_bytes)}" if mem.ort_bytes else ""
+        copy = "packed copy" if machine.cpu_kernel == "onnxruntime" else "copy"
+        ort = f" + {machine.cpu_kernel}'s {copy} {gb(mem.kernel_bytes)}" if mem.kernel_bytes else ""
         return refused(f"host: the {mem.fmt.describe()} expert store takes {gb(mem.host_bytes)}"
                        f"{' pinned' if mem.pinned else ''}{ort}, "
-                       f"{gb(mem.host_bytes + mem.ort_bytes - mem.host_available)} more than {gb(mem.host_available)}")
+                       f"{gb(mem.host_bytes + mem.kernel_bytes - mem.host_available)} more than {gb(mem.host_available)}")
     if available < least:
         what = "dense part + every expert" if resident else "dense part" + (" + staging" if n_staging else "")
         return refused(f"GPU: {what} + KV cache + 2 transient expert buffers + reserve need "

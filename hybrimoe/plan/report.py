@@ -24,7 +24,7 @@ def row_json(plan: PlanResult, row: Row) -> dict[str, Any]:
         "hit_rate": p.hit_rate if p else None,
         "gpu_bytes": b.gpu_bytes, "gpu_memory": plan.machine.gpu_bytes,
         "host_bytes": m.host_bytes, "host_memory": plan.machine.host_bytes, "pinned": m.pinned,
-        "onnxruntime_bytes": m.ort_bytes, "cpu_kernel": plan.machine.cpu_kernel,
+        "cpu_kernel_copy_bytes": m.kernel_bytes, "cpu_kernel": plan.machine.cpu_kernel,
         "dense_bytes": m.dense_bytes, "kv_bytes": m.kv_bytes, "transient_bytes": m.transient_bytes,
         "reserve_bytes": b.reserve_bytes, "expert_bytes": m.expert_bytes, "store_bytes": m.store_bytes,
         "memory_estimated": m.estimated, "fits": b.fits, "reason": b.reason or None,
@@ -57,7 +57,7 @@ def text_report(plan: PlanResult) -> list[str]:
         cache = "-" if best is None or not best.fits else f"{best.slots} ({best.ratio:.0%}, {gb(best.cache_bytes)})"
         host = "ok" if m.host_fits else "NO"
         out.append(f"  {m.fmt.describe():15s} {m.expert_bytes / 1e6:9.2f} {gb(m.host_bytes):>8s}{' p' if m.pinned else '  '}"
-                   f" {host:>5s} {cache:>26s}" + (f"  + onnxruntime copy {gb(m.ort_bytes)}" if m.ort_bytes else ""))
+                   f" {host:>5s} {cache:>26s}" + (f"  + {plan.machine.cpu_kernel} copy {gb(m.kernel_bytes)}" if m.kernel_bytes else ""))
     if not any(r.prediction for r in plan.rows):
         out += ["", "Nothing fits:"] + [f"  {r.budget.policy:13s} {r.budget.mem.fmt.describe():15s} {r.budget.reason}"
                                         for r in plan.rows]
