@@ -66,13 +66,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--int4-group", type=int, default=32,
                         help="our int4 group (32 = Q4_0's; others change the rounding, not the float weights)")
     parser.add_argument("--dense-dtype", default="bf16",
-                        help="dense linears and lm_head: bf16 | int8 | int4, or a comma list (one variant each)")
+                        help="dense linears and lm_head: bf16 | int8 | int4 | q4_0 (Q4_0's rounding: the GGUF's own "
+                             "codes; what --cpu-kernel ggml decodes with), or a comma list (one variant each)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp32"],
                         help="our model's dtype (`hybrimoe generate --dtype`): activations, norms, KV cache, int4 "
                              "scales of torch's kernel; the GGUFs are written from bf16 weights either way")
 
 
-GGUF_DENSE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0"}  # ours -> the GGUF's matching dense type
+GGUF_DENSE = {"bf16": "F16", "int8": "Q8_0", "int4": "Q4_0", "q4_0": "Q4_0"}  # ours -> the GGUF's dense type
 
 
 def build_ours(args: argparse.Namespace, expert_dtype: str = "int4"):

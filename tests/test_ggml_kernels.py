@@ -214,3 +214,20 @@ def test_the_engine_gives_the_references_tokens_and_keeps_ggmls_copy_only(tiny_c
     for asymmetric in (None, "int4"):  # nothing int4; asymmetric int4 (ggml's Q4_1: slower than torch's)
         with pytest.raises(ConfigError, match="--expert-dtype q4_0"):
             Engine.from_pretrained(path, dtype="fp32", expert_dtype=asymmetric, cpu_kernel="ggml")
+
+
+@needs_ggml
+def test_ggmls_memory_goes_with_the_expert(monkeypatch) -> None:
+    import gc
+
+    from hybrimoe.moe.ggml_kernels import GgmlExpert
+    from hybrimoe.moe.ggml_lib import ggml_runtime
+
+    lib = ggml_runtime()
+    freed: list[int] = []
+    monkeypatch.setattr(lib, "free", lambda contexts, buffers: freed.append(len(contexts) + len(buffers)))
+    expert = GgmlExpert.build(expert_view(ExpertFormat.parse("q4_0", torch.float32, 32)))
+    expert.forward(torch.randn(1, 96))  # caches a one-token graph: its memory too
+    del expert
+    gc.collect()
+    assert sorted(freed) == [2, 2]  # weights (context, buffer) and the graph (context, buffer)

@@ -38,10 +38,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                           f"(default {DEFAULT_INT4_GROUP}); experts and dense linears alike")
     fmt.add_argument("--dense-dtype", choices=DENSE_DTYPES, default=None,
                      help="the decoder layers' linears (attention projections, dense MLPs, shared experts): "
-                          "int8 or int4, quantised at load and computed with the experts' kernels; "
-                          "default: the model's --dtype")
+                          "int8 or int4 (q4_0: int4 by Q4_0's symmetric rule, which --cpu-kernel ggml decodes "
+                          "with), quantised at load and computed with the experts' kernels; default: the model's --dtype")
     fmt.add_argument("--lm-head-dtype", choices=DENSE_DTYPES, default=None,
-                     help="the output projection: int8 or int4 (default: the model's --dtype)")
+                     help="the output projection: int8, int4 or q4_0 (default: the model's --dtype)")
     fmt.add_argument("--cpu-kernel", choices=CPU_KERNELS, default=None,
                      help="CPU int4 matmuls (experts and dense linears): torch's int4 kernel (default), "
                           "onnxruntime's MatMulNBits (int8 activations; faster, and its packed copy of the int4 "

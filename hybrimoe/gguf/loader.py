@@ -55,7 +55,7 @@ def load_gguf_model(path: str | os.PathLike, dtype: str | torch.dtype = "fp32",
     log.info("loaded GGUF %s (%s): %d layers, %d MoE layers x %d experts, experts %.1f MB in host memory",
              files.name, config.model_type, config.num_layers, len(config.moe_layers), config.num_experts,
              model.expert_store.nbytes / 1e6)
-    matrices = dense_int4_matrices(tensors, config) if "int4" in (dense_dtype, lm_head_dtype) else None
+    matrices = dense_int4_matrices(tensors, config) if {"int4", "q4_0"} & {dense_dtype, lm_head_dtype} else None
     quantize_dense(model, dense_dtype, lm_head_dtype, int4_group, matrices)  # Q4_0 codes kept as they are
     if torch.device(device).type != "cpu":
         model.to(device)

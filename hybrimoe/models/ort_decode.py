@@ -122,16 +122,47 @@ def _layer_graph(layer: nn.Module) -> tuple[_Graph, list[Any], list[Any]] | str:
     g = _Graph()
     f32 = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("x", f32, [1, hidden]),
-              helper.make_tensor_value_info("delta", f32, [1, hidden]),
-              helper.make_tensor_value_info("past_k", f32, [1, hkv, None, d]),
-              helper.make_tensor_value_info("past_v", f32, [1, hkv, None, d]),
-              helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
-              helper.make_tensor_value_info("total", TensorProto.INT32, []),
-              helper.make_tensor_value_info("cos", f32, [None, d // 2]),
-              helper.make_tensor_value_info("sin", f32, [None, d // 2])]
+              helper.make_tensor_value_info("delta", f32, [1, hidden])]
     a, _, _, r1 = g.op("SkipSimplifiedLayerNormalization", ["x", "delta", g.const("in_w", layer.input_layernorm.weight)],
                        ["a", "", "", "r1"], epsilon=layer.input_layernorm.eps)
     projected = g.matmul("qkv", a, qkv, [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias])  # [1, (Hq+2Hkv)D]
+    inputs += attention_inputs(hkv, d)
+    flat = attention_ops(g, attn, projected)                                                 # [1, Hq*D]
+    o = g.matmul("o", flat, o_weights, [attn.o_proj.bias])
+    g.op("SkipSimplifiedLayerNormalization", [o, r1, g.const("post_w", layer.post_attention_layernorm.weight)],
+         ["n", "", "", "r2"], epsilon=layer.post_attention_layernorm.eps)
+    outputs = [helper.make_tensor_value_info("r2", f32, [1, hidden]), helper.make_tensor_value_info("n", f32, [1, hidden])]
+    if isinstance(layer.mlp, MoEBlock):
+        g.op("MatMul", ["n", g.const("router_t", layer.mlp.gate.weight.t())], ["logits"])
+        outputs.append(helper.make_tensor_value_info("logits", f32, [1, layer.mlp.gate.weight.shape[0]]))
+    return g, inputs, outputs + attention_outputs(hkv, d)
+
+
+def attention_inputs(hkv: int, d: int) -> list[Any]:
+    """The cache, lengths and rotary tables an attention graph reads (fp32 cache [1, Hkv, max, D])."""
+    from onnx import TensorProto, helper
+
+    f32 = TensorProto.FLOAT
+    return [helper.make_tensor_value_info("past_k", f32, [1, hkv, None, d]),
+            helper.make_tensor_value_info("past_v", f32, [1, hkv, None, d]),
+            helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, []),
+            helper.make_tensor_value_info("cos", f32, [None, d // 2]),
+            helper.make_tensor_value_info("sin", f32, [None, d // 2])]
+
+
+def attention_outputs(hkv: int, d: int) -> list[Any]:
+    from onnx import TensorProto, helper
+
+    return [helper.make_tensor_value_info(name, TensorProto.FLOAT, [1, hkv, None, d])
+            for name in ("present_k", "present_v")]
+
+
+def attention_ops(g: _Graph, attn: Attention, projected: str) -> str:
+    """The attention of one token from its projected q/k/v [1, (Hq+2Hkv)D] (biases added): the family's q/k
+    norms and clip, GroupQueryAttention on the bound cache (rotary from our tables, the new k/v written in
+    place, Mistral's window); returns the name of its output [1, Hq*D]."""
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     sizes = g.const("qkv_sizes", np.array([hq * d, hkv * d, hkv * d], np.int64))
     q, k, v = g.op("Split", [projected, sizes], ["q0", "k0", "v0"], axis=-1)
     if attn.qk_norm == "full":
@@ -146,16 +177,7 @@ def _layer_graph(layer: nn.Module) -> tuple[_Graph, list[Any], list[Any]] | str:
     g.op("GroupQueryAttention", [q, k, v, "past_k", "past_v", "seqlens", "total", "cos", "sin"],
          ["attn", "present_k", "present_v"], num_heads=hq, kv_num_heads=hkv, scale=float(attn.scale),
          do_rotary=1, rotary_interleaved=0, local_window_size=attn.sliding_window or -1)
-    flat = g.op("Squeeze", ["attn", g.const("attn_axis", np.array([0], np.int64))], ["attn_2d"])[0]  # [1, Hq*D]
-    o = g.matmul("o", flat, o_weights, [attn.o_proj.bias])
-    g.op("SkipSimplifiedLayerNormalization", [o, r1, g.const("post_w", layer.post_attention_layernorm.weight)],
-         ["n", "", "", "r2"], epsilon=layer.post_attention_layernorm.eps)
-    outputs = [helper.make_tensor_value_info("r2", f32, [1, hidden]), helper.make_tensor_value_info("n", f32, [1, hidden])]
-    if isinstance(layer.mlp, MoEBlock):
-        g.op("MatMul", ["n", g.const("router_t", layer.mlp.gate.weight.t())], ["logits"])
-        outputs.append(helper.make_tensor_value_info("logits", f32, [1, layer.mlp.gate.weight.shape[0]]))
-    outputs += [helper.make_tensor_value_info(name, f32, [1, hkv, None, d]) for name in ("present_k", "present_v")]
-    return g, inputs, outputs
+    return g.op("Squeeze", ["attn", g.const("attn_axis", np.array([0], np.int64))], ["attn_2d"])[0]  # [1, Hq*D]
 
 
 def _bind(io: Any, name: str, tensor: torch.Tensor | np.ndarray, output: bool = False) -> None:
@@ -243,6 +265,10 @@ class OrtDecoder:
                 _bind(layer.io, "sin", self.sin)
                 layer.tables_bound = (self.cos.data_ptr(), self.sin.data_ptr(), self.cos.shape[0])
 
+    def run_layer(self, index: int, decode: DecodeLayer) -> None:
+        """Computes layer `index`'s r2, n and logits from its inputs (x: the previous r2 or the embedding)."""
+        decode.session.run_with_iobinding(decode.io)
+
     def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
         """The hidden state [1, H] (model dtype, before the final norm) of one token at position `start`,
         its keys/values written into `kv` at `start`."""
@@ -252,10 +278,10 @@ class OrtDecoder:
         dtype = model.dtype
         self.x.copy_(model.model.embed_tokens(input_ids))
         delta: torch.Tensor | None = None
-        for decode, layer in zip(self.layers, model.model.layers):
+        for i, (decode, layer) in enumerate(zip(self.layers, model.model.layers)):
             if delta is not None:
                 decode.delta.copy_(delta)
-            decode.session.run_with_iobinding(decode.io)
+            self.run_layer(i, decode)
             n = decode.n if dtype == torch.float32 else decode.n.to(dtype)
             delta = layer.mlp.from_logits(n, decode.logits) if decode.logits is not None else layer.mlp(n)
         assert delta is not None

@@ -32,7 +32,7 @@ from hybrimoe.policy.cost import CPU_FUSED_KERNEL_MAX_TOKENS
 
 log = logging.getLogger(__name__)
 
-DENSE_DTYPES = ("int8", "int4")  # None (the default): the model's own dtype
+DENSE_DTYPES = ("int8", "int4", "q4_0")  # None (the default): the model's own dtype; q4_0: symmetric int4
 KEEP_FLOAT = ("shared_expert_gate", "kv_b_proj")  # linears that stay in the model's dtype
 
 
@@ -77,7 +77,7 @@ class QuantLinear(nn.Module):
         if isinstance(w, torch.Tensor):
             if tuple(w.shape) != (n, k):
                 raise ConfigError(f"expected a [{n}, {k}] weight, got {tuple(w.shape)}")
-            w = quantize_int8(w) if self.fmt.name == "int8" else quantize_int4(w, self.group)
+            w = quantize_int8(w) if self.fmt.name == "int8" else quantize_int4(w, self.group, self.fmt.symmetric)
         if self.fmt.name == "int8":
             if not isinstance(w, Int8Matrix):
                 raise ConfigError(f"an int8 linear takes float or Int8Matrix weights, got {type(w).__name__}")
@@ -87,7 +87,7 @@ class QuantLinear(nn.Module):
         if not isinstance(w, Int4Matrix):
             raise ConfigError(f"an int4 linear takes float or Int4Matrix weights, got {type(w).__name__}")
         if w.group != self.group:
-            w = quantize_int4(w.dequantize(), self.group)
+            w = quantize_int4(w.dequantize(), self.group, self.fmt.symmetric)
         scale, zero = stored_scale_zero(w, self.scale.dtype)  # [N, K/g] each
         assert self.layout is not None
         self.q.copy_(self.layout.pack(w.q.to(torch.uint8).cpu()).to(self.q.device))
@@ -155,7 +155,7 @@ def quantize_dense(model: nn.Module, dense_dtype: str | None, lm_head_dtype: str
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         given = matrices.get(name)  # used only for the matching kind (an Int4Matrix for int4)
-        given = given if isinstance(given, Int4Matrix if fmt_name == "int4" else Int8Matrix) else None
+        given = given if isinstance(given, Int8Matrix if fmt_name == "int8" else Int4Matrix) else None
         setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), fmt, given))
     if jobs:
         log.info("dense linears: %d in %s, lm_head in %s", sum(n != "lm_head" for n, _ in jobs),

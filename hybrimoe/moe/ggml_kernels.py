@@ -101,7 +101,9 @@ class GgmlExpert:
         for tensor, blocks in ((gate_up, a), (down, b)):
             assert lib.ggml_nbytes(tensor) == blocks.nbytes
             lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
-        return cls(lib, ctx, buffer, gate_up, down, k_a, expert.intermediate, a.nbytes + b.nbytes)
+        built = cls(lib, ctx, buffer, gate_up, down, k_a, expert.intermediate, a.nbytes + b.nbytes)
+        lib.owner(built, [ctx], [buffer])  # freed with the expert
+        return built
 
     def _graph(self, tokens: int) -> _Graph:
         lib = self.lib
@@ -134,6 +136,7 @@ class GgmlExpert:
             if tokens == 1:
                 if self._decode is None:
                     self._decode = self._graph(1)
+                    self.lib.owner(self, [self._decode.ctx], [self._decode.buffer])
                 graph = self._decode
             else:
                 graph = self._graph(tokens)
@@ -148,12 +151,3 @@ class GgmlExpert:
                     self._free(graph)
         return y if x.dtype == torch.float32 else y.to(x.dtype)
 
-    def close(self) -> None:
-        """Frees ggml's memory of this expert (its weights and cached graph)."""
-        if self._decode is not None:
-            self._free(self._decode)
-            self._decode = None
-        if self.buffer:
-            self.lib.ggml_backend_buffer_free(self.buffer)
-            self.lib.ggml_free(self.ctx)
-            self.buffer = None

@@ -17,6 +17,7 @@ import importlib.util
 import logging
 import os
 import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,9 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {  # name -> (return type,
     "ggml_get_data": (P, (P,)),
     "ggml_mul_mat": (P, (P, P, P)),
     "ggml_swiglu": (P, (P, P)),
+    "ggml_add": (P, (P, P, P)),
+    "ggml_mul": (P, (P, P, P)),
+    "ggml_rms_norm": (P, (P, P, C.c_float)),
     "ggml_new_graph_custom": (P, (P, C.c_size_t, C.c_bool)),
     "ggml_build_forward_expand": (None, (P, P)),
     "ggml_threadpool_params_default": (ThreadpoolParams, (C.c_int,)),
@@ -138,6 +142,18 @@ class Ggml:
                 return extra[i]
             i += 1
         return None
+
+    def owner(self, obj: Any, contexts: list[Any], buffers: list[Any]) -> None:
+        """Frees `contexts` and `buffers` (lists the caller may still extend) when `obj` is garbage-collected."""
+        weakref.finalize(obj, self.free, contexts, buffers)
+
+    def free(self, contexts: list[Any], buffers: list[Any]) -> None:
+        for buffer in buffers:
+            self.ggml_backend_buffer_free(buffer)
+        for ctx in contexts:
+            self.ggml_free(ctx)
+        contexts.clear()
+        buffers.clear()
 
     def context(self, tensors: int, graph_nodes: int = 0) -> Any:
         """A ggml context holding the metadata of `tensors` tensors (and a graph of `graph_nodes`), no data."""

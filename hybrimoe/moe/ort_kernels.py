@@ -324,9 +324,13 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     if not switched:
         raise ConfigError("--cpu-kernel onnxruntime computes int4 weights; this model has none on the CPU "
                           "(add --expert-dtype int4 and/or --dense-dtype int4)")
-    if hasattr(model, "ort_decoder"):
+    if hasattr(model, "ort_decoder"):  # graphs per layer for decode tokens (None: the torch path)
         from hybrimoe.models.ort_decode import OrtDecoder
-        model.ort_decoder = OrtDecoder.build(model)  # one graph per layer for decode tokens (None: torch path)
+        decoder = None
+        if name == "ggml":  # matmuls on ggml when the dense weights are q4_0
+            from hybrimoe.models.ggml_decode import GgmlDecoder
+            decoder = GgmlDecoder.build(model)
+        model.ort_decoder = decoder or OrtDecoder.build(model)
     release_free_heap()
 
 

@@ -1,0 +1,128 @@
+"""The ggml decode graphs (`hybrimoe.models.ggml_decode`): q/k/v/o, norms and router on ggml around
+onnxruntime's attention, for `--cpu-kernel ggml` with `--dense-dtype q4_0`. Needs llama.cpp's libraries.
+
+- every GQA family (sliding window, q/k bias, per-head and full-width q/k norms, clip, dense MLP layers,
+  shared experts) gives the torch path's logits at every decode step, past Mixtral's window, when the torch
+  path computes its int4 matmuls as ggml does (`reference_matmul` of test_ggml_kernels);
+- the graphs really run (no torch attention during decode) and write the KV cache the torch path reads;
+- asymmetric int4 dense weights keep onnxruntime's decode graph and say why.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import cache
+
+import pytest
+import torch
+
+from hybrimoe.config import ModelConfig
+from hybrimoe.loader import build_dummy_model
+from hybrimoe.models.attention import Attention
+from hybrimoe.models.layers import RMSNorm
+from hybrimoe.models.quant_linear import QuantLinear
+from hybrimoe.moe.ggml_lib import ggml_available
+from hybrimoe.moe.kernels import Int4View
+from hybrimoe.tiny import tiny_config
+from test_ggml_kernels import reference_matmul
+
+pytest.importorskip("onnxruntime", reason="the attention runs on onnxruntime")
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(not ggml_available(), reason="llama.cpp's ggml libraries (pip install "
+                                 "llama-cpp-python) are not installed")]
+
+GQA_FAMILIES = ("mixtral", "qwen2-moe", "qwen3-moe", "olmoe")
+PROMPT = [5, 17, 42, 9, 77, 3, 120, 64]
+STEPS = 24  # decode tokens after PROMPT: positions 8..31 cross Mixtral's tiny window of 24
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).abs().max() / b.float().abs().max())
+
+
+@cache
+def built(family: str, dense: str = "q4_0") -> torch.nn.Module:
+    """A tiny q4_0 model on ggml (Qwen3's tiny head dim of 24 set to 32: GQA's rotary needs a multiple of 16).
+    Its dense linears then drop their onnxruntime sessions, so that the torch path computes them through
+    Int4View.matmul (the `reference` fixture makes that ggml's numerics)."""
+    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+
+    overrides = {"qwen3-moe": {"head_dim": 32}, "olmoe": {"clip_qkv": 0.5}}.get(family)  # a clip that binds
+    config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=2, hidden=64,
+                                               overrides=overrides).to_dict())
+    model = build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense)
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):  # each its own weights (not ones)
+            norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
+    apply_cpu_kernel(model, "ggml", progress=False)
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.ort = None
+        if isinstance(module, Attention):
+            module.qkv = None
+    return model
+
+
+@pytest.fixture
+def reference(monkeypatch):
+    monkeypatch.setattr(Int4View, "matmul", lambda self, x: reference_matmul(x, self).to(x.dtype))
+
+
+def decode_logits(model, graph: bool, max_tokens: int = 40) -> torch.Tensor:
+    """Logits [STEPS, V] of STEPS teacher-forced decode tokens after PROMPT, with or without the graphs."""
+    decoder = model.ort_decoder
+    model.ort_decoder = decoder if graph else None
+    try:
+        kv = model.new_kv_cache(max_tokens)
+        model(torch.tensor(PROMPT), 0, kv)
+        tokens = [(7 * i + 3) % 256 for i in range(STEPS)]
+        return torch.cat([model(torch.tensor([t]), len(PROMPT) + i, kv) for i, t in enumerate(tokens)])
+    finally:
+        model.ort_decoder = decoder
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, reference, monkeypatch) -> None:
+    from hybrimoe.models.ggml_decode import GgmlDecoder
+
+    model = built(family)
+    assert isinstance(model.ort_decoder, GgmlDecoder)
+    want = decode_logits(model, graph=False)
+    calls = []
+    forward = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    got = decode_logits(model, graph=True)
+    assert len(calls) == len(model.model.layers)  # the prompt only: every decode token ran the graphs
+    assert rel(got, want) <= 1e-4, family
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+def test_the_cache_the_graphs_write_is_the_torch_paths(reference) -> None:
+    """Graph decode tokens, then a 3-token forward (torch path) over that cache; a rewind; a first token
+    decoded into an empty cache: all equal the torch path's."""
+    model = built("qwen2-moe")
+
+    def run(graph: bool) -> torch.Tensor:
+        decoder, model.ort_decoder = model.ort_decoder, (model.ort_decoder if graph else None)
+        try:
+            kv = model.new_kv_cache(32)
+            out = [model(torch.tensor([11]), 0, kv)]                        # decode into an empty cache
+            out += [model(torch.tensor([t]), 1 + i, kv) for i, t in enumerate([4, 9, 250])]
+            out.append(model(torch.tensor([8, 1, 30]), 4, kv))             # a prompt chunk reads it
+            out.append(model(torch.tensor([99]), 2, kv))                    # rewind to 2 cached tokens
+            out.append(model(torch.tensor([5]), 3, kv))
+            return torch.cat(out)
+        finally:
+            model.ort_decoder = decoder
+
+    assert rel(run(True), run(False)) <= 1e-4
+
+
+def test_asymmetric_int4_dense_weights_keep_onnxruntimes_graph(caplog) -> None:
+    from hybrimoe.models.ort_decode import OrtDecoder
+
+    with caplog.at_level(logging.INFO):
+        model = built("mixtral", "int4")
+    assert type(model.ort_decoder) is OrtDecoder
+    assert "--dense-dtype q4_0" in caplog.text
