@@ -12,7 +12,8 @@ runs on a CPU-only machine without runtime flags). Parts, each summed over the l
   experts     the executor: grouping, routed expert matmuls, combine
   lm_head     the output projection
   layer_graphs  with --cpu-kernel onnxruntime: the per-layer decode graphs (hybrimoe.models.ort_decode:
-              norms, q/k/v/o, attention, router logits in one onnxruntime run per layer); attn_proj,
+              norms, q/k/v/o, attention, router logits in one onnxruntime run per layer; with --cpu-kernel
+              ggml and --dense-dtype q4_0 one ggml graph per layer, hybrimoe.models.ggml_decode); attn_proj,
               attn_core and router are then absent, norms is the final norm only, routing is in "other"
               (--no-decode-graph: the torch path around the kernels)
   other       the token's wall time minus all of the above (embedding, residual adds, Python between)
@@ -89,22 +90,18 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
         if isinstance(module, RMSNorm):
             _timed(times, on, "norms", module)
     _timed(times, on, "lm_head", model.lm_head)
-    for layer in (model.ort_decoder.layers if model.ort_decoder is not None else []):
-        layer.session = _TimedSession(layer.session, times, on)
+    decoder = model.ort_decoder
+    if decoder is not None:  # its per-layer graphs (onnxruntime's or ggml's), timed around run_layer
+        run_layer = decoder.run_layer
+
+        def timed(index: int, layer) -> None:
+            t0 = time.perf_counter()
+            run_layer(index, layer)
+            if on["on"]:
+                times["layer_graphs"] += time.perf_counter() - t0
+
+        decoder.run_layer = timed
     return times, on
-
-
-class _TimedSession:
-    """An onnxruntime session whose run_with_iobinding adds its wall time to times["layer_graphs"]."""
-
-    def __init__(self, session, times: dict[str, float], on: dict[str, bool]) -> None:
-        self.session, self.times, self.on = session, times, on
-
-    def run_with_iobinding(self, io) -> None:
-        t0 = time.perf_counter()
-        self.session.run_with_iobinding(io)
-        if self.on["on"]:
-            self.times["layer_graphs"] += time.perf_counter() - t0
 
 
 def decode(model, prompt: list[int], new: int, on: dict[str, bool] | None = None) -> list[float]:

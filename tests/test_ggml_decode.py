@@ -1,9 +1,11 @@
-"""The ggml decode graphs (`hybrimoe.models.ggml_decode`): q/k/v/o, norms and router on ggml around
-onnxruntime's attention, for `--cpu-kernel ggml` with `--dense-dtype q4_0`. Needs llama.cpp's libraries.
+"""The ggml decode graphs (`hybrimoe.models.ggml_decode`): a GQA layer's whole decode token (q/k/v/o,
+norms, rotary, attention on our KV cache, router) as one ggml graph, for `--cpu-kernel ggml` with
+`--dense-dtype q4_0`. Needs llama.cpp's libraries.
 
 - every GQA family (sliding window, q/k bias, per-head and full-width q/k norms, clip, dense MLP layers,
-  shared experts) gives the torch path's logits at every decode step, past Mixtral's window, when the torch
-  path computes its int4 matmuls as ggml does (`reference_matmul` of test_ggml_kernels);
+  shared experts, Qwen3's head dim of 24) gives the torch path's logits at every decode step, past Mixtral's
+  window, when the torch path computes its int4 matmuls as ggml does (`reference_matmul` of
+  test_ggml_kernels), with the attended length rounded to the cache's capacity or to small chunks;
 - the graphs really run (no torch attention during decode) and write the KV cache the torch path reads;
 - asymmetric int4 dense weights keep onnxruntime's decode graph and say why.
 """
@@ -26,7 +28,6 @@ from hybrimoe.moe.kernels import Int4View
 from hybrimoe.tiny import tiny_config
 from test_ggml_kernels import reference_matmul
 
-pytest.importorskip("onnxruntime", reason="the attention runs on onnxruntime")
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
               pytest.mark.skipif(not ggml_available(), reason="llama.cpp's ggml libraries (pip install "
                                  "llama-cpp-python) are not installed")]
@@ -42,12 +43,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @cache
 def built(family: str, dense: str = "q4_0") -> torch.nn.Module:
-    """A tiny q4_0 model on ggml (Qwen3's tiny head dim of 24 set to 32: GQA's rotary needs a multiple of 16).
-    Its dense linears then drop their onnxruntime sessions, so that the torch path computes them through
-    Int4View.matmul (the `reference` fixture makes that ggml's numerics)."""
+    """A tiny q4_0 model on ggml. Its dense linears then drop their onnxruntime sessions (where onnxruntime is
+    installed), so that the torch path computes them through Int4View.matmul (the `reference` fixture makes
+    that ggml's numerics)."""
     from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
-    overrides = {"qwen3-moe": {"head_dim": 32}, "olmoe": {"clip_qkv": 0.5}}.get(family)  # a clip that binds
+    overrides = {"olmoe": {"clip_qkv": 0.5}}.get(family)  # a clip that binds
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=2, hidden=64,
                                                overrides=overrides).to_dict())
     model = build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense)
@@ -82,11 +83,15 @@ def decode_logits(model, graph: bool, max_tokens: int = 40) -> torch.Tensor:
         model.ort_decoder = decoder
 
 
-@pytest.mark.parametrize("family", GQA_FAMILIES)
-def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, reference, monkeypatch) -> None:
+@pytest.mark.parametrize("family,chunk", [(f, 256) for f in GQA_FAMILIES] + [("mixtral", 8), ("qwen3-moe", 8)])
+def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, reference, monkeypatch) -> None:
+    """chunk 256: every graph attends to the whole (40-token) cache; 8: to 16, 24, 32, 40 rows as it fills."""
+    from hybrimoe.models import ggml_decode
     from hybrimoe.models.ggml_decode import GgmlDecoder
 
+    monkeypatch.setattr(ggml_decode, "KV_CHUNK", chunk)
     model = built(family)
+    model.ort_decoder._unbind()  # graphs built for this chunk
     assert isinstance(model.ort_decoder, GgmlDecoder)
     want = decode_logits(model, graph=False)
     calls = []
@@ -122,6 +127,7 @@ def test_the_cache_the_graphs_write_is_the_torch_paths(reference) -> None:
 def test_asymmetric_int4_dense_weights_keep_onnxruntimes_graph(caplog) -> None:
     from hybrimoe.models.ort_decode import OrtDecoder
 
+    pytest.importorskip("onnxruntime", reason="its decode graph")
     with caplog.at_level(logging.INFO):
         model = built("mixtral", "int4")
     assert type(model.ort_decoder) is OrtDecoder

@@ -4,9 +4,10 @@ Without llama.cpp's libraries (CI: llama-cpp-python takes ~15 minutes to build) 
 ggml run: the Q4_0 quantiser gives the gguf package's Q4_0 codes and scales; our blocks, decoded by the gguf
 package's own Q4_0 reader, are the store's weights (asymmetric int4 has none); the flag names the fix when
 the libraries are missing. With them (`pip install llama-cpp-python`):
-- one expert (repacked Q4_0), 1 and 5 tokens, equals a plain fp32 re-implementation of what ggml computes
-  (activations rounded to Q8_0 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
-- tiny models of every family equal that reference, and every placement preset gives the plain engine's
+- one expert (repacked Q4_0), and one q4_0 dense linear, 1 and 5 tokens, equal a plain fp32 re-implementation
+  of what ggml computes (activations rounded to Q8_0 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
+- tiny models of every family equal that reference (also with q4_0 dense weights and lm_head on ggml), and
+  every placement preset gives the plain engine's
   logits while the hybrid runtime's CPU side runs ggml;
 - the engine's greedy tokens equal the reference's, and a CPU-only engine keeps ggml's copy only.
 """
@@ -137,6 +138,24 @@ def test_one_expert_equals_the_reference(tokens) -> None:
     assert expert.forward(x.bfloat16()).dtype == torch.bfloat16
 
 
+@needs_ggml
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_one_linear_equals_the_reference(tokens) -> None:
+    """A q4_0 dense linear on ggml (`QuantLinear.use_ggml`), group 64 (two Q4_0 blocks per scale)."""
+    from hybrimoe.models.quant_linear import QuantLinear
+    from hybrimoe.moe.ggml_kernels import GgmlMatmul
+
+    linear = torch.nn.Linear(128, 40, bias=True)
+    quant = QuantLinear.from_linear(linear, ExpertFormat.parse("q4_0", torch.float32, 64))
+    assert quant.use_ggml() and isinstance(quant.ort, GgmlMatmul)
+    for seed in range(3):
+        x = torch.randn(tokens, 128, generator=torch.Generator().manual_seed(seed))
+        want = reference_matmul(x, quant.view()) + quant.bias
+        assert rel(quant(x), want) <= 1e-5
+    asymmetric = QuantLinear.from_linear(linear, ExpertFormat.parse("int4", torch.float32, 64))
+    assert not asymmetric.use_ggml() and asymmetric.ort is None
+
+
 @pytest.fixture
 def reference_int4(monkeypatch):
     """torch's int4 path computes what the ggml kernel computes (Q8-rounded activations)."""
@@ -144,10 +163,11 @@ def reference_int4(monkeypatch):
 
 
 @cache
-def dummy(family: str) -> torch.nn.Module:
+def dummy(family: str, dense: str | None = None) -> torch.nn.Module:
     top_k = 3 if family.startswith("deepseek") else 2
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=top_k, hidden=64).to_dict())
-    return build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0")
+    return build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense,
+                             lm_head_dtype=dense)
 
 
 def prefill_and_decode(model, prompt=PROMPT) -> torch.Tensor:
@@ -158,18 +178,24 @@ def prefill_and_decode(model, prompt=PROMPT) -> torch.Tensor:
 
 
 @needs_ggml
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_family_equals_the_reference_with_ggml(family: str, reference_int4) -> None:
-    from hybrimoe.moe.ggml_kernels import GgmlExpert
+@pytest.mark.parametrize("family,dense", [(f, None) for f in FAMILIES] + [("qwen2-moe", "q4_0"), ("deepseek-v2", "q4_0")])
+def test_every_family_equals_the_reference_with_ggml(family: str, dense: str | None, reference_int4) -> None:
+    """Experts on ggml; with q4_0 dense weights and lm_head every such linear on ggml too (prompt and decode;
+    the GQA family's decode token as ggml_decode's graphs, MLA's through the torch path)."""
+    from hybrimoe.models.quant_linear import QuantLinear
+    from hybrimoe.moe.ggml_kernels import GgmlExpert, GgmlMatmul
     from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
-    want = prefill_and_decode(dummy(family))  # torch path, reference numerics
-    model = copy.deepcopy(dummy(family))
+    want = prefill_and_decode(dummy(family, dense))  # torch path, reference numerics
+    model = copy.deepcopy(dummy(family, dense))
     apply_cpu_kernel(model, "ggml", progress=False)
     store = model.expert_store
     assert store.cpu_kernel == "ggml"
     assert all(isinstance(store.expert(layer, e), GgmlExpert) for layer in store.layers
                for e in range(store.config.num_experts))
+    linears = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert bool(linears) == (dense is not None) and isinstance(model.lm_head, QuantLinear) == (dense is not None)
+    assert all(isinstance(m.ort, GgmlMatmul) for m in linears)
     assert rel(prefill_and_decode(model), want) <= 1e-4, family
 
 

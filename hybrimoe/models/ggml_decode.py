@@ -1,25 +1,32 @@
-"""One decode token of a GQA decoder layer with its matmuls on ggml (`--cpu-kernel ggml`, CPU only).
+"""One decode token of a GQA decoder layer as ONE ggml graph (`--cpu-kernel ggml`, CPU only).
 
 The onnxruntime decode graph (hybrimoe.models.ort_decode) computes q/k/v/o with MatMulNBits, which on the
 2-vCPU Zen 4 reads int4 at ~10-15 GB/s against ~30 for ggml's repacked Q4_0 kernels. With dense weights in
-q4_0 (`--dense-dtype q4_0`: symmetric int4, ggml's Q4_0 blocks) each layer's token runs as
+q4_0 (`--dense-dtype q4_0`: symmetric int4, ggml's Q4_0 blocks) each layer's token runs as one graph
 
-    ggml  pre   r1 = x + delta;  a = RMSNorm_in(r1);  qkv = a @ [Wq; Wk; Wv]^T (+ b)
-    onnx  attn  the family's q/k norms and clip, GroupQueryAttention on our KV cache (ort_decode.attention_ops)
-    ggml  post  r2 = r1 + attn @ Wo^T;  n = RMSNorm_post(r2);  logits = n @ Wr^T (fp32 router)
+    r1 = x + delta;  a = RMSNorm_in(r1);  q, k, v = a @ [Wq; Wk; Wv]^T (+ b)
+    the family's q/k norms and clip;  q, k rotated by our own cos/sin tables (rotate-half pairs)
+    k, v written into our KV cache at the position (ggml_set_rows, in place)
+    attn = softmax(q k^T * scale + mask) v over the cache (ggml_flash_attn_ext; mask: causal + window)
+    r2 = r1 + attn @ Wo^T;  n = RMSNorm_post(r2);  logits = n @ Wr^T (fp32 router)
 
-with every buffer shared in place (onnxruntime reads qkv from and writes attn into ggml's tensors). Routing,
-experts and dense MLPs stay where OrtDecoder leaves them (torch, the executor). Numerics: the int4 matmuls
-round their input to Q8_0 per 32 (hybrimoe.moe.ggml_kernels); norms and the router are fp32 (ggml's
-rms_norm sums squares in double). Memory: ggml holds a Q4_0 copy of q/k/v/o (logged), next to the
-onnxruntime sessions that prompts use.
+x is the previous layer's r2 tensor (or the embedding), delta the previous layer's MoE output, written by
+torch into ggml's memory; r2, n and logits are copied into tensors whose memory torch reads in place.
+Routing, experts and dense MLPs stay where OrtDecoder leaves them (torch, the executor).
+
+The attended cache length is the position rounded up to KV_CHUNK (llama.cpp pads its KV view the same
+way): one graph per layer and chunk count, built when first needed; masked positions are skipped by
+flash attention's -inf test. Numerics: the int4 matmuls round their input to Q8_0 per 32
+(hybrimoe.moe.ggml_kernels); norms, rotary, attention and the router are fp32 (ggml's rms_norm sums
+squares in double; its flash attention accumulates in fp32 with an online softmax). Memory: ggml holds a
+Q4_0 copy of q/k/v/o (logged), next to the kernels' copies that prompts use; the KV cache is shared.
 """
 
 from __future__ import annotations
 
 import ctypes as C
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -27,15 +34,18 @@ import torch
 from torch import nn
 
 from hybrimoe.models.attention import Attention
-from hybrimoe.models.ort_decode import (DecodeLayer, OrtDecoder, _bind, _Graph, attention_inputs, attention_ops,
-                                        attention_outputs)
+from hybrimoe.models.kv_cache import KVCache
+from hybrimoe.models.ort_decode import DecodeLayer, OrtDecoder
 from hybrimoe.models.quant_linear import QuantLinear
-from hybrimoe.moe import ort_kernels
 from hybrimoe.moe.ggml_kernels import REPACK_ROWS, q4_0_blocks
-from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_Q4_0, Ggml, ggml_runtime
+from hybrimoe.moe.ggml_lib import (BUFFER_USAGE_WEIGHTS, GGML_F16, GGML_F32, GGML_I64, GGML_Q4_0, Ggml,
+                                   ggml_runtime)
 from hybrimoe.moe.layer import MoEBlock
 
 log = logging.getLogger(__name__)
+
+KV_CHUNK = 256  # tokens: the attended cache length is a multiple of this (one graph per multiple)
+F32 = 4  # bytes
 
 
 def _blocks(linear: nn.Module) -> np.ndarray | None:
@@ -44,19 +54,50 @@ def _blocks(linear: nn.Module) -> np.ndarray | None:
     return q4_0_blocks(linear.view())
 
 
+def _floats(view: Any, shape: tuple[int, ...], lib: Ggml) -> np.ndarray:
+    """A numpy view of an allocated fp32 ggml tensor (torch reads and writes ggml's memory in place)."""
+    return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(view), C.POINTER(C.c_float)), shape)
+
+
 @dataclass
 class _Layer:
-    """One layer's ggml graphs and the numpy views of its activation tensors (fp32)."""
-    contexts: list[Any]  # ggml contexts (weights, activations) and buffers, kept alive
-    buffers: list[Any]
-    pre: Any  # graph: x, delta -> r1, qkv
-    post: Any  # graph: attn, r1 -> r2, n, logits
-    x: np.ndarray  # [1, H]
-    views: dict[str, np.ndarray]  # delta, qkv, attn, r2, n [, logits]
+    """One layer's weights (ggml tensors), its stable input/output tensors and their numpy views."""
+    attn: Attention
+    eps: tuple[float, float]  # input / post-attention RMSNorm
+    w_qkv: Any  # Q4_0 [(Hq+2Hkv)D rows, H]
+    w_o: Any  # Q4_0 [H rows, Hq*D]
+    floats: dict[str, Any]  # in_w, post_w [H]; qkv_b; q_norm, k_norm; router [E rows, H]
+    io: dict[str, Any]  # delta, r2, n [H]; logits [E]
+    views: dict[str, np.ndarray]  # the same, [1, width] fp32
 
 
-def _layer(lib: Ggml, layer: nn.Module) -> tuple[_Layer, int] | str:
-    """The ggml graphs of one decoder layer (and the Q4_0 bytes they hold), or why it has none."""
+@dataclass
+class _Shared:
+    """Per-token inputs every layer's graph reads: the rotary row, the position, the attention mask."""
+    cos: Any  # F32 [D/2]
+    sin: Any
+    position: Any  # I64 [1]: the cache row written
+    mask: Any  # F16 [max_tokens]: 0 where attended, -inf elsewhere
+    cos_view: np.ndarray
+    sin_view: np.ndarray
+    position_view: np.ndarray
+    mask_view: np.ndarray
+
+
+@dataclass
+class _Bound:
+    """The KV cache the graphs are built on: per layer (k, v) as ggml tensors over torch's memory."""
+    key: tuple[int, ...]
+    tensors: list[tuple[Any, Any]]
+    keep: list[torch.Tensor]  # torch's buffers, kept alive while ggml reads them
+    graphs: dict[int, list[Any]] = field(default_factory=dict)  # attended length -> graph per layer
+    contexts: list[Any] = field(default_factory=list)
+    buffers: list[Any] = field(default_factory=list)
+
+
+def _layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any]) -> tuple[_Layer, int] | str:
+    """One layer's weights and stable tensors in ggml (appended to contexts/buffers), and its Q4_0 bytes;
+    or why it cannot run as a ggml graph."""
     attn = layer.self_attn
     if not isinstance(attn, Attention):
         return f"{type(attn).__name__} attention"
@@ -66,8 +107,8 @@ def _layer(lib: Ggml, layer: nn.Module) -> tuple[_Layer, int] | str:
         return "q/k/v/o projections not symmetric int4 on the CPU (--dense-dtype q4_0)"
     if attn.o_proj.bias is not None:
         return "an o_proj bias (no supported family has one)"
-    if attn.head_dim % 16:
-        return f"head dim {attn.head_dim}: GroupQueryAttention's rotary needs a multiple of 16"
+    if attn.head_dim % 2:
+        return f"head dim {attn.head_dim}: rotary pairs need an even one"
     qkv_blocks = np.concatenate(parts)  # [(Hq+2Hkv)D, H/32, 18]
     hidden, width = attn.o_proj.out_features, attn.o_proj.in_features
     rows = qkv_blocks.shape[0]
@@ -76,81 +117,112 @@ def _layer(lib: Ggml, layer: nn.Module) -> tuple[_Layer, int] | str:
     f32 = {"in_w": layer.input_layernorm.weight, "post_w": layer.post_attention_layernorm.weight}
     if all(b is not None for b in biases):
         f32["qkv_b"] = torch.cat([b.float() for b in biases if b is not None])
+    if attn.qk_norm in ("head", "full"):
+        f32["q_norm"], f32["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
     if experts:
         f32["router"] = layer.mlp.gate.weight  # [E, H]
-    # weights: Q4_0 in the repack buffer, fp32 in a plain one
-    wq = lib.context(2)
+    # weights: Q4_0 in the repack buffer, fp32 in a plain one; then the stable activations
+    wq, wf, io_ctx = lib.context(2), lib.context(len(f32)), lib.context(4)
+    contexts += [wq, wf, io_ctx]
     w_qkv = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, hidden, rows)
     w_o = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, width, hidden)
     repack = lib.repack_buffer_type is not None and rows % REPACK_ROWS == 0 and hidden % REPACK_ROWS == 0
-    wf = lib.context(len(f32))
-    floats = {}
+    floats, arrays = {}, {}
     for name, t in f32.items():
-        t = t.detach().float().contiguous()
-        floats[name] = (lib.ggml_new_tensor_2d(wf, GGML_F32, t.shape[-1], t.shape[0] if t.dim() == 2 else 1),
-                        t.numpy())
-    buffers = [lib.ggml_backend_alloc_ctx_tensors_from_buft(wq, lib.repack_buffer_type if repack else lib.cpu_buffer_type),
-               lib.ggml_backend_alloc_ctx_tensors_from_buft(wf, lib.cpu_buffer_type)]
-    if not all(buffers):
-        raise MemoryError("ggml could not allocate a decoder layer's weights")
-    lib.ggml_backend_buffer_set_usage(buffers[0], BUFFER_USAGE_WEIGHTS)
-    for tensor, array in [(w_qkv, qkv_blocks), (w_o, o_blocks), *floats.values()]:
+        arrays[name] = t.detach().float().contiguous().numpy()
+        floats[name] = lib.ggml_new_tensor_2d(wf, GGML_F32, t.shape[-1], t.shape[0] if t.dim() == 2 else 1)
+    widths = {"delta": hidden, "r2": hidden, "n": hidden} | ({"logits": experts} if experts else {})
+    io = {name: lib.ggml_new_tensor_2d(io_ctx, GGML_F32, w, 1) for name, w in widths.items()}
+    for ctx, buft in ((wq, lib.repack_buffer_type if repack else lib.cpu_buffer_type), (wf, lib.cpu_buffer_type),
+                      (io_ctx, lib.cpu_buffer_type)):
+        buffers.append(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft))
+        if not buffers[-1]:
+            raise MemoryError("ggml could not allocate a decoder layer's weights")
+    lib.ggml_backend_buffer_set_usage(buffers[-3], BUFFER_USAGE_WEIGHTS)
+    for tensor, array in [(w_qkv, qkv_blocks), (w_o, o_blocks)] + [(floats[k], arrays[k]) for k in floats]:
         assert lib.ggml_nbytes(tensor) == array.nbytes
         lib.ggml_backend_tensor_set(tensor, np.ascontiguousarray(array).ctypes.data, 0, array.nbytes)
-    # activations: one context, two graphs
-    ctx = lib.context(24, graph_nodes=32)
-    x = lib.ggml_new_tensor_2d(ctx, GGML_F32, hidden, 1)
-    delta = lib.ggml_new_tensor_2d(ctx, GGML_F32, hidden, 1)
-    attn_in = lib.ggml_new_tensor_2d(ctx, GGML_F32, width, 1)
-    r1 = lib.ggml_add(ctx, x, delta)
-    a = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r1, float(layer.input_layernorm.eps)), floats["in_w"][0])
-    qkv = lib.ggml_mul_mat(ctx, w_qkv, a)
-    if "qkv_b" in floats:
-        qkv = lib.ggml_add(ctx, qkv, floats["qkv_b"][0])
-    o = lib.ggml_mul_mat(ctx, w_o, attn_in)
-    r2 = lib.ggml_add(ctx, r1, o)
-    n = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, float(layer.post_attention_layernorm.eps)), floats["post_w"][0])
-    logits = lib.ggml_mul_mat(ctx, floats["router"][0], n) if experts else None
-    pre, post = lib.ggml_new_graph_custom(ctx, 16, False), lib.ggml_new_graph_custom(ctx, 16, False)
-    lib.ggml_build_forward_expand(pre, qkv)
-    for out in (r2, n) + ((logits,) if logits is not None else ()):
-        lib.ggml_build_forward_expand(post, out)
-    buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
-    if not buffers[-1]:
-        raise MemoryError("ggml could not allocate a decoder layer's activations")
-
-    def view(tensor: Any, width: int) -> np.ndarray:
-        return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)), (1, width))
-
-    views = {"delta": view(delta, hidden), "qkv": view(qkv, rows), "attn": view(attn_in, width),
-             "r2": view(r2, hidden), "n": view(n, hidden)}
-    if logits is not None:
-        views["logits"] = view(logits, experts)
+    views = {name: _floats(t, (1, widths[name]), lib) for name, t in io.items()}
     for array in views.values():
         array[...] = 0  # ggml's memory comes uninitialised; layer 0's delta is read as zeros
-    return _Layer([wq, wf, ctx], buffers, pre, post, view(x, hidden), views), qkv_blocks.nbytes + o_blocks.nbytes
+    eps = (float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps))
+    return _Layer(attn, eps, w_qkv, w_o, floats, io, views), qkv_blocks.nbytes + o_blocks.nbytes
 
 
-def _attention_session(attn: Attention, rows: int) -> Any:
-    from onnx import TensorProto, helper
+def _rotate(lib: Ggml, ctx: Any, x: Any, shared: _Shared, d: int, heads: int) -> Any:
+    """x [D, heads] (contiguous) rotated by the position's cos/sin [D/2]: [x1 c - x2 s | x2 c + x1 s]."""
+    half = d // 2
+    x1 = lib.ggml_view_2d(ctx, x, half, heads, d * F32, 0)
+    x2 = lib.ggml_view_2d(ctx, x, half, heads, d * F32, half * F32)
+    first = lib.ggml_sub(ctx, lib.ggml_mul(ctx, x1, shared.cos), lib.ggml_mul(ctx, x2, shared.sin))
+    second = lib.ggml_add(ctx, lib.ggml_mul(ctx, x2, shared.cos), lib.ggml_mul(ctx, x1, shared.sin))
+    return lib.ggml_concat(ctx, first, second, 0)
 
-    g = _Graph()
-    flat = attention_ops(g, attn, "qkv")
-    inputs = [helper.make_tensor_value_info("qkv", TensorProto.FLOAT, [1, rows])]
-    inputs += attention_inputs(attn.num_kv_heads, attn.head_dim)
-    outputs = [helper.make_tensor_value_info(flat, TensorProto.FLOAT, [1, attn.num_heads * attn.head_dim])]
-    outputs += attention_outputs(attn.num_kv_heads, attn.head_dim)
-    return ort_kernels.graph_session(g.nodes, g.inits, g.feeds, inputs, outputs), flat
+
+def _graph(lib: Ggml, w: _Layer, x: Any, kv: tuple[Any, Any], shared: _Shared, length: int,
+           capacity: int, owned: _Bound) -> Any:
+    """Layer `w`'s graph attending to the first `length` cache rows (of `capacity`); x: its input [H]."""
+    attn = w.attn
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    ctx = lib.context(96, graph_nodes=96)
+    owned.contexts.append(ctx)
+    f = w.floats
+    r1 = lib.ggml_add(ctx, x, w.io["delta"])
+    a = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r1, w.eps[0]), f["in_w"])
+    qkv = lib.ggml_mul_mat(ctx, w.w_qkv, a)
+    if "qkv_b" in f:
+        qkv = lib.ggml_add(ctx, qkv, f["qkv_b"])
+    q = lib.ggml_view_1d(ctx, qkv, hq * d, 0)
+    k = lib.ggml_view_1d(ctx, qkv, hkv * d, hq * d * F32)
+    v = lib.ggml_view_1d(ctx, qkv, hkv * d, (hq + hkv) * d * F32)
+    norm_eps = float(attn.q_norm.eps) if attn.qk_norm in ("head", "full") else 0.0
+    if attn.qk_norm == "full":
+        q = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, q, norm_eps), f["q_norm"])
+        k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
+    if attn.clip is not None:
+        q, k, v = (lib.ggml_clamp(ctx, t, -float(attn.clip), float(attn.clip)) for t in (q, k, v))
+    q, k = lib.ggml_reshape_2d(ctx, q, d, hq), lib.ggml_reshape_2d(ctx, k, d, hkv)
+    if attn.qk_norm == "head":
+        q = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, q, norm_eps), f["q_norm"])
+        k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
+    q, k = _rotate(lib, ctx, q, shared, d, hq), _rotate(lib, ctx, k, shared, d, hkv)
+    cache = [lib.ggml_set_rows(ctx, kv[i], lib.ggml_reshape_3d(ctx, t, d, 1, hkv), shared.position)
+             for i, t in enumerate((k, v))]  # the new row written in place; views of the cache after it
+    keys, values = (lib.ggml_view_3d(ctx, c, d, length, hkv, d * F32, capacity * d * F32, 0) for c in cache)
+    mask = lib.ggml_view_2d(ctx, shared.mask, length, 1, length * 2, 0)
+    out = lib.ggml_flash_attn_ext(ctx, lib.ggml_reshape_3d(ctx, q, d, 1, hq), keys, values, mask,
+                                  float(attn.scale), 0.0, 0.0)  # [D, Hq, 1]
+    o = lib.ggml_mul_mat(ctx, w.w_o, lib.ggml_reshape_2d(ctx, out, hq * d, 1))
+    r2 = lib.ggml_add(ctx, r1, o)
+    n = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, w.eps[1]), f["post_w"])
+    graph = lib.ggml_new_graph_custom(ctx, 96, False)
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, r2, w.io["r2"]))
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, n, w.io["n"]))
+    if "logits" in w.io:
+        lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, lib.ggml_mul_mat(ctx, f["router"], n), w.io["logits"]))
+    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
+    if not owned.buffers[-1]:
+        raise MemoryError("ggml could not allocate a decoder layer's activations")
+    return graph
 
 
 class GgmlDecoder(OrtDecoder):
-    """OrtDecoder with each layer's matmuls on ggml: `run_layer` = ggml pre, onnxruntime attention, ggml post."""
+    """OrtDecoder whose `run_layer` computes a layer's whole token (projections, attention, router) as one
+    ggml graph; no onnxruntime session."""
 
-    def __init__(self, model: nn.Module, layers: list[DecodeLayer], x: torch.Tensor, lib: Ggml,
-                 ggml_layers: list[_Layer]) -> None:
-        super().__init__(model, layers, x)
-        self.lib, self.ggml_layers = lib, ggml_layers
-        self.x_view = x.numpy()
+    def __init__(self, model: nn.Module, lib: Ggml, ggml_layers: list[_Layer], x: Any, contexts: list[Any],
+                 buffers: list[Any]) -> None:
+        layers = [DecodeLayer(None, None, *(torch.from_numpy(g.views[k]) for k in ("delta", "r2", "n")),
+                              torch.from_numpy(g.views["logits"]) if "logits" in g.views else None)
+                  for g in ggml_layers]
+        hidden = ggml_layers[0].views["delta"].shape[1]
+        super().__init__(model, layers, torch.from_numpy(_floats(x, (1, hidden), lib)))
+        self.lib, self.ggml_layers, self.x_tensor = lib, ggml_layers, x
+        self.contexts, self.buffers = contexts, buffers
+        self.shared: _Shared | None = None
+        self.bound: _Bound | None = None
+        self.graphs: list[Any] = []
+        lib.owner(self, contexts, buffers)  # freed with the decoder (the bound cache's graphs too)
 
     @classmethod
     def build(cls, model: nn.Module) -> GgmlDecoder | None:
@@ -158,35 +230,92 @@ class GgmlDecoder(OrtDecoder):
         if model.device.type != "cpu":
             return None
         lib = ggml_runtime()
+        contexts: list[Any] = []
+        buffers: list[Any] = []
         built, total = [], 0
         for i, layer in enumerate(model.model.layers):
-            got = _layer(lib, layer)
+            got = _layer(lib, layer, contexts, buffers)
             if isinstance(got, str):
                 log.info("ggml decode graphs: not used (layer %d: %s)", i, got)
+                lib.free(contexts, buffers)
                 return None
             built.append(got[0])
             total += got[1]
-        x = torch.zeros(1, model.model.layers[0].post_attention_layernorm.weight.shape[0])
-        layers = []
-        for g, layer in zip(built, model.model.layers):
-            session, flat = _attention_session(layer.self_attn, g.views["qkv"].shape[1])
-            io = session.io_binding()
-            _bind(io, "qkv", g.views["qkv"])
-            _bind(io, flat, g.views["attn"], output=True)
-            tensors = {k: torch.from_numpy(v) for k, v in g.views.items()}  # shared with ggml, no copies
-            layers.append(DecodeLayer(session, io, tensors["delta"], tensors["r2"], tensors["n"], tensors.get("logits")))
-        log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o as Q4_0", len(layers), total / 1e6)
-        decoder = cls(model, layers, x, lib, built)
-        for g in built:
-            lib.owner(decoder, g.contexts, g.buffers)  # freed with the decoder
-        return decoder
+        ctx = lib.context(1)
+        contexts.append(ctx)
+        x = lib.ggml_new_tensor_2d(ctx, GGML_F32, built[0].views["delta"].shape[1], 1)
+        buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
+        if not buffers[-1]:
+            lib.free(contexts, buffers)
+            raise MemoryError("ggml could not allocate the decoder's input")
+        log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o as Q4_0", len(built), total / 1e6)
+        return cls(model, lib, built, x, contexts, buffers)
+
+    def _bind_cache(self, kv: KVCache, end: int) -> _Bound:
+        """The ggml tensors over kv's buffers (and the mask for its length), made again for a new cache."""
+        pairs = [kv[i].buffers(end, self.kv_heads, self.head_dim, self.head_dim, torch.float32,
+                               torch.device("cpu")) for i in range(len(self.layers))]
+        key = tuple(x for k, v in pairs for x in (k.data_ptr(), v.data_ptr(), k.shape[1]))
+        if self.bound is not None and self.bound.key == key:
+            return self.bound
+        self._unbind()
+        lib, capacity = self.lib, pairs[0][0].shape[1]
+        bound = _Bound(key, [], [t for pair in pairs for t in pair])
+        lib.owner(bound, bound.contexts, bound.buffers)  # freed with it (or at once by _unbind)
+        ctx = lib.context(2 * len(pairs) + 4)
+        bound.contexts.append(ctx)
+        for k, v in pairs:
+            if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+                raise RuntimeError(f"the ggml decode graph needs contiguous fp32 KV buffers, got {k.dtype}")
+            tensors = []
+            for t in (k, v):
+                tensor = lib.ggml_new_tensor_3d(ctx, GGML_F32, self.head_dim, capacity, self.kv_heads)
+                buffer = lib.ggml_backend_cpu_buffer_from_ptr(t.data_ptr(), t.numel() * F32)
+                bound.buffers.append(buffer)
+                if not buffer or lib.ggml_backend_tensor_alloc(buffer, tensor, t.data_ptr()) != 0:
+                    raise MemoryError("ggml could not wrap the KV cache")
+                tensors.append(tensor)
+            bound.tensors.append((tensors[0], tensors[1]))
+        half = self.head_dim // 2
+        cos, sin = (lib.ggml_new_tensor_1d(ctx, GGML_F32, half) for _ in range(2))
+        position, mask = lib.ggml_new_tensor_1d(ctx, GGML_I64, 1), lib.ggml_new_tensor_1d(ctx, GGML_F16, capacity)
+        bound.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
+        data = {t: lib.ggml_get_data(t) for t in (cos, sin, position, mask)}
+        self.shared = _Shared(cos, sin, position, mask, _floats(cos, (half,), lib), _floats(sin, (half,), lib),
+                              np.ctypeslib.as_array(C.cast(data[position], C.POINTER(C.c_int64)), (1,)),
+                              np.ctypeslib.as_array(C.cast(data[mask], C.POINTER(C.c_uint16)), (capacity,)).view(np.float16))
+        self.bound = bound
+        return bound
+
+    def _unbind(self) -> None:
+        if self.bound is not None:
+            self.lib.free(self.bound.contexts, self.bound.buffers)
+            self.bound = self.shared = None
+            self.graphs = []
+
+    def _prepare(self, kv: KVCache, end: int) -> None:
+        """This token's inputs (position end - 1): the cache bound, its rotary row, the mask, the graphs."""
+        bound = self._bind_cache(kv, end)
+        shared = self.shared
+        assert shared is not None
+        capacity = int(shared.mask_view.shape[0])
+        if self.cos.shape[0] < capacity:
+            self.cos, self.sin = (t.float().contiguous() for t in self.rotary(torch.arange(capacity)))
+        pos = end - 1
+        shared.cos_view[...] = self.cos[pos].numpy()
+        shared.sin_view[...] = self.sin[pos].numpy()
+        shared.position_view[0] = pos
+        length = min(-(-end // KV_CHUNK) * KV_CHUNK, capacity)
+        window = self.ggml_layers[0].attn.sliding_window
+        shared.mask_view[:length] = -np.inf
+        shared.mask_view[max(0, end - window) if window else 0:end] = 0  # attended: pos - j < window
+        if length not in bound.graphs:
+            inputs = [self.x_tensor] + [g.io["r2"] for g in self.ggml_layers[:-1]]  # layer l reads l - 1's r2
+            bound.graphs[length] = [_graph(self.lib, g, x, kvt, shared, length, capacity, bound)
+                                    for g, x, kvt in zip(self.ggml_layers, inputs, bound.tensors)]
+        self.graphs = bound.graphs[length]
 
     def run_layer(self, index: int, decode: DecodeLayer) -> None:
-        g = self.ggml_layers[index]
-        g.x[...] = self.x_view if index == 0 else self.ggml_layers[index - 1].views["r2"]
         with self.lib.lock:
-            for graph in (g.pre, None, g.post):
-                if graph is None:
-                    decode.session.run_with_iobinding(decode.io)
-                elif self.lib.ggml_backend_graph_compute(self.lib.backend, graph) != 0:
-                    raise RuntimeError("ggml graph compute failed")
+            if self.lib.ggml_backend_graph_compute(self.lib.backend, self.graphs[index]) != 0:
+                raise RuntimeError("ggml graph compute failed")

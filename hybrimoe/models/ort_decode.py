@@ -193,7 +193,7 @@ class DecodeLayer:
     """One layer's session and its bound buffers (fp32): input delta [1, H] (its input x is the previous
     layer's r2, or the decoder's embedding buffer), outputs r2, n [1, H] and logits [1, E] (None for a
     dense layer)."""
-    session: Any
+    session: Any  # None for GgmlDecoder's layers (one ggml graph each)
     io: Any
     delta: torch.Tensor
     r2: torch.Tensor
@@ -215,6 +215,8 @@ class OrtDecoder:
         self.total = np.zeros((), np.int32)      # cached + new
         self.cos = self.sin = torch.empty(0)     # [max_tokens, D/2] fp32, from the model's own Rotary
         for layer in layers:
+            if layer.io is None:  # not an onnxruntime graph (GgmlDecoder's)
+                continue
             _bind(layer.io, "seqlens", self.seqlens)
             _bind(layer.io, "total", self.total)
 

@@ -59,7 +59,7 @@ class QuantLinear(nn.Module):
             self.register_buffer("q", torch.empty(n * k // 2, dtype=torch.uint8))  # packed, 2 codes a byte
             self.register_buffer("scale", torch.empty(k // self.group, n, 2, dtype=dtype))  # (scale, zero)
         self.register_buffer("bias", None if bias is None else bias.detach().to(dtype).clone())
-        self.ort: Any = None  # hybrimoe.moe.ort_kernels.OrtMatmul after `use_onnxruntime`
+        self.ort: Any = None  # the CPU kernel's matmul: OrtMatmul (`use_onnxruntime`) or GgmlMatmul (`use_ggml`)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, fmt: ExpertFormat,
@@ -110,6 +110,16 @@ class QuantLinear(nn.Module):
         view = self.view()
         if isinstance(view, Int4View) and self.q.device.type == "cpu":
             self.ort = OrtMatmul.build(view)
+        return self.ort is not None
+
+    def use_ggml(self) -> bool:
+        """Computes this linear with ggml's Q4_0 kernel from now on (symmetric int4 on the CPU, `--dense-dtype
+        q4_0`: hybrimoe.moe.ggml_kernels.GgmlMatmul); False when it cannot."""
+        from hybrimoe.moe.ggml_kernels import GgmlMatmul
+
+        view = self.view()
+        if isinstance(view, Int4View) and self.q.device.type == "cpu":
+            self.ort = GgmlMatmul.build(view)
         return self.ort is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
     q4_0_blocks(Int4View) -> np.ndarray | None   the matrix as ggml Q4_0 blocks (None: not symmetric int4)
     GgmlExpert.build(QuantExpert)                one expert: down @ swiglu(gate_up @ x), [T, H] -> [T, H]
+    GgmlMatmul.build(Int4View)                   one linear (a q4_0 dense weight): x @ W^T, [T, K] -> [T, N]
 
 Q4_0 (ggml-common.h): blocks of 32 weights, fp16 d + 16 bytes, w = (q - 8) * d, byte j holding weight j
 (low nibble) and weight j + 16 (high nibble). Symmetric int4 (`--expert-dtype q4_0`, or a GGUF's Q4_0:
@@ -56,16 +57,86 @@ def q4_0_blocks(view: Int4View) -> np.ndarray | None:
 
 @dataclass
 class _Graph:
-    """One expert's graph for a fixed token count: x [H, T] -> y [H, T] (ggml order: ne0 first)."""
+    """A kernel's graph for a fixed token count: x [K, T] -> y [N, T] (ggml order: ne0 first)."""
     ctx: Any
     graph: Any
-    x: np.ndarray  # fp32 [T, H] view of ggml's input tensor
-    y: np.ndarray  # fp32 [T, H] view of ggml's output tensor
-    buffer: Any = None  # the activations' buffer when the graph owns one
+    x: np.ndarray  # fp32 [T, K] view of ggml's input tensor
+    y: np.ndarray  # fp32 [T, N] view of ggml's output tensor
+    buffer: Any = None  # the activations' buffer
+
+
+def _weights(lib: Ggml, mats: list[tuple[np.ndarray, int, int]], what: str) -> tuple[Any, Any, list[Any]]:
+    """Q4_0 matrices (blocks, rows N, row length K) in one ggml buffer (CPU_REPACK when every N is a multiple
+    of REPACK_ROWS): (context, buffer, tensors [ne0=K, ne1=N]); freed with `lib.owner` by the caller."""
+    ctx = lib.context(len(mats))
+    tensors = [lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k, n) for _, n, k in mats]  # ggml order: ne0 = row length
+    repack = lib.repack_buffer_type is not None and all(n % REPACK_ROWS == 0 for _, n, _ in mats)
+    buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type if repack else lib.cpu_buffer_type)
+    if not buffer:
+        lib.ggml_free(ctx)
+        raise MemoryError(f"ggml could not allocate {what}'s {sum(b.nbytes for b, _, _ in mats)} bytes")
+    lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
+    for tensor, (blocks, _, _) in zip(tensors, mats):
+        assert lib.ggml_nbytes(tensor) == blocks.nbytes
+        lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
+    return ctx, buffer, tensors
+
+
+class _GgmlKernel:
+    """Runs `_output(ctx, x)` [N, T] from x [K, T] as a ggml graph: the one-token graph is built once and
+    kept, other token counts get a graph per call. Needs `lib`, `in_features`, `out_features`, `_decode`."""
+    lib: Ggml
+    in_features: int
+    out_features: int
+    _decode: _Graph | None
+
+    def _output(self, ctx: Any, x: Any) -> Any:
+        raise NotImplementedError
+
+    def _graph(self, tokens: int) -> _Graph:
+        lib = self.lib
+        ctx = lib.context(4, graph_nodes=8)
+        x = lib.ggml_new_tensor_2d(ctx, GGML_F32, self.in_features, tokens)
+        y = self._output(ctx, x)
+        graph = lib.ggml_new_graph_custom(ctx, 8, False)
+        lib.ggml_build_forward_expand(graph, y)
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend)
+        if not buffer:
+            lib.ggml_free(ctx)
+            raise MemoryError("ggml could not allocate a kernel's activations")
+
+        def array(tensor: Any, width: int) -> np.ndarray:
+            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)), (tokens, width))
+
+        return _Graph(ctx, graph, array(x, self.in_features), array(y, self.out_features), buffer)
+
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] (any float dtype, CPU) -> [T, N] in x's dtype."""
+        tokens = x.shape[0]
+        lib = self.lib
+        with lib.lock:
+            if tokens == 1:
+                if self._decode is None:
+                    self._decode = self._graph(1)
+                    lib.owner(self, [self._decode.ctx], [self._decode.buffer])
+                graph = self._decode
+            else:
+                graph = self._graph(tokens)
+            try:
+                graph.x[...] = x.detach().to(torch.float32).numpy()
+                status = lib.ggml_backend_graph_compute(lib.backend, graph.graph)
+                if status != 0:
+                    raise RuntimeError(f"ggml graph compute failed (status {status})")
+                y = torch.from_numpy(graph.y.copy())
+            finally:
+                if graph is not self._decode:
+                    lib.ggml_backend_buffer_free(graph.buffer)
+                    lib.ggml_free(graph.ctx)
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 @dataclass
-class GgmlExpert:
+class GgmlExpert(_GgmlKernel):
     """f(x) = down @ (silu(gate @ x) * (up @ x)) on ggml's CPU kernels, gate_up [2I, H], down [H, I]."""
     lib: Ggml
     ctx: Any  # the weights' tensor metadata
@@ -77,6 +148,14 @@ class GgmlExpert:
     nbytes: int  # the Q4_0 bytes handed to ggml
     _decode: _Graph | None = field(default=None, repr=False)  # the cached one-token graph
 
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self.hidden
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self.hidden
+
     @classmethod
     def build(cls, expert: QuantExpert) -> GgmlExpert | None:
         """None unless both matrices are symmetric int4 with a group that is a multiple of 32 (the expert
@@ -87,67 +166,49 @@ class GgmlExpert:
         if a is None or b is None:
             return None
         lib = ggml_runtime()
-        ctx = lib.context(2)
-        (n_a, k_a), (n_b, k_b) = (expert.gate_up.n, expert.gate_up.k), (expert.down.n, expert.down.k)
-        gate_up = lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k_a, n_a)  # ggml order: ne0 = the row length
-        down = lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k_b, n_b)
-        repack = lib.repack_buffer_type is not None and n_a % REPACK_ROWS == 0 and n_b % REPACK_ROWS == 0
-        buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type if repack
-                                                              else lib.cpu_buffer_type)
-        if not buffer:
-            lib.ggml_free(ctx)
-            raise MemoryError(f"ggml could not allocate an expert's {a.nbytes + b.nbytes} bytes")
-        lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
-        for tensor, blocks in ((gate_up, a), (down, b)):
-            assert lib.ggml_nbytes(tensor) == blocks.nbytes
-            lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
-        built = cls(lib, ctx, buffer, gate_up, down, k_a, expert.intermediate, a.nbytes + b.nbytes)
+        ctx, buffer, (gate_up, down) = _weights(lib, [(a, expert.gate_up.n, expert.gate_up.k),
+                                                      (b, expert.down.n, expert.down.k)], "an expert")
+        built = cls(lib, ctx, buffer, gate_up, down, expert.gate_up.k, expert.intermediate, a.nbytes + b.nbytes)
         lib.owner(built, [ctx], [buffer])  # freed with the expert
         return built
 
-    def _graph(self, tokens: int) -> _Graph:
-        lib = self.lib
-        ctx = lib.context(4, graph_nodes=8)
-        x = lib.ggml_new_tensor_2d(ctx, GGML_F32, self.hidden, tokens)
-        h = lib.ggml_mul_mat(ctx, self.gate_up, x)  # [2I, T]
-        act = lib.ggml_swiglu(ctx, h)  # silu(first half) * second half: [I, T]
-        y = lib.ggml_mul_mat(ctx, self.down, act)  # [H, T]
-        graph = lib.ggml_new_graph_custom(ctx, 8, False)
-        lib.ggml_build_forward_expand(graph, y)
-        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend)
-        if not buffer:
-            lib.ggml_free(ctx)
-            raise MemoryError("ggml could not allocate an expert's activations")
-
-        def array(tensor: Any) -> np.ndarray:
-            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)),
-                                         (tokens, self.hidden))
-
-        return _Graph(ctx, graph, array(x), array(y), buffer)
-
-    def _free(self, graph: _Graph) -> None:
-        self.lib.ggml_backend_buffer_free(graph.buffer)
-        self.lib.ggml_free(graph.ctx)
+    def _output(self, ctx: Any, x: Any) -> Any:
+        h = self.lib.ggml_mul_mat(ctx, self.gate_up, x)  # [2I, T]
+        act = self.lib.ggml_swiglu(ctx, h)  # silu(first half) * second half: [I, T]
+        return self.lib.ggml_mul_mat(ctx, self.down, act)  # [H, T]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] (any float dtype, CPU) -> [T, H] in x's dtype."""
-        tokens = x.shape[0]
-        with self.lib.lock:
-            if tokens == 1:
-                if self._decode is None:
-                    self._decode = self._graph(1)
-                    self.lib.owner(self, [self._decode.ctx], [self._decode.buffer])
-                graph = self._decode
-            else:
-                graph = self._graph(tokens)
-            try:
-                graph.x[...] = x.detach().to(torch.float32).numpy()
-                status = self.lib.ggml_backend_graph_compute(self.lib.backend, graph.graph)
-                if status != 0:
-                    raise RuntimeError(f"ggml graph compute failed (status {status})")
-                y = torch.from_numpy(graph.y.copy())
-            finally:
-                if graph is not self._decode:
-                    self._free(graph)
-        return y if x.dtype == torch.float32 else y.to(x.dtype)
+        return self._run(x)
 
+
+@dataclass
+class GgmlMatmul(_GgmlKernel):
+    """y = x @ W^T for a symmetric int4 W [N, K] on ggml's Q4_0 kernel (`QuantLinear.use_ggml`)."""
+    lib: Ggml
+    ctx: Any
+    buffer: Any
+    weight: Any  # ggml tensor [ne0=K, ne1=N]
+    in_features: int
+    out_features: int
+    nbytes: int  # the Q4_0 bytes handed to ggml
+    _decode: _Graph | None = field(default=None, repr=False)
+
+    @classmethod
+    def build(cls, view: Int4View) -> GgmlMatmul | None:
+        """None unless `view` is symmetric int4 with a group that is a multiple of 32."""
+        blocks = q4_0_blocks(view)
+        if blocks is None:
+            return None
+        lib = ggml_runtime()
+        ctx, buffer, (weight,) = _weights(lib, [(blocks, view.n, view.k)], "a linear")
+        built = cls(lib, ctx, buffer, weight, view.k, view.n, blocks.nbytes)
+        lib.owner(built, [ctx], [buffer])
+        return built
+
+    def _output(self, ctx: Any, x: Any) -> Any:
+        return self.lib.ggml_mul_mat(ctx, self.weight, x)
+
+    def matmul(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, K] (CPU) -> [T, N] in x's dtype."""
+        return self._run(x)

@@ -25,7 +25,7 @@ from hybrimoe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GGML_F32, GGML_Q4_0 = 0, 2  # enum ggml_type
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_I64 = 0, 1, 2, 27  # enum ggml_type
 DEVICE_CPU = 0  # enum ggml_backend_dev_type
 BUFFER_USAGE_WEIGHTS = 1
 DEFAULT_POLL = 50  # llama.cpp's default thread-pool polling level (0: sleep at once, 100: spin)
@@ -48,7 +48,20 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {  # name -> (return type,
     "ggml_free": (None, (P,)),
     "ggml_tensor_overhead": (C.c_size_t, ()),
     "ggml_graph_overhead_custom": (C.c_size_t, (C.c_size_t, C.c_bool)),
+    "ggml_new_tensor_1d": (P, (P, C.c_int, C.c_int64)),
     "ggml_new_tensor_2d": (P, (P, C.c_int, C.c_int64, C.c_int64)),
+    "ggml_new_tensor_3d": (P, (P, C.c_int, C.c_int64, C.c_int64, C.c_int64)),
+    "ggml_view_1d": (P, (P, P, C.c_int64, C.c_size_t)),
+    "ggml_view_2d": (P, (P, P, C.c_int64, C.c_int64, C.c_size_t, C.c_size_t)),
+    "ggml_view_3d": (P, (P, P, C.c_int64, C.c_int64, C.c_int64, C.c_size_t, C.c_size_t, C.c_size_t)),
+    "ggml_reshape_2d": (P, (P, P, C.c_int64, C.c_int64)),
+    "ggml_reshape_3d": (P, (P, P, C.c_int64, C.c_int64, C.c_int64)),
+    "ggml_concat": (P, (P, P, P, C.c_int)),
+    "ggml_sub": (P, (P, P, P)),
+    "ggml_clamp": (P, (P, P, C.c_float, C.c_float)),
+    "ggml_cpy": (P, (P, P, P)),
+    "ggml_set_rows": (P, (P, P, P, P)),
+    "ggml_flash_attn_ext": (P, (P, P, P, P, P, C.c_float, C.c_float, C.c_float)),
     "ggml_nbytes": (C.c_size_t, (P,)),
     "ggml_get_data": (P, (P,)),
     "ggml_mul_mat": (P, (P, P, P)),
@@ -64,6 +77,7 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {  # name -> (return type,
     "ggml_backend_cpu_set_n_threads": (None, (P, C.c_int)),
     "ggml_backend_cpu_set_threadpool": (None, (P, P)),
     "ggml_backend_cpu_buffer_type": (P, ()),
+    "ggml_backend_cpu_buffer_from_ptr": (P, (P, C.c_size_t)),
     "ggml_backend_dev_by_type": (P, (C.c_int,)),
     "ggml_backend_dev_backend_reg": (P, (P,)),
     "ggml_backend_reg_get_proc_address": (P, (P, C.c_char_p)),

@@ -286,8 +286,10 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     """Switches `model`'s CPU int4 matmuls to kernel `name`: "torch" (the default: nothing to do),
     "onnxruntime" (the routed experts of an int4 store, `ExpertStore.use_cpu_kernel`, q/k/v projections
     stacked into one matmul where all three are int4, every other int4 `QuantLinear` on the CPU, and the
-    decode graph) or "ggml" (the routed experts on llama.cpp's kernels, hybrimoe.moe.ggml_kernels; the dense
-    int4 linears as with "onnxruntime" when onnxruntime is installed, else torch's kernel). ConfigError when
+    decode graph) or "ggml" (the routed experts on llama.cpp's kernels, hybrimoe.moe.ggml_kernels; decode
+    tokens as one ggml graph per layer when the dense weights are q4_0, hybrimoe.models.ggml_decode; q4_0
+    linears on ggml, `QuantLinear.use_ggml`; other int4 linears as with "onnxruntime" when onnxruntime is
+    installed, else torch's kernel). ConfigError when
     nothing the kernel computes is int4. `threads`: the kernels' thread pools (one per process, sized by the
     first call; default torch's thread count). `release_store`: free the store's bytes layer by layer as the
     kernel's copies are built (`ExpertStore.use_cpu_kernel(release=True)`: a CPU-only engine, where nothing
@@ -308,29 +310,36 @@ def apply_cpu_kernel(model: Any, name: str, progress: bool = True, threads: int 
     if name == "ggml" and not switched:
         raise ConfigError("--cpu-kernel ggml computes int4 experts; these are "
                           f"{store.format.describe()} (add --expert-dtype q4_0, or int4)")
-    if not dense:
-        log.info("--cpu-kernel ggml: dense int4 linears stay on torch's kernel (pip install onnxruntime onnx "
+    stacked: set[int] = set()  # linears with a kernel of their own, or inside a stacked matmul (q/k/v)
+    if name == "ggml":  # symmetric int4 linears (q4_0) on ggml's kernel
+        for module in model.modules():
+            if callable(getattr(module, "use_ggml", None)) and module.use_ggml():
+                stacked.add(id(module))
+                switched += 1
+    if dense:  # the other int4 linears on onnxruntime's
+        for module in model.modules():
+            if callable(getattr(module, "stack_for_onnxruntime", None)) and id(module.q_proj) not in stacked:
+                linears = module.stack_for_onnxruntime()
+                stacked.update(map(id, linears))
+                switched += bool(linears)
+        for module in model.modules():
+            if id(module) not in stacked and callable(getattr(module, "use_onnxruntime", None)):
+                switched += bool(module.use_onnxruntime())
+    elif name == "ggml":
+        log.info("--cpu-kernel ggml: asymmetric int4 linears stay on torch's kernel (pip install onnxruntime onnx "
                  "puts them on onnxruntime's)")
-        return
-    stacked: set[int] = set()  # linears computed inside a stacked matmul (q/k/v): no session of their own
-    for module in model.modules():
-        if callable(getattr(module, "stack_for_onnxruntime", None)):
-            linears = module.stack_for_onnxruntime()
-            stacked.update(map(id, linears))
-            switched += bool(linears)
-    for module in model.modules():
-        if id(module) not in stacked and callable(getattr(module, "use_onnxruntime", None)):
-            switched += bool(module.use_onnxruntime())
     if not switched:
         raise ConfigError("--cpu-kernel onnxruntime computes int4 weights; this model has none on the CPU "
                           "(add --expert-dtype int4 and/or --dense-dtype int4)")
     if hasattr(model, "ort_decoder"):  # graphs per layer for decode tokens (None: the torch path)
-        from hybrimoe.models.ort_decode import OrtDecoder
         decoder = None
-        if name == "ggml":  # matmuls on ggml when the dense weights are q4_0
+        if name == "ggml":  # the whole layer on ggml when the dense weights are q4_0
             from hybrimoe.models.ggml_decode import GgmlDecoder
             decoder = GgmlDecoder.build(model)
-        model.ort_decoder = decoder or OrtDecoder.build(model)
+        if decoder is None and dense:
+            from hybrimoe.models.ort_decode import OrtDecoder
+            decoder = OrtDecoder.build(model)
+        model.ort_decoder = decoder
     release_free_heap()
 
 

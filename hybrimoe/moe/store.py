@@ -179,7 +179,7 @@ class ExpertStore:
 
     def use_cpu_kernel(self, name: str, progress: bool = True, release: bool = False) -> int:
         """Computes the host experts with CPU kernel `name` from now on: "onnxruntime" (MatMulNBits,
-        hybrimoe.moe.ort_kernels) or "ggml" (llama.cpp's Q4_0/Q4_1 kernels, hybrimoe.moe.ggml_kernels).
+        hybrimoe.moe.ort_kernels) or "ggml" (llama.cpp's Q4_0 kernels, hybrimoe.moe.ggml_kernels).
         Builds every expert's kernel copy here (with a progress bar); experts the kernel cannot compute
         (onnxruntime: GGUF Q4_K's non-integer zero points; ggml: any but symmetric int4) keep torch's kernel.
         Returns the int4 bytes handed over; the kernel's copy is extra host memory (onnxruntime: about 1.5x that
