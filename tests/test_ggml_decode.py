@@ -41,14 +41,17 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max())
 
 
+YARN = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0}}
+
+
 @cache
-def built(family: str, dense: str = "q4_0") -> torch.nn.Module:
+def built(family: str, dense: str = "q4_0", yarn: bool = False) -> torch.nn.Module:
     """A tiny q4_0 model on ggml. Its dense linears then drop their onnxruntime sessions (where onnxruntime is
     installed), so that the torch path computes them through Int4View.matmul (the `reference` fixture makes
     that ggml's numerics)."""
     from hybrimoe.moe.ort_kernels import apply_cpu_kernel
 
-    overrides = {"olmoe": {"clip_qkv": 0.5}}.get(family)  # a clip that binds
+    overrides = {"olmoe": {"clip_qkv": 0.5}}.get(family, {}) | (YARN if yarn else {})  # a clip that binds
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=2, hidden=64,
                                                overrides=overrides).to_dict())
     model = build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense)
@@ -83,14 +86,17 @@ def decode_logits(model, graph: bool, max_tokens: int = 40) -> torch.Tensor:
         model.ort_decoder = decoder
 
 
-@pytest.mark.parametrize("family,chunk", [(f, 256) for f in GQA_FAMILIES] + [("mixtral", 8), ("qwen3-moe", 8)])
-def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, reference, monkeypatch) -> None:
-    """chunk 256: every graph attends to the whole (40-token) cache; 8: to 16, 24, 32, 40 rows as it fills."""
+@pytest.mark.parametrize("family,chunk,yarn", [(f, 256, False) for f in GQA_FAMILIES]
+                         + [("mixtral", 8, False), ("qwen3-moe", 8, False), ("qwen3-moe", 256, True)])
+def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, yarn: bool, reference,
+                                                         monkeypatch) -> None:
+    """chunk 256: every graph attends to the whole (40-token) cache; 8: to 16, 24, 32, 40 rows as it fills.
+    yarn: YaRN's frequencies and magnitude scale (factor 4) reach ggml's rotary."""
     from hybrimoe.models import ggml_decode
     from hybrimoe.models.ggml_decode import GgmlDecoder
 
     monkeypatch.setattr(ggml_decode, "KV_CHUNK", chunk)
-    model = built(family)
+    model = built(family, yarn=yarn)
     model.ort_decoder._unbind()  # graphs built for this chunk
     assert isinstance(model.ort_decoder, GgmlDecoder)
     want = decode_logits(model, graph=False)

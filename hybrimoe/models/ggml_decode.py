@@ -5,7 +5,7 @@ The onnxruntime decode graph (hybrimoe.models.ort_decode) computes q/k/v/o with 
 q4_0 (`--dense-dtype q4_0`: symmetric int4, ggml's Q4_0 blocks) each layer's token runs as one graph
 
     r1 = x + delta;  a = RMSNorm_in(r1);  q, k, v = a @ [Wq; Wk; Wv]^T (+ b)
-    the family's q/k norms and clip;  q, k rotated by our own cos/sin tables (rotate-half pairs)
+    the family's q/k norms and clip;  q, k rotated (ggml_rope_ext, rotate-half pairs) by our own frequencies
     k, v written into our KV cache at the position (ggml_set_rows, in place)
     attn = softmax(q k^T * scale + mask) v over the cache (ggml_flash_attn_ext; mask: causal + window)
     r2 = r1 + attn @ Wo^T;  n = RMSNorm_post(r2);  logits = n @ Wr^T (fp32 router)
@@ -16,9 +16,12 @@ Routing, experts and dense MLPs stay where OrtDecoder leaves them (torch, the ex
 
 The attended cache length is the position rounded up to KV_CHUNK (llama.cpp pads its KV view the same
 way): one graph per layer and chunk count, built when first needed; masked positions are skipped by
-flash attention's -inf test. Numerics: the int4 matmuls round their input to Q8_0 per 32
-(hybrimoe.moe.ggml_kernels); norms, rotary, attention and the router are fp32 (ggml's rms_norm sums
-squares in double; its flash attention accumulates in fp32 with an online softmax). Memory: ggml holds a
+flash attention's -inf test. Rotary: ggml_rope_ext in NEOX mode with base 1 and frequency factors
+1 / inv_freq, so that angle i is position / (1 / inv_freq_i) (the model's own frequencies, YaRN's
+included; our tables compute position * inv_freq_i: ~1 ulp apart) and cos/sin times YaRN's magnitude
+scale. Numerics: the int4 matmuls round their input to Q8_0 per 32 (hybrimoe.moe.ggml_kernels); norms,
+rotary, attention and the router are fp32 (ggml's rms_norm sums squares in double; its flash attention
+accumulates in fp32 with an online softmax). Memory: ggml holds a
 Q4_0 copy of q/k/v/o (logged), next to the kernels' copies that prompts use; the KV cache is shared.
 """
 
@@ -38,7 +41,7 @@ from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.ort_decode import DecodeLayer, OrtDecoder
 from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_kernels import REPACK_ROWS, q4_0_blocks
-from hybrimoe.moe.ggml_lib import (BUFFER_USAGE_WEIGHTS, GGML_F16, GGML_F32, GGML_I64, GGML_Q4_0, Ggml,
+from hybrimoe.moe.ggml_lib import (BUFFER_USAGE_WEIGHTS, GGML_F16, GGML_F32, GGML_I32, GGML_Q4_0, ROPE_NEOX, Ggml,
                                    ggml_runtime)
 from hybrimoe.moe.layer import MoEBlock
 
@@ -64,22 +67,19 @@ class _Layer:
     """One layer's weights (ggml tensors), its stable input/output tensors and their numpy views."""
     attn: Attention
     eps: tuple[float, float]  # input / post-attention RMSNorm
+    rope_scale: float  # cos and sin times this (YaRN's magnitude correction; 1 otherwise)
     w_qkv: Any  # Q4_0 [(Hq+2Hkv)D rows, H]
     w_o: Any  # Q4_0 [H rows, Hq*D]
-    floats: dict[str, Any]  # in_w, post_w [H]; qkv_b; q_norm, k_norm; router [E rows, H]
+    floats: dict[str, Any]  # in_w, post_w [H]; qkv_b; q_norm, k_norm; rope [D/2]; router [E rows, H]
     io: dict[str, Any]  # delta, r2, n [H]; logits [E]
     views: dict[str, np.ndarray]  # the same, [1, width] fp32
 
 
 @dataclass
 class _Shared:
-    """Per-token inputs every layer's graph reads: the rotary row, the position, the attention mask."""
-    cos: Any  # F32 [D/2]
-    sin: Any
-    position: Any  # I64 [1]: the cache row written
+    """Per-token inputs every layer's graph reads: the position and the attention mask."""
+    position: Any  # I32 [1]: the rotary position and the cache row written
     mask: Any  # F16 [max_tokens]: 0 where attended, -inf elsewhere
-    cos_view: np.ndarray
-    sin_view: np.ndarray
     position_view: np.ndarray
     mask_view: np.ndarray
 
@@ -119,6 +119,7 @@ def _layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any])
         f32["qkv_b"] = torch.cat([b.float() for b in biases if b is not None])
     if attn.qk_norm in ("head", "full"):
         f32["q_norm"], f32["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
+    f32["rope"] = 1 / attn.rotary.inv_freq.float()  # [D/2]: theta_i = position / rope_i (rope_ext, base 1)
     if experts:
         f32["router"] = layer.mlp.gate.weight  # [E, H]
     # weights: Q4_0 in the repack buffer, fp32 in a plain one; then the stable activations
@@ -146,17 +147,8 @@ def _layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any])
     for array in views.values():
         array[...] = 0  # ggml's memory comes uninitialised; layer 0's delta is read as zeros
     eps = (float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps))
-    return _Layer(attn, eps, w_qkv, w_o, floats, io, views), qkv_blocks.nbytes + o_blocks.nbytes
-
-
-def _rotate(lib: Ggml, ctx: Any, x: Any, shared: _Shared, d: int, heads: int) -> Any:
-    """x [D, heads] (contiguous) rotated by the position's cos/sin [D/2]: [x1 c - x2 s | x2 c + x1 s]."""
-    half = d // 2
-    x1 = lib.ggml_view_2d(ctx, x, half, heads, d * F32, 0)
-    x2 = lib.ggml_view_2d(ctx, x, half, heads, d * F32, half * F32)
-    first = lib.ggml_sub(ctx, lib.ggml_mul(ctx, x1, shared.cos), lib.ggml_mul(ctx, x2, shared.sin))
-    second = lib.ggml_add(ctx, lib.ggml_mul(ctx, x2, shared.cos), lib.ggml_mul(ctx, x1, shared.sin))
-    return lib.ggml_concat(ctx, first, second, 0)
+    rope_scale = float(attn.rotary.spec.cos_sin_scale)
+    return _Layer(attn, eps, rope_scale, w_qkv, w_o, floats, io, views), qkv_blocks.nbytes + o_blocks.nbytes
 
 
 def _graph(lib: Ggml, w: _Layer, x: Any, kv: tuple[Any, Any], shared: _Shared, length: int,
@@ -185,7 +177,8 @@ def _graph(lib: Ggml, w: _Layer, x: Any, kv: tuple[Any, Any], shared: _Shared, l
     if attn.qk_norm == "head":
         q = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, q, norm_eps), f["q_norm"])
         k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
-    q, k = _rotate(lib, ctx, q, shared, d, hq), _rotate(lib, ctx, k, shared, d, hkv)
+    q, k = (lib.ggml_rope_ext(ctx, lib.ggml_reshape_3d(ctx, t, d, heads, 1), shared.position, f["rope"], d,
+                              ROPE_NEOX, 0, 1.0, 1.0, 0.0, w.rope_scale, 0.0, 0.0) for t, heads in ((q, hq), (k, hkv)))
     cache = [lib.ggml_set_rows(ctx, kv[i], lib.ggml_reshape_3d(ctx, t, d, 1, hkv), shared.position)
              for i, t in enumerate((k, v))]  # the new row written in place; views of the cache after it
     keys, values = (lib.ggml_view_3d(ctx, c, d, length, hkv, d * F32, capacity * d * F32, 0) for c in cache)
@@ -276,14 +269,14 @@ class GgmlDecoder(OrtDecoder):
                     raise MemoryError("ggml could not wrap the KV cache")
                 tensors.append(tensor)
             bound.tensors.append((tensors[0], tensors[1]))
-        half = self.head_dim // 2
-        cos, sin = (lib.ggml_new_tensor_1d(ctx, GGML_F32, half) for _ in range(2))
-        position, mask = lib.ggml_new_tensor_1d(ctx, GGML_I64, 1), lib.ggml_new_tensor_1d(ctx, GGML_F16, capacity)
+        position, mask = lib.ggml_new_tensor_1d(ctx, GGML_I32, 1), lib.ggml_new_tensor_1d(ctx, GGML_F16, capacity)
         bound.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
-        data = {t: lib.ggml_get_data(t) for t in (cos, sin, position, mask)}
-        self.shared = _Shared(cos, sin, position, mask, _floats(cos, (half,), lib), _floats(sin, (half,), lib),
-                              np.ctypeslib.as_array(C.cast(data[position], C.POINTER(C.c_int64)), (1,)),
-                              np.ctypeslib.as_array(C.cast(data[mask], C.POINTER(C.c_uint16)), (capacity,)).view(np.float16))
+        if not bound.buffers[-1]:
+            raise MemoryError("ggml could not allocate the decoder's inputs")
+        self.shared = _Shared(position, mask,
+                              np.ctypeslib.as_array(C.cast(lib.ggml_get_data(position), C.POINTER(C.c_int32)), (1,)),
+                              np.ctypeslib.as_array(C.cast(lib.ggml_get_data(mask), C.POINTER(C.c_uint16)),
+                                                    (capacity,)).view(np.float16))
         self.bound = bound
         return bound
 
@@ -294,17 +287,12 @@ class GgmlDecoder(OrtDecoder):
             self.graphs = []
 
     def _prepare(self, kv: KVCache, end: int) -> None:
-        """This token's inputs (position end - 1): the cache bound, its rotary row, the mask, the graphs."""
+        """This token's inputs (position end - 1): the cache bound, the position, the mask, the graphs."""
         bound = self._bind_cache(kv, end)
         shared = self.shared
         assert shared is not None
         capacity = int(shared.mask_view.shape[0])
-        if self.cos.shape[0] < capacity:
-            self.cos, self.sin = (t.float().contiguous() for t in self.rotary(torch.arange(capacity)))
-        pos = end - 1
-        shared.cos_view[...] = self.cos[pos].numpy()
-        shared.sin_view[...] = self.sin[pos].numpy()
-        shared.position_view[0] = pos
+        shared.position_view[0] = end - 1
         length = min(-(-end // KV_CHUNK) * KV_CHUNK, capacity)
         window = self.ggml_layers[0].attn.sliding_window
         shared.mask_view[:length] = -np.inf

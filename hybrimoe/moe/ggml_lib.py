@@ -25,7 +25,8 @@ from hybrimoe.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-GGML_F32, GGML_F16, GGML_Q4_0, GGML_I64 = 0, 1, 2, 27  # enum ggml_type
+GGML_F32, GGML_F16, GGML_Q4_0, GGML_I32 = 0, 1, 2, 26  # enum ggml_type
+ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate-half pairs (x[i], x[i + D/2])
 DEVICE_CPU = 0  # enum ggml_backend_dev_type
 BUFFER_USAGE_WEIGHTS = 1
 DEFAULT_POLL = 50  # llama.cpp's default thread-pool polling level (0: sleep at once, 100: spin)
@@ -56,12 +57,12 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {  # name -> (return type,
     "ggml_view_3d": (P, (P, P, C.c_int64, C.c_int64, C.c_int64, C.c_size_t, C.c_size_t, C.c_size_t)),
     "ggml_reshape_2d": (P, (P, P, C.c_int64, C.c_int64)),
     "ggml_reshape_3d": (P, (P, P, C.c_int64, C.c_int64, C.c_int64)),
-    "ggml_concat": (P, (P, P, P, C.c_int)),
-    "ggml_sub": (P, (P, P, P)),
     "ggml_clamp": (P, (P, P, C.c_float, C.c_float)),
     "ggml_cpy": (P, (P, P, P)),
     "ggml_set_rows": (P, (P, P, P, P)),
     "ggml_flash_attn_ext": (P, (P, P, P, P, P, C.c_float, C.c_float, C.c_float)),
+    "ggml_rope_ext": (P, (P, P, P, P, C.c_int, C.c_int, C.c_int, C.c_float, C.c_float, C.c_float, C.c_float,
+                          C.c_float, C.c_float)),
     "ggml_nbytes": (C.c_size_t, (P,)),
     "ggml_get_data": (P, (P,)),
     "ggml_mul_mat": (P, (P, P, P)),
