@@ -10,8 +10,7 @@ from the store's own layout (hybrimoe.moe.expert_layout) with each CPU kernel th
 `--kernels ...,onnxruntime`, "onnxruntime" (`--cpu-kernel onnxruntime`: one MatMulNBits session per
 expert copy, hybrimoe.moe.ort_kernels; its weight bytes are counted as our int4 layout's) and, with
 `--kernels ...,ggml`, "ggml" (`--cpu-kernel ggml`: llama.cpp's kernels, hybrimoe.moe.ggml_kernels; Q4_0 blocks,
-repacked, for the q4_0 format, Q4_1 for asymmetric int4; its weight bytes are ggml's own, 18 or 20 bytes
-per 32 weights). Format q4_0 is int4 by Q4_0's symmetric rule (`--expert-dtype q4_0`). Enough copies of
+repacked, for the q4_0 format only; its weight bytes are ggml's own, 18 per 32 weights). Format q4_0 is int4 by Q4_0's symmetric rule (`--expert-dtype q4_0`). Enough copies of
 the expert rotate that their bytes exceed the last-level cache 8x, so every call reads weights from
 DRAM as a decode step does. Rounds are interleaved (every configuration once per round; the median
 over rounds is reported) so that other processes on a shared machine disturb all alike.
@@ -116,13 +115,13 @@ def main() -> None:
             experts[(fmt, group)] = make_experts(fmt, group, hidden, inter)
             for n in tokens:
                 for kernel in (["auto"] if fmt == "bf16" else kinds):
-                    if kernel not in ("onnxruntime", "ggml") or fmt in INT4:
+                    if kernel not in ("onnxruntime", "ggml") or fmt in INT4 and (kernel != "ggml" or fmt == "q4_0"):
                         configs.append((fmt, group, n, kernel))
             if fmt in INT4 and "onnxruntime" in kinds:
                 from hybrimoe.moe.ort_kernels import OrtExpert
                 experts[("onnxruntime", fmt, group)] = ([OrtExpert.build(v) for v in experts[(fmt, group)][0]],
                                                         experts[(fmt, group)][1])
-            if fmt in INT4 and "ggml" in kinds:
+            if fmt == "q4_0" and "ggml" in kinds:  # ggml computes symmetric int4 only
                 from hybrimoe.moe.ggml_kernels import GgmlExpert
                 built = [GgmlExpert.build(v) for v in experts[(fmt, group)][0]]
                 experts[("ggml", fmt, group)] = (built, built[0].nbytes)
