@@ -4,8 +4,9 @@ Without llama.cpp's libraries (CI: llama-cpp-python takes ~15 minutes to build) 
 ggml run: the Q4_0 quantiser gives the gguf package's Q4_0 codes and scales; our blocks, decoded by the gguf
 package's own Q4_0 reader, are the store's weights (asymmetric int4 has none); the flag names the fix when
 the libraries are missing. With them (`pip install llama-cpp-python`):
-- one expert (repacked Q4_0), and one q4_0 dense linear, 1 and 5 tokens, equal a plain fp32 re-implementation
-  of what ggml computes (activations rounded to Q8_0 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
+- one expert (repacked Q4_0), one q4_0 dense linear, and a layer's experts stacked (each expert, and a decode
+  token's routed experts summed in one graph), 1 and 5 tokens, equal a plain fp32 re-implementation of what
+  ggml computes (activations rounded to Q8_0 per 32, fp16 block scales; `reference_matmul`) to 1e-5;
 - tiny models of every family equal that reference (also with q4_0 dense weights and lm_head on ggml), and
   every placement preset gives the plain engine's
   logits while the hybrid runtime's CPU side runs ggml;
@@ -136,6 +137,39 @@ def test_one_expert_equals_the_reference(tokens) -> None:
         x = torch.randn(tokens, 96, generator=torch.Generator().manual_seed(seed))
         assert rel(expert.forward(x), reference_expert(view, x)) <= 1e-5
     assert expert.forward(x.bfloat16()).dtype == torch.bfloat16
+
+
+@needs_ggml
+def test_a_stacked_layer_equals_the_reference_expert_by_expert(monkeypatch) -> None:
+    """GgmlLayerExperts: each expert's views (1 and 5 tokens) and `combine` (a decode token's routed experts
+    and their weighted sum, slots in any order) against the reference; its memory goes with it."""
+    import gc
+
+    from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
+    from hybrimoe.moe.ggml_lib import ggml_runtime
+
+    lib = ggml_runtime()
+    freed: list[int] = []
+    free = lib.free
+    monkeypatch.setattr(lib, "free", lambda contexts, buffers: freed.append(len(contexts) + len(buffers))
+                        or free(contexts, buffers))
+    fmt = ExpertFormat.parse("q4_0", torch.float32, 32)
+    views = [expert_view(fmt, seed=s) for s in range(4)]
+    layer = GgmlLayerExperts.build(views)
+    assert layer is not None and layer.nbytes == sum(layer.views[e].nbytes for e in range(4))
+    gen = torch.Generator().manual_seed(5)
+    for e in range(4):
+        x = torch.randn(5, 96, generator=gen)
+        assert rel(layer.views[e].forward(x), reference_expert(views[e], x)) <= 1e-5
+        assert rel(layer.views[e].forward(x[:1]), reference_expert(views[e], x[:1])) <= 1e-5
+    for ids in ([2, 0], [3, 1, 0], [1, 2]):  # k = 2 twice (its graph reused with new inputs), k = 3
+        x, w = torch.randn(1, 96, generator=gen), torch.rand(len(ids), generator=gen)
+        want = sum(w[j] * reference_expert(views[e], x) for j, e in enumerate(ids))
+        assert rel(layer.combine(x, ids, w), want) <= 1e-5
+    assert layer.combine(x.bfloat16(), ids, w).dtype == torch.bfloat16
+    del layer
+    gc.collect()
+    assert sorted(freed) == [1] * 4 + [2] * 7  # 4 views (context); 4 one-token graphs, weights, 2 combine graphs
 
 
 @needs_ggml

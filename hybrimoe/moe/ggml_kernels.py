@@ -3,6 +3,8 @@
     q4_0_blocks(Int4View) -> np.ndarray | None   the matrix as ggml Q4_0 blocks (None: not symmetric int4)
     GgmlExpert.build(QuantExpert)                one expert: down @ swiglu(gate_up @ x), [T, H] -> [T, H]
     GgmlMatmul.build(Int4View)                   one linear (a q4_0 dense weight): x @ W^T, [T, K] -> [T, N]
+    GgmlLayerExperts.build([QuantExpert])        a layer's experts stacked; .combine(x, ids, weights): a decode
+                                                 token's routed experts and their weighted sum in one graph
 
 Q4_0 (ggml-common.h): blocks of 32 weights, fp16 d + 16 bytes, w = (q - 8) * d, byte j holding weight j
 (low nibble) and weight j + 16 (high nibble). Symmetric int4 (`--expert-dtype q4_0`, or a GGUF's Q4_0:
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_Q4_0, Ggml, ggml_runtime
+from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_I32, GGML_Q4_0, Ggml, ggml_runtime
 from hybrimoe.moe.kernels import Int4View, QuantExpert
 
 BLOCK = 32  # weights per ggml Q4 block
@@ -140,13 +142,14 @@ class GgmlExpert(_GgmlKernel):
     """f(x) = down @ (silu(gate @ x) * (up @ x)) on ggml's CPU kernels, gate_up [2I, H], down [H, I]."""
     lib: Ggml
     ctx: Any  # the weights' tensor metadata
-    buffer: Any  # the weights' ggml buffer (CPU_REPACK for Q4_0)
+    buffer: Any  # the weights' ggml buffer (CPU_REPACK for Q4_0); None for views into a GgmlLayerExperts
     gate_up: Any  # ggml tensor [ne0=H, ne1=2I]
     down: Any  # ggml tensor [ne0=I, ne1=H]
     hidden: int
     intermediate: int
     nbytes: int  # the Q4_0 bytes handed to ggml
     _decode: _Graph | None = field(default=None, repr=False)  # the cached one-token graph
+    parent: Any = field(default=None, repr=False)  # the GgmlLayerExperts whose memory the views read
 
     @property
     def in_features(self) -> int:  # type: ignore[override]
@@ -177,9 +180,132 @@ class GgmlExpert(_GgmlKernel):
         act = self.lib.ggml_swiglu(ctx, h)  # silu(first half) * second half: [I, T]
         return self.lib.ggml_mul_mat(ctx, self.down, act)  # [H, T]
 
+    @classmethod
+    def view_of(cls, layer: GgmlLayerExperts, e: int) -> GgmlExpert:
+        """Expert `e` of a stacked layer, as 2-D views of its slices (the repacked layout keeps each
+        expert's rows at the plain layout's offsets: whole groups of 8 rows)."""
+        lib, h, i = layer.lib, layer.hidden, layer.intermediate
+        ctx = lib.context(2)
+        row_h, row_i = lib.ggml_row_size(GGML_Q4_0, h), lib.ggml_row_size(GGML_Q4_0, i)
+        gate_up = lib.ggml_view_2d(ctx, layer.gate_up, h, 2 * i, row_h, e * 2 * i * row_h)
+        down = lib.ggml_view_2d(ctx, layer.down, i, h, row_i, e * h * row_i)
+        for view in (gate_up, down):
+            if lib.ggml_backend_view_init(view) != 0:
+                lib.ggml_free(ctx)
+                raise RuntimeError("ggml could not view an expert of a stacked layer")
+        expert = cls(lib, ctx, None, gate_up, down, h, i, layer.nbytes // layer.experts, parent=layer)
+        lib.owner(expert, [ctx], [])
+        return expert
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, H] (any float dtype, CPU) -> [T, H] in x's dtype."""
         return self._run(x)
+
+
+@dataclass
+class _Combine:
+    """A layer's one-token graph of k routed experts: x [H], ids [k], weights [k] -> y [H]."""
+    ctx: Any
+    buffer: Any
+    graph: Any
+    x: np.ndarray
+    ids: np.ndarray
+    weights: np.ndarray
+    y: np.ndarray
+
+
+@dataclass
+class GgmlLayerExperts:
+    """One MoE layer's experts stacked as llama.cpp keeps them (gate_up [E, 2I, H], down [E, H, I], Q4_0,
+    repacked): `experts[e]` computes one (views), `combine` a decode token's k routed experts and their
+    weighted sum in ONE graph (MUL_MAT_ID), instead of k graph calls and a torch sum."""
+    lib: Ggml
+    ctx: Any
+    buffer: Any
+    gate_up: Any  # [ne0=H, ne1=2I, ne2=E]
+    down: Any  # [ne0=I, ne1=H, ne2=E]
+    hidden: int
+    intermediate: int
+    experts: int
+    nbytes: int  # the Q4_0 bytes handed to ggml
+    views: list[GgmlExpert] = field(default_factory=list, repr=False)
+    _graphs: dict[int, _Combine] = field(default_factory=dict, repr=False)  # k -> its graph
+
+    @classmethod
+    def build(cls, views: list[QuantExpert]) -> GgmlLayerExperts | None:
+        """None unless every expert is symmetric int4 with a group that is a multiple of 32 and the rows fit
+        the repacked kernels (then the experts are built one by one)."""
+        first = views[0]
+        if not all(isinstance(v.gate_up, Int4View) and isinstance(v.down, Int4View) for v in views):
+            return None
+        lib = ggml_runtime()
+        h, i, n = first.gate_up.k, first.intermediate, len(views)
+        if lib.repack_buffer_type is None or (2 * i) % REPACK_ROWS or h % REPACK_ROWS:
+            return None
+        a = np.empty((n, 2 * i, h // BLOCK, 18), np.uint8)
+        b = np.empty((n, h, i // BLOCK, 18), np.uint8)
+        for e, v in enumerate(views):
+            blocks = q4_0_blocks(v.gate_up), q4_0_blocks(v.down)
+            if blocks[0] is None or blocks[1] is None:
+                return None
+            a[e], b[e] = blocks
+        ctx = lib.context(2)
+        gate_up = lib.ggml_new_tensor_3d(ctx, GGML_Q4_0, h, 2 * i, n)
+        down = lib.ggml_new_tensor_3d(ctx, GGML_Q4_0, i, h, n)
+        buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type)
+        if not buffer:
+            lib.ggml_free(ctx)
+            raise MemoryError(f"ggml could not allocate a layer's {a.nbytes + b.nbytes} bytes of experts")
+        lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
+        for tensor, blocks in ((gate_up, a), (down, b)):
+            assert lib.ggml_nbytes(tensor) == blocks.nbytes
+            lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
+        built = cls(lib, ctx, buffer, gate_up, down, h, i, n, a.nbytes + b.nbytes)
+        lib.owner(built, [ctx], [buffer])
+        built.views = [GgmlExpert.view_of(built, e) for e in range(n)]
+        return built
+
+    def _graph(self, k: int) -> _Combine:
+        lib, h = self.lib, self.hidden
+        ctx = lib.context(16 + 2 * k, graph_nodes=16 + 2 * k)
+        x = lib.ggml_new_tensor_3d(ctx, GGML_F32, h, 1, 1)
+        ids = lib.ggml_new_tensor_2d(ctx, GGML_I32, k, 1)
+        w = lib.ggml_new_tensor_3d(ctx, GGML_F32, 1, k, 1)
+        act = lib.ggml_swiglu(ctx, lib.ggml_mul_mat_id(ctx, self.gate_up, x, ids))  # [I, k, 1]
+        ys = lib.ggml_mul(ctx, lib.ggml_mul_mat_id(ctx, self.down, act, ids), w)  # [H, k, 1], weighted
+        row = h * 4
+        y = lib.ggml_view_2d(ctx, ys, h, 1, row, 0)
+        for j in range(1, k):  # in slot order (the caller sorts the slots by expert, as the torch path sums)
+            y = lib.ggml_add(ctx, y, lib.ggml_view_2d(ctx, ys, h, 1, row, j * row))
+        graph = lib.ggml_new_graph_custom(ctx, 16 + 2 * k, False)
+        lib.ggml_build_forward_expand(graph, y)
+        buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend)
+        if not buffer:
+            lib.ggml_free(ctx)
+            raise MemoryError("ggml could not allocate a layer's expert activations")
+        lib.owner(self, [ctx], [buffer])
+
+        def array(tensor: Any, ctype: Any, shape: tuple[int, ...]) -> np.ndarray:
+            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(ctype)), shape)
+
+        return _Combine(ctx, buffer, graph, array(x, C.c_float, (h,)), array(ids, C.c_int32, (k,)),
+                        array(w, C.c_float, (k,)), array(y, C.c_float, (1, h)))
+
+    def combine(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
+        """x [1, H] (CPU), the token's routed experts `ids` [k] and their weights [k] -> sum_j w_j f_j(x),
+        [1, H] in x's dtype (summed in fp32 in ascending expert order)."""
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        with self.lib.lock:
+            g = self._graphs.get(len(ids))
+            if g is None:
+                g = self._graphs[len(ids)] = self._graph(len(ids))
+            g.x[...] = x.detach().reshape(-1).to(torch.float32).numpy()
+            g.ids[...] = [ids[j] for j in order]
+            g.weights[...] = weights.detach().reshape(-1)[order].to(torch.float32).numpy()
+            if self.lib.ggml_backend_graph_compute(self.lib.backend, g.graph) != 0:
+                raise RuntimeError("ggml graph compute failed")
+            y = torch.from_numpy(g.y.copy())
+        return y if x.dtype == torch.float32 else y.to(x.dtype)
 
 
 @dataclass

@@ -94,6 +94,9 @@ class ReferenceExecutor:
         if x.shape[0] != 1:
             return self.run_grouped(layer, x, expert_ids, weights)
         # decode: no grouping; ascending expert id, the same sums as `run_grouped`
+        stacked = self.store.layer_kernel(layer)
+        if stacked is not None:  # ggml's stacked layer: the routed experts and their sum in one call
+            return stacked.combine(x, expert_ids.view(-1).tolist(), weights.reshape(-1))
         out = torch.zeros_like(x)                                         # [1, H]
         flat_w = weights.reshape(-1)                                      # [K]
         ids = expert_ids.view(-1).tolist()

@@ -98,6 +98,7 @@ class ExpertStore:
         self.cpu_kernel = "torch"  # or "onnxruntime" / "ggml" (`use_cpu_kernel`)
         self._released: set[int] = set()  # layers whose bytes were freed (the CPU kernel's copy is the only one)
         self._ort: dict[tuple[int, int], Any] = {}  # the CPU kernel's experts (`use_cpu_kernel`; kept across `pin`)
+        self._layer_kernels: dict[int, Any] = {}  # layer -> its experts stacked (ggml: GgmlLayerExperts)
         self._pending: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # quantised: gate/up waiting for the other
         if torch.empty(0).device.type != "meta":  # a meta-device model (size estimates) allocates nothing
             check_host_memory(len(config.moe_layers) * config.num_experts * self.expert_nbytes,
@@ -208,30 +209,44 @@ class ExpertStore:
             builder, factor = OrtExpert.build, ORT_MEMORY_FACTOR
         extra = factor - 1 if release else factor  # freed as built: the peak is the end
         check_host_memory(int(extra * self.nbytes), f"{name}'s copy of the int4 experts")
-        keys = [(layer, e) for layer in self._layers for e in range(self.config.num_experts)]
+        experts = self.config.num_experts
         handed, kept = 0, 0
-        for key in tqdm(keys, desc=f"{name} experts", unit="expert", disable=not progress):
-            built = builder(self.expert(*key))  # None: not computable there (kept on torch's kernel)
-            if built is None:
-                kept += 1
+        for layer in tqdm(list(self._layers), desc=f"{name} experts", unit="layer", disable=not progress):
+            stacked = None
+            if name == "ggml":  # the layer's experts stacked for one-graph decode tokens where all are Q4_0
+                from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
+                stacked = GgmlLayerExperts.build([self.expert(layer, e) for e in range(experts)])
+            if stacked is not None:
+                self._layer_kernels[layer] = stacked
+                self._ort.update({(layer, e): stacked.views[e] for e in range(experts)})
+                handed += stacked.nbytes
             else:
-                self._ort[key] = built
-                handed += built.nbytes
-            if key[1] == self.config.num_experts - 1:  # the layer's last expert
-                if release:
-                    self.release_layer(key[0])
-                release_free_heap()  # the build's temporaries (glibc keeps freed heap otherwise)
-        if name == "ggml" and kept == len(keys):
+                for e in range(experts):
+                    built = builder(self.expert(layer, e))  # None: not computable there (torch's kernel)
+                    if built is None:
+                        kept += 1
+                    else:
+                        self._ort[(layer, e)] = built
+                        handed += built.nbytes
+            if release:
+                self.release_layer(layer)
+            release_free_heap()  # the build's temporaries (glibc keeps freed heap otherwise)
+        if name == "ggml" and kept == len(self._layers) * experts:
             raise ConfigError("--cpu-kernel ggml computes symmetric int4 experts (Q4_0); these are asymmetric "
                               f"{self.format.describe()}: use --expert-dtype q4_0")
         self.cpu_kernel = name
         if kept:
             log.warning("%d of %d experts cannot run on %s (onnxruntime: GGUF Q4_K's non-integer zero points; "
                         "ggml: asymmetric int4, use --expert-dtype q4_0) and stay on torch's CPU kernel", kept,
-                        len(keys), name)
+                        len(self._layers) * experts, name)
         log.info("%s CPU kernel: %d experts, %.2f GB of int4 weights copied into its own memory (about %.2f GB "
                  "more host memory)", name, len(self._ort), handed / 1e9, factor * handed / 1e9)
         return handed
+
+    def layer_kernel(self, layer: int) -> Any | None:
+        """The CPU kernel's stacked experts of `layer` (`GgmlLayerExperts`: `.combine(x [1, H], ids, weights)`
+        computes a decode token's routed experts in one call), or None."""
+        return self._layer_kernels.get(layer)
 
     def release_host_copy(self) -> int:
         """Frees the store's own bytes of every layer whose experts all compute on the CPU kernel's copies (a
