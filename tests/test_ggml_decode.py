@@ -26,6 +26,7 @@ from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_lib import ggml_available
 from hybrimoe.moe.kernels import Int4View
 from hybrimoe.tiny import tiny_config
+from cpu_kernel_helpers import cache_roundtrip
 from test_ggml_kernels import reference_matmul
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -114,20 +115,7 @@ def test_the_cache_the_graphs_write_is_the_torch_paths(reference) -> None:
     decoded into an empty cache: all equal the torch path's."""
     model = built("qwen2-moe")
 
-    def run(graph: bool) -> torch.Tensor:
-        decoder, model.ort_decoder = model.ort_decoder, (model.ort_decoder if graph else None)
-        try:
-            kv = model.new_kv_cache(32)
-            out = [model(torch.tensor([11]), 0, kv)]                        # decode into an empty cache
-            out += [model(torch.tensor([t]), 1 + i, kv) for i, t in enumerate([4, 9, 250])]
-            out.append(model(torch.tensor([8, 1, 30]), 4, kv))             # a prompt chunk reads it
-            out.append(model(torch.tensor([99]), 2, kv))                    # rewind to 2 cached tokens
-            out.append(model(torch.tensor([5]), 3, kv))
-            return torch.cat(out)
-        finally:
-            model.ort_decoder = decoder
-
-    assert rel(run(True), run(False)) <= 1e-4
+    assert rel(cache_roundtrip(model, True), cache_roundtrip(model, False)) <= 1e-4
 
 
 def test_asymmetric_int4_dense_weights_keep_onnxruntimes_graph(caplog) -> None:
@@ -138,3 +126,25 @@ def test_asymmetric_int4_dense_weights_keep_onnxruntimes_graph(caplog) -> None:
         model = built("mixtral", "int4")
     assert type(model.ort_decoder) is OrtDecoder
     assert "--dense-dtype q4_0" in caplog.text
+
+
+def test_fused_routing_is_observed_and_the_hybrid_runtime_gets_every_expert(reference, monkeypatch) -> None:
+    """Where a layer's experts run inside the next layer's graph, the observer still sees every layer's
+    routing (as on the torch path); under the hybrid runtime (its own executor) every routed expert goes
+    through the executor again, with the same logits."""
+    from cpu_kernel_helpers import under_each_policy
+
+    from hybrimoe.moe.ggml_kernels import GgmlExpert
+
+    model = built.__wrapped__("mixtral")  # a model of its own: the runtime changes its executors
+    assert all(f is not None for f in model.ort_decoder._fused(model)[:-1])
+    seen: dict[bool, list] = {True: [], False: []}
+    hooks = model.model.layers[0].mlp.hooks
+    for graph in (True, False):
+        hooks.observer = lambda layer, record, graph=graph: seen[graph].append((layer, record.expert_ids.tolist()))
+        decode_logits(model, graph)
+    hooks.observer = None
+    assert seen[True] == seen[False]
+    assert len(seen[True]) == (1 + STEPS) * len(model.model.layers)  # the prompt (one forward) and every step
+    want, got, calls = under_each_policy(model, "hybrimoe", GgmlExpert, lambda m: decode_logits(m, True), monkeypatch)
+    assert rel(got, want) <= 1e-4 and calls

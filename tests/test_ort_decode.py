@@ -25,6 +25,7 @@ from hybrimoe.models.layers import RMSNorm
 from hybrimoe.moe import ort_kernels
 from hybrimoe.moe.ort_kernels import OrtExpert, apply_cpu_kernel
 from hybrimoe.tiny import tiny_config
+from cpu_kernel_helpers import cache_roundtrip
 
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -111,20 +112,7 @@ def test_the_cache_the_graph_writes_is_the_torch_paths() -> None:
     decoded into an empty cache: all equal the torch path's."""
     model = built("qwen2-moe")
 
-    def run(graph: bool) -> torch.Tensor:
-        decoder, model.ort_decoder = model.ort_decoder, (model.ort_decoder if graph else None)
-        try:
-            kv = model.new_kv_cache(32)
-            out = [model(torch.tensor([11]), 0, kv)]                        # decode into an empty cache
-            out += [model(torch.tensor([t]), 1 + i, kv) for i, t in enumerate([4, 9, 250])]
-            out.append(model(torch.tensor([8, 1, 30]), 4, kv))             # a prompt chunk reads it
-            out.append(model(torch.tensor([99]), 2, kv))                    # rewind to 2 cached tokens
-            out.append(model(torch.tensor([5]), 3, kv))
-            return torch.cat(out)
-        finally:
-            model.ort_decoder = decoder
-
-    assert rel(run(True), run(False)) <= 1e-5
+    assert rel(cache_roundtrip(model, True), cache_roundtrip(model, False)) <= 1e-5
 
 
 def test_a_full_cache_is_an_error_naming_the_limit() -> None:

@@ -184,22 +184,11 @@ def test_every_family_equals_the_reference_with_onnxruntime(family: str, referen
 @pytest.mark.parametrize("policy", ["hybrimoe", "ktransformers", "fiddler"])  # presets that use the CPU
 def test_every_policy_gives_the_plain_logits_and_the_cpu_side_runs_onnxruntime(policy, reference_int4,
                                                                                   monkeypatch) -> None:
-    from hybrimoe.moe.install import install_runtime
-    from hybrimoe.policy.plan import LinearCosts
-    from hybrimoe.runtime_options import RuntimeOptions
+    from cpu_kernel_helpers import under_each_policy
 
     model = copy.deepcopy(dummy("qwen3-moe"))
     apply_cpu_kernel(model, "onnxruntime", progress=False)
-    want = prefill_and_decode(model)
-    calls = []
-    forward = OrtExpert.forward
-    monkeypatch.setattr(OrtExpert, "forward", lambda self, x: calls.append(1) or forward(self, x))
-    costs = LinearCosts(cpu_per_token=2e-5, gpu_fixed=3e-5, copy_seconds=6e-5, cpu_fixed=2e-5, cpu_first_extra=1e-5)
-    runtime = install_runtime(model, RuntimeOptions(policy=policy, cache_ratio=0.25, cpu_threads=1), costs=costs)
-    try:
-        got = prefill_and_decode(model)
-    finally:
-        runtime.close()
+    want, got, calls = under_each_policy(model, policy, OrtExpert, prefill_and_decode, monkeypatch)
     assert rel(got, want) <= 1e-4
     assert calls, f"{policy}: no expert ran on the CPU's onnxruntime sessions"
 

@@ -7,8 +7,7 @@ import logging
 from pathlib import Path
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.moe.quant import FORMAT_NAMES
-from hybrimoe.policy.cost import CostModel
+from hybrimoe.policy.cost import FORMAT_NAMES, CostModel
 from hybrimoe.policy.shape import ModelShape
 
 log = logging.getLogger(__name__)

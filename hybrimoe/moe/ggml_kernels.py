@@ -265,18 +265,25 @@ class GgmlLayerExperts:
         built.views = [GgmlExpert.view_of(built, e) for e in range(n)]
         return built
 
+    def combine_ops(self, ctx: Any, x: Any, ids: Any, weights: Any, k: int) -> Any:
+        """The ops of `combine` in `ctx` (also inside a decoder layer's graph, hybrimoe.models.ggml_decode):
+        x F32 [H, 1, 1], ids I32 [k, 1] (ascending), weights F32 [1, k, 1] -> y F32 [H, 1]."""
+        lib, h = self.lib, self.hidden
+        act = lib.ggml_swiglu(ctx, lib.ggml_mul_mat_id(ctx, self.gate_up, x, ids))  # [I, k, 1]
+        ys = lib.ggml_mul(ctx, lib.ggml_mul_mat_id(ctx, self.down, act, ids), weights)  # [H, k, 1], weighted
+        row = h * 4
+        y = lib.ggml_view_2d(ctx, ys, h, 1, row, 0)
+        for j in range(1, k):  # in slot order (the caller sorts the slots by expert, as the torch path sums)
+            y = lib.ggml_add(ctx, y, lib.ggml_view_2d(ctx, ys, h, 1, row, j * row))
+        return y
+
     def _graph(self, k: int) -> _Combine:
         lib, h = self.lib, self.hidden
         ctx = lib.context(16 + 2 * k, graph_nodes=16 + 2 * k)
         x = lib.ggml_new_tensor_3d(ctx, GGML_F32, h, 1, 1)
         ids = lib.ggml_new_tensor_2d(ctx, GGML_I32, k, 1)
         w = lib.ggml_new_tensor_3d(ctx, GGML_F32, 1, k, 1)
-        act = lib.ggml_swiglu(ctx, lib.ggml_mul_mat_id(ctx, self.gate_up, x, ids))  # [I, k, 1]
-        ys = lib.ggml_mul(ctx, lib.ggml_mul_mat_id(ctx, self.down, act, ids), w)  # [H, k, 1], weighted
-        row = h * 4
-        y = lib.ggml_view_2d(ctx, ys, h, 1, row, 0)
-        for j in range(1, k):  # in slot order (the caller sorts the slots by expert, as the torch path sums)
-            y = lib.ggml_add(ctx, y, lib.ggml_view_2d(ctx, ys, h, 1, row, j * row))
+        y = self.combine_ops(ctx, x, ids, w, k)
         graph = lib.ggml_new_graph_custom(ctx, 16 + 2 * k, False)
         lib.ggml_build_forward_expand(graph, y)
         buffer = lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend)

@@ -162,12 +162,21 @@ class MoEBlock(nn.Module):
         """x [T, H] -> [T, H]."""
         return self.from_logits(x, self.gate(x))
 
-    def from_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-        """The block after its router: x [T, H], logits [T, E] fp32 (the onnxruntime decode graph computes
-        them, `hybrimoe.models.ort_decode`) -> [T, H]."""
+    def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits [T, E] fp32 -> (expert_ids [T, K], weights [T, K] fp32), told to the observer."""
         expert_ids, weights, scores = route(logits, self.config, self.gate.e_score_correction_bias)
         if self.hooks.observer is not None:
             self.hooks.observer(self.layer_idx, RoutingRecord(self.layer_idx, expert_ids, weights, scores))
+        return expert_ids, weights
+
+    def routed_only(self) -> bool:
+        """The block's output is its routed experts' weighted sum (no shared expert)."""
+        return self.shared_expert is None and self.shared_experts is None
+
+    def from_logits(self, x: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """The block after its router: x [T, H], logits [T, E] fp32 (the onnxruntime decode graph computes
+        them, `hybrimoe.models.ort_decode`) -> [T, H]."""
+        expert_ids, weights = self.route_logits(logits)
         out = self.executor.run(self.layer_idx, x, expert_ids, weights)
         if self.shared_expert is not None:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import torch
 
 from hybrimoe.errors import ConfigError
+from hybrimoe.policy.cost import FORMAT_NAMES
 
 FLOAT_FORMATS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 QUANT_FORMATS = ("int8", "int4")
 SYMMETRIC_INT4 = "q4_0"  # `--expert-dtype q4_0`: int4 by Q4_0's symmetric rule (ExpertFormat.symmetric)
-FORMAT_NAMES = (*FLOAT_FORMATS, *QUANT_FORMATS, SYMMETRIC_INT4)
+assert FORMAT_NAMES == (*FLOAT_FORMATS, *QUANT_FORMATS, SYMMETRIC_INT4)  # policy.cost's, the same names
 INT4_GROUPS = (32, 64, 128, 256)  # group sizes torch's CPU int4 kernel accepts
 DEFAULT_INT4_GROUP = 32  # by measurement, see benchmarks/RESULTS_formats.md
 

@@ -60,6 +60,7 @@ GRAPH_PARAMETERS: dict[str, str] = {
 # up to 128 tokens on a Mixtral-shaped expert (H 2048, I 4096), slower at 512: the same 256.
 CPU_FUSED_KERNEL_MAX_TOKENS: dict[str, int] = {"int8": 16, "int4": 256, "onnxruntime": 256}
 FORMAT_BASE_BITS: dict[str, float] = {"fp32": 32.0, "bf16": 16.0, "fp16": 16.0, "int8": 8.0, "int4": 4.0}
+FORMAT_NAMES = (*FORMAT_BASE_BITS, "q4_0")  # `--expert-dtype` values (hybrimoe.moe.quant; here without torch)
 
 
 def format_bits(name: str, hidden: int, intermediate: int, group: int = 32, scale_bits: float = 16.0) -> float:

@@ -1,0 +1,189 @@
+"""The tensors and graph of one GQA decoder layer's decode token on ggml (used by hybrimoe.models.ggml_decode).
+
+    build_layer(lib, layer, contexts, buffers) -> (GgmlLayer, Q4_0 bytes) | reason   weights and stable tensors
+    layer_graph(lib, GgmlLayer, x, kv, DecodeInputs, length, capacity, BoundCache, previous) -> graph
+
+See hybrimoe.models.ggml_decode for what the graph computes and why.
+"""
+
+from __future__ import annotations
+
+import ctypes as C
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hybrimoe.models.attention import Attention
+from hybrimoe.models.quant_linear import QuantLinear
+from hybrimoe.moe.ggml_kernels import REPACK_ROWS, GgmlLayerExperts, q4_0_blocks
+from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_I32, GGML_Q4_0, ROPE_NEOX, Ggml
+from hybrimoe.moe.layer import MoEBlock
+
+F32 = 4  # bytes
+
+
+def q4_0_of(linear: nn.Module) -> np.ndarray | None:
+    if not isinstance(linear, QuantLinear) or linear.layout is None or linear.q.device.type != "cpu":
+        return None
+    return q4_0_blocks(linear.view())
+
+
+def floats_view(view: Any, shape: tuple[int, ...], lib: Ggml) -> np.ndarray:
+    """A numpy view of an allocated fp32 ggml tensor (torch reads and writes ggml's memory in place)."""
+    return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(view), C.POINTER(C.c_float)), shape)
+
+
+@dataclass
+class GgmlLayer:
+    """One layer's weights (ggml tensors), its stable input/output tensors and their numpy views."""
+    attn: Attention
+    eps: tuple[float, float]  # input / post-attention RMSNorm
+    rope_scale: float  # cos and sin times this (YaRN's magnitude correction; 1 otherwise)
+    w_qkv: Any  # Q4_0 [(Hq+2Hkv)D rows, H]
+    w_o: Any  # Q4_0 [H rows, Hq*D]
+    floats: dict[str, Any]  # in_w, post_w [H]; qkv_b; q_norm, k_norm; rope [D/2]; router [E rows, H]
+    io: dict[str, Any]  # delta, r2, n [H]; logits [E]; ids I32 [K], weights [1, K] (its routed experts)
+    views: dict[str, np.ndarray]  # the same, [1, width] (ids int32 [K], weights [K])
+
+
+@dataclass
+class DecodeInputs:
+    """Per-token inputs every layer's graph reads: the position and the attention mask."""
+    position: Any  # I32 [1]: the rotary position and the cache row written
+    mask: Any  # F16 [max_tokens]: 0 where attended, -inf elsewhere
+    position_view: np.ndarray
+    mask_view: np.ndarray
+
+
+@dataclass
+class BoundCache:
+    """The KV cache the graphs are built on: per layer (k, v) as ggml tensors over torch's memory."""
+    key: tuple[int, ...]
+    tensors: list[tuple[Any, Any]]
+    keep: list[torch.Tensor]  # torch's buffers, kept alive while ggml reads them
+    graphs: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)  # (length, fused) -> graph per layer
+    contexts: list[Any] = field(default_factory=list)
+    buffers: list[Any] = field(default_factory=list)
+
+
+def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any]) -> tuple[GgmlLayer, int] | str:
+    """One layer's weights and stable tensors in ggml (appended to contexts/buffers), and its Q4_0 bytes;
+    or why it cannot run as a ggml graph."""
+    attn = layer.self_attn
+    if not isinstance(attn, Attention):
+        return f"{type(attn).__name__} attention"
+    parts = [q4_0_of(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    o_blocks = q4_0_of(attn.o_proj)
+    if any(p is None for p in parts) or o_blocks is None:
+        return "q/k/v/o projections not symmetric int4 on the CPU (--dense-dtype q4_0)"
+    if attn.o_proj.bias is not None:
+        return "an o_proj bias (no supported family has one)"
+    if attn.head_dim % 2:
+        return f"head dim {attn.head_dim}: rotary pairs need an even one"
+    qkv_blocks = np.concatenate(parts)  # [(Hq+2Hkv)D, H/32, 18]
+    hidden, width = attn.o_proj.out_features, attn.o_proj.in_features
+    rows = qkv_blocks.shape[0]
+    biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+    experts = layer.mlp.gate.weight.shape[0] if isinstance(layer.mlp, MoEBlock) else 0
+    f32 = {"in_w": layer.input_layernorm.weight, "post_w": layer.post_attention_layernorm.weight}
+    if all(b is not None for b in biases):
+        f32["qkv_b"] = torch.cat([b.float() for b in biases if b is not None])
+    if attn.qk_norm in ("head", "full"):
+        f32["q_norm"], f32["k_norm"] = attn.q_norm.weight, attn.k_norm.weight
+    f32["rope"] = 1 / attn.rotary.inv_freq.float()  # [D/2]: theta_i = position / rope_i (rope_ext, base 1)
+    if experts:
+        f32["router"] = layer.mlp.gate.weight  # [E, H]
+    # weights: Q4_0 in the repack buffer, fp32 in a plain one; then the stable activations
+    wq, wf, io_ctx = lib.context(2), lib.context(len(f32)), lib.context(6)
+    contexts += [wq, wf, io_ctx]
+    w_qkv = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, hidden, rows)
+    w_o = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, width, hidden)
+    repack = lib.repack_buffer_type is not None and rows % REPACK_ROWS == 0 and hidden % REPACK_ROWS == 0
+    floats, arrays = {}, {}
+    for name, t in f32.items():
+        arrays[name] = t.detach().float().contiguous().numpy()
+        floats[name] = lib.ggml_new_tensor_2d(wf, GGML_F32, t.shape[-1], t.shape[0] if t.dim() == 2 else 1)
+    widths = {"delta": hidden, "r2": hidden, "n": hidden} | ({"logits": experts} if experts else {})
+    io = {name: lib.ggml_new_tensor_2d(io_ctx, GGML_F32, w, 1) for name, w in widths.items()}
+    if experts:  # the routed experts, for a graph that computes them (layer l + 1's, `GgmlDecoder.hidden`)
+        k = layer.mlp.config.top_k
+        io["ids"] = lib.ggml_new_tensor_2d(io_ctx, GGML_I32, k, 1)
+        io["weights"] = lib.ggml_new_tensor_3d(io_ctx, GGML_F32, 1, k, 1)
+    for ctx, buft in ((wq, lib.repack_buffer_type if repack else lib.cpu_buffer_type), (wf, lib.cpu_buffer_type),
+                      (io_ctx, lib.cpu_buffer_type)):
+        buffers.append(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft))
+        if not buffers[-1]:
+            raise MemoryError("ggml could not allocate a decoder layer's weights")
+    lib.ggml_backend_buffer_set_usage(buffers[-3], BUFFER_USAGE_WEIGHTS)
+    for tensor, array in [(w_qkv, qkv_blocks), (w_o, o_blocks)] + [(floats[k], arrays[k]) for k in floats]:
+        assert lib.ggml_nbytes(tensor) == array.nbytes
+        lib.ggml_backend_tensor_set(tensor, np.ascontiguousarray(array).ctypes.data, 0, array.nbytes)
+    views = {name: floats_view(t, (1, widths[name]), lib) for name, t in io.items() if name in widths}
+    if experts:
+        views["ids"] = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(io["ids"]), C.POINTER(C.c_int32)), (k,))
+        views["weights"] = floats_view(io["weights"], (k,), lib)
+    for array in views.values():
+        array[...] = 0  # ggml's memory comes uninitialised; layer 0's delta is read as zeros
+    eps = (float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps))
+    rope_scale = float(attn.rotary.spec.cos_sin_scale)
+    return GgmlLayer(attn, eps, rope_scale, w_qkv, w_o, floats, io, views), qkv_blocks.nbytes + o_blocks.nbytes
+
+
+def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: DecodeInputs, length: int,
+           capacity: int, owned: BoundCache, previous: tuple[GgmlLayerExperts, GgmlLayer] | None) -> Any:
+    """Layer `w`'s graph attending to the first `length` cache rows (of `capacity`); x: its input [H] (the
+    previous layer's r2). `previous`: that layer's stacked experts and tensors: its routed experts' sum is
+    computed here (from its n, ids and weights) instead of read from delta."""
+    attn = w.attn
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    ctx = lib.context(128, graph_nodes=128)
+    owned.contexts.append(ctx)
+    f = w.floats
+    if previous is None:
+        delta = w.io["delta"]
+    else:
+        stacked, prev = previous
+        hidden = prev.views["n"].shape[1]
+        delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, prev.io["n"], hidden, 1, 1), prev.io["ids"],
+                                    prev.io["weights"], prev.views["ids"].shape[0])
+    r1 = lib.ggml_add(ctx, x, delta)
+    a = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r1, w.eps[0]), f["in_w"])
+    qkv = lib.ggml_mul_mat(ctx, w.w_qkv, a)
+    if "qkv_b" in f:
+        qkv = lib.ggml_add(ctx, qkv, f["qkv_b"])
+    q = lib.ggml_view_1d(ctx, qkv, hq * d, 0)
+    k = lib.ggml_view_1d(ctx, qkv, hkv * d, hq * d * F32)
+    v = lib.ggml_view_1d(ctx, qkv, hkv * d, (hq + hkv) * d * F32)
+    norm_eps = float(attn.q_norm.eps) if attn.qk_norm in ("head", "full") else 0.0
+    if attn.qk_norm == "full":
+        q = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, q, norm_eps), f["q_norm"])
+        k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
+    if attn.clip is not None:
+        q, k, v = (lib.ggml_clamp(ctx, t, -float(attn.clip), float(attn.clip)) for t in (q, k, v))
+    q, k = lib.ggml_reshape_2d(ctx, q, d, hq), lib.ggml_reshape_2d(ctx, k, d, hkv)
+    if attn.qk_norm == "head":
+        q = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, q, norm_eps), f["q_norm"])
+        k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
+    q, k = (lib.ggml_rope_ext(ctx, lib.ggml_reshape_3d(ctx, t, d, heads, 1), shared.position, f["rope"], d,
+                              ROPE_NEOX, 0, 1.0, 1.0, 0.0, w.rope_scale, 0.0, 0.0) for t, heads in ((q, hq), (k, hkv)))
+    cache = [lib.ggml_set_rows(ctx, kv[i], lib.ggml_reshape_3d(ctx, t, d, 1, hkv), shared.position)
+             for i, t in enumerate((k, v))]  # the new row written in place; views of the cache after it
+    keys, values = (lib.ggml_view_3d(ctx, c, d, length, hkv, d * F32, capacity * d * F32, 0) for c in cache)
+    mask = lib.ggml_view_2d(ctx, shared.mask, length, 1, length * 2, 0)
+    out = lib.ggml_flash_attn_ext(ctx, lib.ggml_reshape_3d(ctx, q, d, 1, hq), keys, values, mask,
+                                  float(attn.scale), 0.0, 0.0)  # [D, Hq, 1]
+    o = lib.ggml_mul_mat(ctx, w.w_o, lib.ggml_reshape_2d(ctx, out, hq * d, 1))
+    r2 = lib.ggml_add(ctx, r1, o)
+    n = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, w.eps[1]), f["post_w"])
+    graph = lib.ggml_new_graph_custom(ctx, 128, False)
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, r2, w.io["r2"]))
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, n, w.io["n"]))
+    if "logits" in w.io:
+        lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, lib.ggml_mul_mat(ctx, f["router"], n), w.io["logits"]))
+    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
+    if not owned.buffers[-1]:
+        raise MemoryError("ggml could not allocate a decoder layer's activations")
+    return graph
