@@ -13,7 +13,9 @@ runs on a CPU-only machine without runtime flags). Parts, each summed over the l
   lm_head     the output projection
   layer_graphs  with --cpu-kernel onnxruntime: the per-layer decode graphs (hybrimoe.models.ort_decode:
               norms, q/k/v/o, attention, router logits in one onnxruntime run per layer; with --cpu-kernel
-              ggml and --dense-dtype q4_0 one ggml graph per layer, hybrimoe.models.ggml_decode); attn_proj,
+              ggml and --dense-dtype q4_0 one ggml graph per layer, hybrimoe.models.ggml_decode, which also
+              computes the previous layer's routed experts where the block has no shared expert: those
+              count here, not in experts); attn_proj,
               attn_core and router are then absent, norms is the final norm only, routing is in "other"
               (--no-decode-graph: the torch path around the kernels)
   other       the token's wall time minus all of the above (embedding, residual adds, Python between)
@@ -69,6 +71,7 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
 
     times: dict[str, float] = defaultdict(float)
     on = {"on": False}
+    wrapped: set[int] = set()
     for layer in model.model.layers:
         att = layer.self_attn
         _timed(times, on, "attention", att)
@@ -77,6 +80,9 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
                 _timed(times, on, "attn_proj", child)
         if isinstance(layer.mlp, MoEBlock):
             _timed(times, on, "moe_block", layer.mlp)
+            if id(layer.mlp.executor) in wrapped:  # the blocks share one executor: time it once
+                continue
+            wrapped.add(id(layer.mlp.executor))
             run = layer.mlp.executor.run
 
             def timed_run(*a, _run=run, **kw):
@@ -85,7 +91,7 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
                 if on["on"]:
                     times["experts"] += time.perf_counter() - t0
                 return out
-            layer.mlp.executor = type("Timed", (), {"run": staticmethod(timed_run)})()
+            layer.mlp.executor.run = timed_run  # on the instance: the executor keeps its type (GgmlDecoder's check)
     for module in model.modules():
         if isinstance(module, RMSNorm):
             _timed(times, on, "norms", module)
