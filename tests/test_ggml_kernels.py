@@ -261,6 +261,11 @@ def test_the_engine_gives_the_references_tokens_and_keeps_ggmls_copy_only(tiny_c
     store = engine.model.expert_store
     assert store.cpu_kernel == "ggml" and store.released  # CPU-only: the store's own bytes went
     assert engine.generate(PROMPT, params).token_ids == want and len(want) == 12
+    dense = {"dense_dtype": "q4_0", "lm_head_dtype": "q4_0"}  # and the decode tokens as ggml graphs
+    want = Engine.from_pretrained(path, dtype="fp32", expert_dtype="q4_0", **dense).generate(PROMPT, params).token_ids
+    engine = Engine.from_pretrained(path, dtype="fp32", expert_dtype="q4_0", cpu_kernel="ggml", **dense)
+    assert type(engine.model.ort_decoder).__name__ == "GgmlDecoder"
+    assert engine.generate(PROMPT, params).token_ids == want
     for asymmetric in (None, "int4"):  # nothing int4; asymmetric int4 (ggml's Q4_1: slower than torch's)
         with pytest.raises(ConfigError, match="--expert-dtype q4_0"):
             Engine.from_pretrained(path, dtype="fp32", expert_dtype=asymmetric, cpu_kernel="ggml")
