@@ -230,7 +230,7 @@ def main() -> None:
         return
     from llama_worker import LlamaProcess
 
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     ours, llamas, stores = {}, {}, {}
     for dense in denses:  # one expert store per kernel, shared by the dense variants; dense weights copied

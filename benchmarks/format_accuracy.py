@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_format_parity import PROMPTS, fake_quantized_fp32, rel, run  # noqa: E402
 
 from hybrimoe.loader import load_model  # noqa: E402
-from hybrimoe.moe.ort_kernels import apply_cpu_kernel, onnxruntime_available  # noqa: E402
+from hybrimoe.moe.cpu_kernels import apply_cpu_kernel  # noqa: E402
+from hybrimoe.moe.ort_kernels import onnxruntime_available  # noqa: E402
 from hybrimoe.moe.quant import ExpertFormat  # noqa: E402
 from hybrimoe.tiny import FAMILIES, make_tiny  # noqa: E402
 

@@ -133,7 +133,7 @@ def build_model(bench, args: argparse.Namespace):
     """bench_vs_llamacpp.py's model with its dense linears and lm_head in --dense-dtype and the CPU int4
     kernel of --cpu-kernel (torch when the script has no such flag). Shared with ab_decode_cpu.py."""
     from hybrimoe.models.quant_linear import quantize_dense
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     kernel = getattr(args, "cpu_kernel", "torch")
     model = bench.build_ours(args, "q4_0" if kernel == "ggml" else "int4")  # ggml: Q4_0's own codes

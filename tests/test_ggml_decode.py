@@ -50,7 +50,7 @@ def built(family: str, dense: str = "q4_0", yarn: bool = False) -> torch.nn.Modu
     """A tiny q4_0 model on ggml. Its dense linears then drop their onnxruntime sessions (where onnxruntime is
     installed), so that the torch path computes them through Int4View.matmul (the `reference` fixture makes
     that ggml's numerics)."""
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     overrides = {"olmoe": {"clip_qkv": 0.5}}.get(family, {}) | (YARN if yarn else {})  # a clip that binds
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=2, hidden=64,

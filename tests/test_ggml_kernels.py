@@ -218,7 +218,7 @@ def test_every_family_equals_the_reference_with_ggml(family: str, dense: str | N
     the GQA family's decode token as ggml_decode's graphs, MLA's through the torch path)."""
     from hybrimoe.models.quant_linear import QuantLinear
     from hybrimoe.moe.ggml_kernels import GgmlExpert, GgmlMatmul
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     want = prefill_and_decode(dummy(family, dense))  # torch path, reference numerics
     model = copy.deepcopy(dummy(family, dense))
@@ -240,7 +240,7 @@ def test_every_policy_gives_the_plain_logits_and_the_cpu_side_runs_ggml(policy, 
     from cpu_kernel_helpers import under_each_policy
 
     from hybrimoe.moe.ggml_kernels import GgmlExpert
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     model = copy.deepcopy(dummy("qwen3-moe"))
     apply_cpu_kernel(model, "ggml", progress=False)

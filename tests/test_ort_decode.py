@@ -23,7 +23,8 @@ from hybrimoe.loader import build_dummy_model
 from hybrimoe.models.attention import Attention
 from hybrimoe.models.layers import RMSNorm
 from hybrimoe.moe import ort_kernels
-from hybrimoe.moe.ort_kernels import OrtExpert, apply_cpu_kernel
+from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
+from hybrimoe.moe.ort_kernels import OrtExpert
 from hybrimoe.tiny import tiny_config
 from cpu_kernel_helpers import cache_roundtrip
 

@@ -25,7 +25,8 @@ from hybrimoe.errors import ConfigError
 from hybrimoe.loader import build_dummy_model
 from hybrimoe.moe import ort_kernels
 from hybrimoe.moe.kernels import Int4View, QuantExpert
-from hybrimoe.moe.ort_kernels import OrtExpert, OrtInt4, OrtMatmul, apply_cpu_kernel, integer_zero_points
+from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
+from hybrimoe.moe.ort_kernels import OrtExpert, OrtInt4, OrtMatmul, integer_zero_points
 from hybrimoe.moe.quant import ExpertFormat, Int4Matrix, quantize_int4
 from hybrimoe.tiny import FAMILIES, tiny_config
 

@@ -129,7 +129,7 @@ class Engine:
                                                RuntimeOptions.from_kwargs(device=options.device, **hybrid),
                                                cpu_kernel=options.cpu_kernel, **options.weight_formats())
         else:
-            from hybrimoe.moe.ort_kernels import apply_cpu_kernel, leave_cores_to_onnxruntime
+            from hybrimoe.moe.cpu_kernels import apply_cpu_kernel, leave_cores_to_onnxruntime
 
             model = load_model(path, dtype=check_dtype(dtype), device=options.device, **options.weight_formats())
             # no runtime: nothing copies experts to a GPU, so the store's bytes go as the sessions are built

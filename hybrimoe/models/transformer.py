@@ -78,7 +78,7 @@ class MoETransformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.moe_blocks: dict[int, MoEBlock] = {
             i: layer.mlp for i, layer in enumerate(self.model.layers) if isinstance(layer.mlp, MoEBlock)}
-        self.ort_decoder: Any = None  # hybrimoe.models.ort_decode.OrtDecoder (`--cpu-kernel onnxruntime`)
+        self.ort_decoder: Any = None  # OrtDecoder (`--cpu-kernel onnxruntime`) or GgmlDecoder (`--cpu-kernel ggml`)
 
     @property
     def routing_observer(self) -> RoutingObserver | None:

@@ -82,7 +82,7 @@ def load_with_runtime(model_dir: str | None, dtype: str, options: RuntimeOptions
     lm_head in `lm_head_dtype` (None = `dtype`) -> dense part on the device -> CPU int4 kernel
     `cpu_kernel` (before the runtime calibrates the CPU) -> runtime installed. Returns (model, runtime)."""
     from hybrimoe.loader import expert_format, load_model, parse_dtype
-    from hybrimoe.moe.ort_kernels import apply_cpu_kernel
+    from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 
     device = options.resolved_device()
     options = options.with_changes(device=device)
