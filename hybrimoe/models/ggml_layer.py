@@ -26,6 +26,7 @@ F32 = 4  # bytes
 
 
 def q4_0_of(linear: nn.Module) -> np.ndarray | None:
+    """A symmetric int4 CPU linear's Q4_0 blocks, else None."""
     if not isinstance(linear, QuantLinear) or linear.layout is None or linear.q.device.type != "cpu":
         return None
     return q4_0_blocks(linear.view())
