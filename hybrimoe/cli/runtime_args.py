@@ -46,9 +46,10 @@ def add_runtime_arguments(parser: argparse.ArgumentParser) -> None:
                      help="CPU int4 matmuls (experts and dense linears): torch's int4 kernel (default), "
                           "onnxruntime's MatMulNBits (int8 activations; faster, and its packed copy of the int4 "
                           "weights takes ~1.5x their bytes of host memory (a CPU-only run then frees the store's own "
-                          "copy); pip install onnxruntime onnx), or ggml: the experts on llama.cpp's own kernels "
-                          "(fastest with --expert-dtype q4_0; its copy takes 0.9-1x the int4 bytes; dense int4 "
-                          "linears on onnxruntime when installed; pip install llama-cpp-python)")
+                          "copy); pip install onnxruntime onnx), or ggml: llama.cpp's own kernels for q4_0 weights "
+                          "(--expert-dtype q4_0, and --dense-dtype/--lm-head-dtype q4_0 for the dense linears: a "
+                          "CPU-only GQA model then decodes each layer as one ggml graph; its copy takes 0.9x the "
+                          "int4 bytes; other int4 linears on onnxruntime when installed; pip install llama-cpp-python)")
     group = parser.add_argument_group("hybrid runtime (expert placement; off unless one of these is given)")
     group.add_argument("--policy", default=None,
                        help="placement preset: resident, ktransformers, llamacpp, gpu-lru, fiddler, hybrimoe, ... "
