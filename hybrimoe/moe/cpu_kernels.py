@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from hybrimoe.errors import ConfigError
-from hybrimoe.moe.ort_kernels import _STATE, _runtime, check_cpu_kernel, onnxruntime_available, release_free_heap
+from hybrimoe.moe.ort_kernels import _runtime, check_cpu_kernel, onnxruntime_available, release_free_heap
 
 log = logging.getLogger(__name__)
 
@@ -84,5 +84,5 @@ def leave_cores_to_onnxruntime() -> None:
     23 ms per token, a 128-token prompt 1.33 against 0.69 s; under PASSIVE the prompt took the same time
     (benchmarks/RESULTS_formats.md). The heavy work runs in onnxruntime either way."""
     if torch.get_num_threads() > 1:
-        log.info("torch: 1 thread beside the CPU kernel's pool (%s threads)", _STATE["threads"])
+        log.info("torch: 1 thread beside the CPU kernel's own thread pool")
         torch.set_num_threads(1)
