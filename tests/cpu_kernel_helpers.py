@@ -1,5 +1,5 @@
-"""Checks shared by the CPU-kernel tests (onnxruntime's and ggml's): the decode graphs' KV cache against the
-torch path's, and the hybrid runtime's presets with the CPU side on a kernel's experts."""
+"""Checks shared by the CPU-kernel tests (onnxruntime's and ggml's): the decode graphs against the torch path
+(logits, KV cache), and the hybrid runtime's presets with the CPU side on a kernel's experts."""
 
 from __future__ import annotations
 
@@ -22,6 +22,18 @@ def cache_roundtrip(model: torch.nn.Module, graph: bool) -> torch.Tensor:
         return torch.cat(out)
     finally:
         model.ort_decoder = decoder
+
+
+def torch_path_and_graph(model: torch.nn.Module, decode: Any, monkeypatch: Any) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(`decode(model, graph=False)`, `decode(model, graph=True)`, how many `Attention.forward` calls the
+    latter made: a decode token that ran the graphs makes none)."""
+    from hybrimoe.models.attention import Attention
+
+    want = decode(model, graph=False)
+    calls = []
+    forward = Attention.forward
+    monkeypatch.setattr(Attention, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
+    return want, decode(model, graph=True), len(calls)
 
 
 def under_each_policy(model: torch.nn.Module, policy: str, expert_cls: type, run: Any,

@@ -26,7 +26,7 @@ from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_lib import ggml_available
 from hybrimoe.moe.kernels import Int4View
 from hybrimoe.tiny import tiny_config
-from cpu_kernel_helpers import cache_roundtrip
+from cpu_kernel_helpers import cache_roundtrip, torch_path_and_graph
 from test_ggml_kernels import reference_matmul
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
@@ -100,12 +100,8 @@ def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int
     model = built(family, yarn=yarn)
     model.ort_decoder._unbind()  # graphs built for this chunk
     assert isinstance(model.ort_decoder, GgmlDecoder)
-    want = decode_logits(model, graph=False)
-    calls = []
-    forward = Attention.forward
-    monkeypatch.setattr(Attention, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
-    got = decode_logits(model, graph=True)
-    assert len(calls) == len(model.model.layers)  # the prompt only: every decode token ran the graphs
+    want, got, calls = torch_path_and_graph(model, decode_logits, monkeypatch)
+    assert calls == len(model.model.layers)  # the prompt only: every decode token ran the graphs
     assert rel(got, want) <= 1e-4, family
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 

@@ -20,13 +20,12 @@ import torch
 from hybrimoe.config import ModelConfig
 from hybrimoe.errors import HybrimoeError
 from hybrimoe.loader import build_dummy_model
-from hybrimoe.models.attention import Attention
 from hybrimoe.models.layers import RMSNorm
 from hybrimoe.moe import ort_kernels
 from hybrimoe.moe.cpu_kernels import apply_cpu_kernel
 from hybrimoe.moe.ort_kernels import OrtExpert
 from hybrimoe.tiny import tiny_config
-from cpu_kernel_helpers import cache_roundtrip
+from cpu_kernel_helpers import cache_roundtrip, torch_path_and_graph
 
 pytest.importorskip("onnxruntime", reason="the test extra installs onnxruntime")
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest.py
@@ -88,12 +87,8 @@ def decode_logits(model, graph: bool, tokens: list[int] | None = None, max_token
 def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, monkeypatch) -> None:
     model = built(family)
     assert model.ort_decoder is not None
-    want = decode_logits(model, graph=False)
-    calls = []
-    forward = Attention.forward
-    monkeypatch.setattr(Attention, "forward", lambda self, *a: calls.append(1) or forward(self, *a))
-    got = decode_logits(model, graph=True)
-    assert len(calls) == len(model.model.layers)  # the prompt only: every decode token ran the graphs
+    want, got, calls = torch_path_and_graph(model, decode_logits, monkeypatch)
+    assert calls == len(model.model.layers)  # the prompt only: every decode token ran the graphs
     assert rel(got, want) <= 1e-5, family
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 

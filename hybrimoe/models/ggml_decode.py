@@ -69,6 +69,7 @@ class GgmlDecoder(OrtDecoder):
         self.shared: DecodeInputs | None = None
         self.bound: BoundCache | None = None
         self.graphs: list[Any] = []
+        self.fused: tuple[GgmlLayerExperts | None, ...] = ()  # this token's `_fused`
         lib.owner(self, contexts, buffers)  # freed with the decoder (the bound cache's graphs too)
 
     @classmethod
@@ -149,32 +150,22 @@ class GgmlDecoder(OrtDecoder):
                      if i + 1 < len(blocks) and isinstance(b, MoEBlock) and b.routed_only()
                      and type(b.executor) is ReferenceExecutor else None for i, b in enumerate(blocks))
 
-    def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
-        """OrtDecoder.hidden, with a layer's routed experts computed in the next layer's graph where `_fused`."""
-        fused = self._fused(model)
-        self._prepare(kv, start + 1, fused)
-        dtype = model.dtype
-        self.x.copy_(model.model.embed_tokens(input_ids))
-        delta: torch.Tensor | None = None
-        for i, (decode, layer, g) in enumerate(zip(self.layers, model.model.layers, self.ggml_layers)):
-            if delta is not None:
-                decode.delta.copy_(delta)
-            self.run_layer(i, decode)
-            if fused[i] is not None:  # routing here (and its observer), the experts in layer i + 1's graph
-                ids, weights = layer.mlp.route_logits(decode.logits)
-                expert_ids, expert_weights = ids.numpy().reshape(-1), weights.float().numpy().reshape(-1)
-                order = np.argsort(expert_ids)  # ascending expert: the torch path's summation order
-                g.views["ids"][...] = expert_ids[order]  # (numpy: 9 against 57 us of torch ops per layer)
-                g.views["weights"][...] = expert_weights[order]
-                delta = None
-                continue
-            n = decode.n if dtype == torch.float32 else decode.n.to(dtype)
-            delta = layer.mlp.from_logits(n, decode.logits) if decode.logits is not None else layer.mlp(n)
-        assert delta is not None
-        return (self.layers[-1].r2 + delta).to(dtype)
+    def block_output(self, index: int, decode: DecodeLayer, block: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+        """Where `_fused`: the block's routing only (and its observer), its experts in layer index + 1's graph."""
+        if self.fused[index] is None:
+            return super().block_output(index, decode, block, dtype)
+        ids, weights = block.route_logits(decode.logits)
+        expert_ids, expert_weights = ids.numpy().reshape(-1), weights.float().numpy().reshape(-1)
+        order = np.argsort(expert_ids)  # ascending expert: the torch path's summation order
+        views = self.ggml_layers[index].views
+        views["ids"][...] = expert_ids[order]  # (numpy: 9 against 57 us of torch ops per layer)
+        views["weights"][...] = expert_weights[order]
+        return None
 
-    def _prepare(self, kv: KVCache, end: int, fused: tuple[GgmlLayerExperts | None, ...] = ()) -> None:
-        """This token's inputs (position end - 1): the cache bound, the position, the mask, the graphs."""
+    def _prepare(self, model: nn.Module, kv: KVCache, end: int) -> None:
+        """This token's inputs (position end - 1): the fusion pattern, the cache bound, the position, the
+        mask, the graphs."""
+        self.fused = fused = self._fused(model)
         bound = self._bind_cache(kv, end)
         shared = self.shared
         assert shared is not None
@@ -184,7 +175,6 @@ class GgmlDecoder(OrtDecoder):
         window = self.ggml_layers[0].attn.sliding_window
         shared.mask_view[:length] = -np.inf
         shared.mask_view[max(0, end - window) if window else 0:end] = 0  # attended: pos - j < window
-        fused = fused or (None,) * len(self.ggml_layers)
         key = (length, tuple(id(f) for f in fused))
         if key not in bound.graphs:
             layers = self.ggml_layers

@@ -18,8 +18,8 @@ from torch import nn
 
 from hybrimoe.models.attention import Attention
 from hybrimoe.models.quant_linear import QuantLinear
-from hybrimoe.moe.ggml_kernels import REPACK_ROWS, GgmlLayerExperts, q4_0_blocks
-from hybrimoe.moe.ggml_lib import BUFFER_USAGE_WEIGHTS, GGML_F32, GGML_I32, GGML_Q4_0, ROPE_NEOX, Ggml
+from hybrimoe.moe.ggml_kernels import GgmlLayerExperts, q4_0_blocks, q4_0_weights
+from hybrimoe.moe.ggml_lib import GGML_F32, GGML_I32, ROPE_NEOX, Ggml
 from hybrimoe.moe.layer import MoEBlock
 
 F32 = 4  # bytes
@@ -98,11 +98,12 @@ def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[
     if experts:
         f32["router"] = layer.mlp.gate.weight  # [E, H]
     # weights: Q4_0 in the repack buffer, fp32 in a plain one; then the stable activations
-    wq, wf, io_ctx = lib.context(2), lib.context(len(f32)), lib.context(6)
-    contexts += [wq, wf, io_ctx]
-    w_qkv = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, hidden, rows)
-    w_o = lib.ggml_new_tensor_2d(wq, GGML_Q4_0, width, hidden)
-    repack = lib.repack_buffer_type is not None and rows % REPACK_ROWS == 0 and hidden % REPACK_ROWS == 0
+    wq, wq_buffer, (w_qkv, w_o) = q4_0_weights(lib, [(qkv_blocks, (hidden, rows)), (o_blocks, (width, hidden))],
+                                               "a decoder layer's q/k/v/o")
+    contexts.append(wq)
+    buffers.append(wq_buffer)
+    wf, io_ctx = lib.context(len(f32)), lib.context(6)
+    contexts += [wf, io_ctx]
     floats, arrays = {}, {}
     for name, t in f32.items():
         arrays[name] = t.detach().float().contiguous().numpy()
@@ -113,13 +114,11 @@ def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[
         k = layer.mlp.config.top_k
         io["ids"] = lib.ggml_new_tensor_2d(io_ctx, GGML_I32, k, 1)
         io["weights"] = lib.ggml_new_tensor_3d(io_ctx, GGML_F32, 1, k, 1)
-    for ctx, buft in ((wq, lib.repack_buffer_type if repack else lib.cpu_buffer_type), (wf, lib.cpu_buffer_type),
-                      (io_ctx, lib.cpu_buffer_type)):
-        buffers.append(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, buft))
+    for ctx in (wf, io_ctx):
+        buffers.append(lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.cpu_buffer_type))
         if not buffers[-1]:
-            raise MemoryError("ggml could not allocate a decoder layer's weights")
-    lib.ggml_backend_buffer_set_usage(buffers[-3], BUFFER_USAGE_WEIGHTS)
-    for tensor, array in [(w_qkv, qkv_blocks), (w_o, o_blocks)] + [(floats[k], arrays[k]) for k in floats]:
+            raise MemoryError("ggml could not allocate a decoder layer's tensors")
+    for tensor, array in [(floats[k], arrays[k]) for k in floats]:
         assert lib.ggml_nbytes(tensor) == array.nbytes
         lib.ggml_backend_tensor_set(tensor, np.ascontiguousarray(array).ctypes.data, 0, array.nbytes)
     views = {name: floats_view(t, (1, widths[name]), lib) for name, t in io.items() if name in widths}

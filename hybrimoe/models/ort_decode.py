@@ -115,7 +115,7 @@ def _layer_graph(layer: nn.Module) -> tuple[_Graph, list[Any], list[Any]] | str:
     o_weights = _int4(attn.o_proj)
     if qkv is None or o_weights is None:
         return "q/k/v/o projections not int4 on the CPU with integer zero points (--dense-dtype int4)"
-    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    hkv, d = attn.num_kv_heads, attn.head_dim
     if d % 16:
         return f"head dim {d}: GroupQueryAttention's rotary needs a multiple of 16"
     hidden = o_weights.n
@@ -249,7 +249,7 @@ class OrtDecoder:
         log.info("onnxruntime decode graphs: %d layers, %.1f MB of int4 q/k/v/o packed again", len(layers), total / 1e6)
         return cls(model, layers, x)
 
-    def _prepare(self, kv: KVCache, end: int) -> None:
+    def _prepare(self, model: nn.Module, kv: KVCache, end: int) -> None:
         """Rotary tables covering kv's max_tokens, and every layer's cache bound (allocated on first use)."""
         if self.cos.shape[0] < kv.max_tokens:
             self.cos, self.sin = (t.float().contiguous() for t in self.rotary(torch.arange(kv.max_tokens)))
@@ -274,7 +274,7 @@ class OrtDecoder:
     def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
         """The hidden state [1, H] (model dtype, before the final norm) of one token at position `start`,
         its keys/values written into `kv` at `start`."""
-        self._prepare(kv, start + 1)
+        self._prepare(model, kv, start + 1)
         self.seqlens[0] = start
         self.total[...] = start + 1
         dtype = model.dtype
@@ -284,7 +284,12 @@ class OrtDecoder:
             if delta is not None:
                 decode.delta.copy_(delta)
             self.run_layer(i, decode)
-            n = decode.n if dtype == torch.float32 else decode.n.to(dtype)
-            delta = layer.mlp.from_logits(n, decode.logits) if decode.logits is not None else layer.mlp(n)
+            delta = self.block_output(i, decode, layer.mlp, dtype)
         assert delta is not None
         return (self.layers[-1].r2 + delta).to(dtype)
+
+    def block_output(self, index: int, decode: DecodeLayer, block: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
+        """Layer `index`'s MLP block on its normed hidden state (and router logits): its output, the next
+        layer's delta (None: the next layer's graph computes it itself, GgmlDecoder)."""
+        n = decode.n if dtype == torch.float32 else decode.n.to(dtype)
+        return block.from_logits(n, decode.logits) if decode.logits is not None else block(n)

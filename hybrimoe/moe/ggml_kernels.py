@@ -67,18 +67,20 @@ class _Graph:
     buffer: Any = None  # the activations' buffer
 
 
-def _weights(lib: Ggml, mats: list[tuple[np.ndarray, int, int]], what: str) -> tuple[Any, Any, list[Any]]:
-    """Q4_0 matrices (blocks, rows N, row length K) in one ggml buffer (CPU_REPACK when every N is a multiple
-    of REPACK_ROWS): (context, buffer, tensors [ne0=K, ne1=N]); freed with `lib.owner` by the caller."""
+def q4_0_weights(lib: Ggml, mats: list[tuple[np.ndarray, tuple[int, ...]]], what: str) -> tuple[Any, Any, list[Any]]:
+    """Q4_0 weights (blocks, ggml shape (K, N) or (K, N, E): row length first) in one ggml buffer (CPU_REPACK
+    when every N is a multiple of REPACK_ROWS): (context, buffer, tensors); freed with `lib.owner` by the
+    caller."""
     ctx = lib.context(len(mats))
-    tensors = [lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, k, n) for _, n, k in mats]  # ggml order: ne0 = row length
-    repack = lib.repack_buffer_type is not None and all(n % REPACK_ROWS == 0 for _, n, _ in mats)
+    tensors = [lib.ggml_new_tensor_2d(ctx, GGML_Q4_0, *shape) if len(shape) == 2
+               else lib.ggml_new_tensor_3d(ctx, GGML_Q4_0, *shape) for _, shape in mats]
+    repack = lib.repack_buffer_type is not None and all(shape[1] % REPACK_ROWS == 0 for _, shape in mats)
     buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type if repack else lib.cpu_buffer_type)
     if not buffer:
         lib.ggml_free(ctx)
-        raise MemoryError(f"ggml could not allocate {what}'s {sum(b.nbytes for b, _, _ in mats)} bytes")
+        raise MemoryError(f"ggml could not allocate {what}'s {sum(b.nbytes for b, _ in mats)} bytes")
     lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
-    for tensor, (blocks, _, _) in zip(tensors, mats):
+    for tensor, (blocks, _) in zip(tensors, mats):
         assert lib.ggml_nbytes(tensor) == blocks.nbytes
         lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
     return ctx, buffer, tensors
@@ -169,8 +171,8 @@ class GgmlExpert(_GgmlKernel):
         if a is None or b is None:
             return None
         lib = ggml_runtime()
-        ctx, buffer, (gate_up, down) = _weights(lib, [(a, expert.gate_up.n, expert.gate_up.k),
-                                                      (b, expert.down.n, expert.down.k)], "an expert")
+        ctx, buffer, (gate_up, down) = q4_0_weights(lib, [(a, (expert.gate_up.k, expert.gate_up.n)),
+                                                          (b, (expert.down.k, expert.down.n))], "an expert")
         built = cls(lib, ctx, buffer, gate_up, down, expert.gate_up.k, expert.intermediate, a.nbytes + b.nbytes)
         lib.owner(built, [ctx], [buffer])  # freed with the expert
         return built
@@ -249,17 +251,7 @@ class GgmlLayerExperts:
             if blocks[0] is None or blocks[1] is None:
                 return None
             a[e], b[e] = blocks
-        ctx = lib.context(2)
-        gate_up = lib.ggml_new_tensor_3d(ctx, GGML_Q4_0, h, 2 * i, n)
-        down = lib.ggml_new_tensor_3d(ctx, GGML_Q4_0, i, h, n)
-        buffer = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, lib.repack_buffer_type)
-        if not buffer:
-            lib.ggml_free(ctx)
-            raise MemoryError(f"ggml could not allocate a layer's {a.nbytes + b.nbytes} bytes of experts")
-        lib.ggml_backend_buffer_set_usage(buffer, BUFFER_USAGE_WEIGHTS)
-        for tensor, blocks in ((gate_up, a), (down, b)):
-            assert lib.ggml_nbytes(tensor) == blocks.nbytes
-            lib.ggml_backend_tensor_set(tensor, blocks.ctypes.data, 0, blocks.nbytes)  # repacks
+        ctx, buffer, (gate_up, down) = q4_0_weights(lib, [(a, (h, 2 * i, n)), (b, (i, h, n))], "a layer's experts")
         built = cls(lib, ctx, buffer, gate_up, down, h, i, n, a.nbytes + b.nbytes)
         lib.owner(built, [ctx], [buffer])
         built.views = [GgmlExpert.view_of(built, e) for e in range(n)]
@@ -334,7 +326,7 @@ class GgmlMatmul(_GgmlKernel):
         if blocks is None:
             return None
         lib = ggml_runtime()
-        ctx, buffer, (weight,) = _weights(lib, [(blocks, view.n, view.k)], "a linear")
+        ctx, buffer, (weight,) = q4_0_weights(lib, [(blocks, (view.k, view.n))], "a linear")
         built = cls(lib, ctx, buffer, weight, view.k, view.n, blocks.nbytes)
         lib.owner(built, [ctx], [buffer])
         return built

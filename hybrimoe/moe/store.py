@@ -174,10 +174,6 @@ class ExpertStore:
             view = self._views[(layer, expert)] = self.layout.view(self.buffer(layer, expert))
         return view
 
-    def use_onnxruntime(self, progress: bool = True, release: bool = False) -> int:
-        """`use_cpu_kernel("onnxruntime", ...)`."""
-        return self.use_cpu_kernel("onnxruntime", progress, release)
-
     def use_cpu_kernel(self, name: str, progress: bool = True, release: bool = False) -> int:
         """Computes the host experts with CPU kernel `name` from now on: "onnxruntime" (MatMulNBits,
         hybrimoe.moe.ort_kernels) or "ggml" (llama.cpp's Q4_0 kernels, hybrimoe.moe.ggml_kernels).
@@ -201,7 +197,7 @@ class ExpertStore:
             raise ConfigError(f"--cpu-kernel {name} computes int4 experts; these are {self.format.describe()} "
                               "(add --expert-dtype int4)")
         if name == "ggml":
-            from hybrimoe.moe.ggml_kernels import GgmlExpert
+            from hybrimoe.moe.ggml_kernels import GgmlExpert, GgmlLayerExperts
             builder: Any = GgmlExpert.build
             factor = GGML_MEMORY_FACTOR
         else:
@@ -214,7 +210,6 @@ class ExpertStore:
         for layer in tqdm(list(self._layers), desc=f"{name} experts", unit="layer", disable=not progress):
             stacked = None
             if name == "ggml":  # the layer's experts stacked for one-graph decode tokens where all are Q4_0
-                from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
                 stacked = GgmlLayerExperts.build([self.expert(layer, e) for e in range(experts)])
             if stacked is not None:
                 self._layer_kernels[layer] = stacked
