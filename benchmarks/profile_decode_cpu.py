@@ -15,7 +15,9 @@ runs on a CPU-only machine without runtime flags). Parts, each summed over the l
               norms, q/k/v/o, attention, router logits in one onnxruntime run per layer; with --cpu-kernel
               ggml and --dense-dtype q4_0 one ggml graph per layer, hybrimoe.models.ggml_decode, which also
               computes the previous layer's routed experts where the block has no shared expert: those
-              count here, not in experts); attn_proj,
+              count here, not in experts; where every block is a softmax top-k router over routed experts
+              only, the whole token is one ggml graph, hybrimoe.models.ggml_token: routing and every
+              layer's experts count here); attn_proj,
               attn_core and router are then absent, norms is the final norm only, routing is in "other"
               (--no-decode-graph: the torch path around the kernels)
   other       the token's wall time minus all of the above (embedding, residual adds, Python between)
@@ -97,16 +99,17 @@ def instrument(model) -> tuple[dict[str, float], dict[str, bool]]:
             _timed(times, on, "norms", module)
     _timed(times, on, "lm_head", model.lm_head)
     decoder = model.ort_decoder
-    if decoder is not None:  # its per-layer graphs (onnxruntime's or ggml's), timed around run_layer
-        run_layer = decoder.run_layer
+    if decoder is not None:  # its graphs: ggml's every compute (the whole token's where it applies),
+        name = "_compute" if hasattr(decoder, "_compute") else "run_layer"  # else onnxruntime's per layer
+        run = getattr(decoder, name)
 
-        def timed(index: int, layer) -> None:
+        def timed(*args) -> None:
             t0 = time.perf_counter()
-            run_layer(index, layer)
+            run(*args)
             if on["on"]:
                 times["layer_graphs"] += time.perf_counter() - t0
 
-        decoder.run_layer = timed
+        setattr(decoder, name, timed)
     return times, on
 
 

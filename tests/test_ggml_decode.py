@@ -46,7 +46,7 @@ YARN = {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "original_max_po
 
 
 @cache
-def built(family: str, dense: str = "q4_0", yarn: bool = False) -> torch.nn.Module:
+def built(family: str, dense: str = "q4_0", yarn: bool = False, head: str | None = None) -> torch.nn.Module:
     """A tiny q4_0 model on ggml. Its dense linears then drop their onnxruntime sessions (where onnxruntime is
     installed), so that the torch path computes them through Int4View.matmul (the `reference` fixture makes
     that ggml's numerics)."""
@@ -55,14 +55,15 @@ def built(family: str, dense: str = "q4_0", yarn: bool = False) -> torch.nn.Modu
     overrides = {"olmoe": {"clip_qkv": 0.5}}.get(family, {}) | (YARN if yarn else {})  # a clip that binds
     config = ModelConfig.from_dict(tiny_config(family, 256, [0], layers=3, experts=8, top_k=2, hidden=64,
                                                overrides=overrides).to_dict())
-    model = build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense)
+    model = build_dummy_model(config, "fp32", seed=1, std=0.1, expert_dtype="q4_0", dense_dtype=dense,
+                              lm_head_dtype=head)
     gen = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for norm in (m for m in model.modules() if isinstance(m, RMSNorm)):  # each its own weights (not ones)
             norm.weight.copy_(1 + 0.3 * torch.randn(norm.weight.shape, generator=gen))
     apply_cpu_kernel(model, "ggml", progress=False)
     for module in model.modules():
-        if isinstance(module, QuantLinear):
+        if isinstance(module, QuantLinear) and module is not model.lm_head:  # (lm_head: ggml's kernel on both paths)
             module.ort = None
         if isinstance(module, Attention):
             module.qkv = None
@@ -87,22 +88,70 @@ def decode_logits(model, graph: bool, max_tokens: int = 40) -> torch.Tensor:
         model.ort_decoder = decoder
 
 
-@pytest.mark.parametrize("family,chunk,yarn", [(f, 256, False) for f in GQA_FAMILIES]
-                         + [("mixtral", 8, False), ("qwen3-moe", 8, False), ("qwen3-moe", 256, True)])
-def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, yarn: bool, reference,
+WHOLE_TOKEN = ("mixtral", "qwen3-moe", "olmoe")  # softmax top-k over routed experts only: one graph per token
+
+
+@pytest.mark.parametrize("family,chunk,yarn,whole", [(f, 256, False, True) for f in GQA_FAMILIES]
+                         + [("mixtral", 8, False, True), ("qwen3-moe", 8, False, True), ("qwen3-moe", 256, True, True)]
+                         + [(f, c, False, False) for f, c in (("mixtral", 256), ("olmoe", 8))])
+def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, yarn: bool, whole: bool, reference,
                                                          monkeypatch) -> None:
     """chunk 256: every graph attends to the whole (40-token) cache; 8: to 16, 24, 32, 40 rows as it fills.
-    yarn: YaRN's frequencies and magnitude scale (factor 4) reach ggml's rotary."""
+    yarn: YaRN's frequencies and magnitude scale (factor 4) reach ggml's rotary. whole: the families that can
+    run a token as one graph do (ggml_token); False: the per-layer graphs (experts fused into the next one)."""
     from hybrimoe.models import ggml_decode
     from hybrimoe.models.ggml_decode import GgmlDecoder
 
     monkeypatch.setattr(ggml_decode, "KV_CHUNK", chunk)
+    if not whole:
+        monkeypatch.setattr(ggml_decode, "token_experts", lambda model: None)
     model = built(family, yarn=yarn)
-    model.ort_decoder._unbind()  # graphs built for this chunk
-    assert isinstance(model.ort_decoder, GgmlDecoder)
+    decoder = model.ort_decoder
+    decoder._unbind()  # graphs built for this chunk
+    assert isinstance(decoder, GgmlDecoder)
+    computes = []
+    compute = decoder._compute
+    monkeypatch.setattr(decoder, "_compute", lambda graph: computes.append(1) or compute(graph))
     want, got, calls = torch_path_and_graph(model, decode_logits, monkeypatch)
     assert calls == len(model.model.layers)  # the prompt only: every decode token ran the graphs
+    per_token = 1 if whole and family in WHOLE_TOKEN else len(model.model.layers)
+    assert len(computes) == STEPS * per_token
     assert rel(got, want) <= 1e-4, family
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])  # top-k weights renormalised / not
+def test_the_whole_token_graph_tells_the_observer_the_torch_paths_routing(family: str, reference) -> None:
+    """The routing a whole-token graph computes (read back after it) reaches the observer layer by layer:
+    the torch path's experts, in its order (highest score first), weights and softmax scores."""
+    model = built(family)
+    hooks = model.model.layers[0].mlp.hooks
+    seen: dict[bool, list] = {True: [], False: []}
+    for graph in (True, False):
+        hooks.observer = lambda layer, r, graph=graph: seen[graph].append((layer, r.expert_ids, r.weights, r.scores))
+        try:
+            decode_logits(model, graph)
+        finally:
+            hooks.observer = None
+    assert len(seen[True]) == len(seen[False]) == (1 + STEPS) * len(model.model.layers)
+    for (layer, ids, weights, scores), (want_layer, want_ids, want_weights, want_scores) in zip(*seen.values()):
+        assert layer == want_layer and ids.dtype == torch.long and torch.equal(ids, want_ids)
+        assert weights.shape == want_weights.shape and torch.allclose(weights, want_weights, atol=1e-5)
+        assert scores.shape == want_scores.shape and torch.allclose(scores, want_scores, atol=1e-5)
+
+
+def test_a_q4_0_lm_head_ends_the_whole_token_graph(reference, monkeypatch) -> None:
+    """With lm_head in Q4_0 on ggml, the final norm and lm_head are the graph's last ops (the model's own
+    norm and head do not run during decode): the torch path's logits."""
+    model = built("qwen3-moe", head="q4_0")
+    assert model.lm_head.use_ggml()
+    want = decode_logits(model, False)
+    norms = []
+    norm = model.model.norm.forward
+    monkeypatch.setattr(model.model.norm, "forward", lambda x: norms.append(1) or norm(x))
+    got = decode_logits(model, True)
+    assert len(norms) == 1  # the prompt's forward only
+    assert rel(got, want) <= 1e-4
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 

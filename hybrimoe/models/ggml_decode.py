@@ -18,7 +18,9 @@ layer's block is its routed experts only, on the plain engine's executor over gg
 ids and weights as inputs: MUL_MAT_ID, as llama.cpp computes them) instead of a call of their own:
 one graph call per layer; the block's output then stays fp32 (the torch path rounds it to the model's
 dtype). Otherwise (shared experts, dense MLPs, the hybrid runtime's executor, the last layer) the block
-runs as OrtDecoder runs it and its output arrives as delta.
+runs as OrtDecoder runs it and its output arrives as delta. Where every block allows it (plain softmax
+top-k routers over routed experts only, hybrimoe.models.ggml_token), `hidden` runs the whole token as ONE
+graph instead, routing included, and `logits` ends it with the final norm and a q4_0 lm_head.
 
 The attended cache length is the position rounded up to KV_CHUNK (llama.cpp pads its KV view the same
 way): one graph per layer and chunk count, built when first needed; masked positions are skipped by
@@ -42,9 +44,11 @@ import torch
 from torch import nn
 
 from hybrimoe.models.ggml_layer import F32, BoundCache, DecodeInputs, GgmlLayer, build_layer, floats_view, layer_graph
+from hybrimoe.models.ggml_token import observe_token, token_experts, token_graph
 from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.ort_decode import DecodeLayer, OrtDecoder
-from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
+from hybrimoe.models.quant_linear import QuantLinear
+from hybrimoe.moe.ggml_kernels import GgmlLayerExperts, GgmlMatmul
 from hybrimoe.moe.ggml_lib import GGML_F16, GGML_F32, GGML_I32, Ggml, ggml_runtime
 from hybrimoe.moe.layer import MoEBlock, ReferenceExecutor
 
@@ -70,6 +74,7 @@ class GgmlDecoder(OrtDecoder):
         self.bound: BoundCache | None = None
         self.graphs: list[Any] = []
         self.fused: tuple[GgmlLayerExperts | None, ...] = ()  # this token's `_fused`
+        self.final_norm: tuple[Any, float] | None = None  # the model's final RMSNorm: weight F32 [H, 1], eps
         lib.owner(self, contexts, buffers)  # freed with the decoder (the bound cache's graphs too)
 
     @classmethod
@@ -89,15 +94,19 @@ class GgmlDecoder(OrtDecoder):
                 return None
             built.append(got[0])
             total += got[1]
-        ctx = lib.context(1)
+        ctx = lib.context(2)
         contexts.append(ctx)
-        x = lib.ggml_new_tensor_2d(ctx, GGML_F32, built[0].views["delta"].shape[1], 1)
+        hidden = built[0].views["delta"].shape[1]
+        x, norm = (lib.ggml_new_tensor_2d(ctx, GGML_F32, hidden, 1) for _ in range(2))
         buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
         if not buffers[-1]:
             lib.free(contexts, buffers)
             raise MemoryError("ggml could not allocate the decoder's input")
+        floats_view(norm, (1, hidden), lib)[0] = model.model.norm.weight.detach().float().numpy()
         log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o as Q4_0", len(built), total / 1e6)
-        return cls(model, lib, built, x, contexts, buffers)
+        decoder = cls(model, lib, built, x, contexts, buffers)
+        decoder.final_norm = (norm, float(model.model.norm.eps))
+        return decoder
 
     def _bind_cache(self, kv: KVCache, end: int) -> BoundCache:
         """The ggml tensors over kv's buffers (and the mask for its length), made again for a new cache."""
@@ -162,10 +171,9 @@ class GgmlDecoder(OrtDecoder):
         views["weights"][...] = expert_weights[order]
         return None
 
-    def _prepare(self, model: nn.Module, kv: KVCache, end: int) -> None:
-        """This token's inputs (position end - 1): the fusion pattern, the cache bound, the position, the
-        mask, the graphs."""
-        self.fused = fused = self._fused(model)
+    def _inputs(self, kv: KVCache, end: int) -> tuple[BoundCache, int, int]:
+        """This token's shared inputs (position end - 1, the mask) over the bound cache: (the bound cache,
+        the attended length, the cache's capacity)."""
         bound = self._bind_cache(kv, end)
         shared = self.shared
         assert shared is not None
@@ -175,16 +183,59 @@ class GgmlDecoder(OrtDecoder):
         window = self.ggml_layers[0].attn.sliding_window
         shared.mask_view[:length] = -np.inf
         shared.mask_view[max(0, end - window) if window else 0:end] = 0  # attended: pos - j < window
+        return bound, length, capacity
+
+    def _prepare(self, model: nn.Module, kv: KVCache, end: int) -> None:
+        """This token's inputs (`_inputs`), the fusion pattern and the graphs."""
+        self.fused = fused = self._fused(model)
+        bound, length, capacity = self._inputs(kv, end)
         key = (length, tuple(id(f) for f in fused))
         if key not in bound.graphs:
             layers = self.ggml_layers
             inputs = [self.x_tensor] + [g.io["r2"] for g in layers[:-1]]  # layer l reads l - 1's r2
             previous = [None] + [(f, g) if f is not None else None for f, g in zip(fused[:-1], layers[:-1])]
-            bound.graphs[key] = [layer_graph(self.lib, g, x, kvt, shared, length, capacity, bound, p)
+            bound.graphs[key] = [layer_graph(self.lib, g, x, kvt, self.shared, length, capacity, bound, p)
                                  for g, x, kvt, p in zip(layers, inputs, bound.tensors, previous)]
         self.graphs = bound.graphs[key]
 
-    def run_layer(self, index: int, decode: DecodeLayer) -> None:
+    def _compute(self, graph: Any) -> None:
         with self.lib.lock:
-            if self.lib.ggml_backend_graph_compute(self.lib.backend, self.graphs[index]) != 0:
+            if self.lib.ggml_backend_graph_compute(self.lib.backend, graph) != 0:
                 raise RuntimeError("ggml graph compute failed")
+
+    def run_layer(self, index: int, decode: DecodeLayer) -> None:
+        self._compute(self.graphs[index])
+
+    def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
+        """As OrtDecoder.hidden; where `token_experts` allows, the whole token is one graph (ggml_token)."""
+        out = self._token(model, input_ids, start, kv, None)
+        return super().hidden(model, input_ids, start, kv) if out is None else out
+
+    def logits(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor | None:
+        """The token's logits [1, V] fp32 from one graph that also computes the final norm and lm_head, where
+        `token_experts` allows and lm_head runs on ggml (`--lm-head-dtype q4_0`); else None (nothing done)."""
+        head = model.lm_head.ort if isinstance(model.lm_head, QuantLinear) else None
+        if not isinstance(head, GgmlMatmul) or self.final_norm is None:
+            return None
+        return self._token(model, input_ids, start, kv, head.weight)
+
+    def _token(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache,
+               head: Any) -> torch.Tensor | None:
+        """One token through the whole-token graph: its hidden state [1, H] in the model's dtype, or with
+        `head` (lm_head's Q4_0 weight) its logits [1, V] fp32; None where `token_experts` refuses."""
+        experts = token_experts(model)
+        if experts is None:
+            return None
+        bound, length, capacity = self._inputs(kv, start + 1)
+        key = (length, tuple(id(e) for e in experts), head)
+        blocks = [layer.mlp for layer in model.model.layers]
+        if key not in bound.token_graphs:
+            assert self.shared is not None
+            final = None if head is None else (*self.final_norm, head)
+            bound.token_graphs[key] = token_graph(self.lib, self.ggml_layers, blocks, experts, self.x_tensor,
+                                                  bound.tensors, self.shared, length, capacity, bound, final)
+        token = bound.token_graphs[key]
+        self.x.copy_(model.model.embed_tokens(input_ids))
+        self._compute(token.graph)
+        observe_token(token, blocks)
+        return torch.from_numpy(token.out).to(torch.float32 if head is not None else model.dtype, copy=True)

@@ -66,6 +66,7 @@ class BoundCache:
     tensors: list[tuple[Any, Any]]
     keep: list[torch.Tensor]  # torch's buffers, kept alive while ggml reads them
     graphs: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)  # (length, fused) -> graph per layer
+    token_graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (length, experts) -> TokenGraph
     contexts: list[Any] = field(default_factory=list)
     buffers: list[Any] = field(default_factory=list)
 
@@ -137,11 +138,8 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
     """Layer `w`'s graph attending to the first `length` cache rows (of `capacity`); x: its input [H] (the
     previous layer's r2). `previous`: that layer's stacked experts and tensors: its routed experts' sum is
     computed here (from its n, ids and weights) instead of read from delta."""
-    attn = w.attn
-    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     ctx = lib.context(128, graph_nodes=128)
     owned.contexts.append(ctx)
-    f = w.floats
     if previous is None:
         delta = w.io["delta"]
     else:
@@ -149,7 +147,27 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
         hidden = prev.views["n"].shape[1]
         delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, prev.io["n"], hidden, 1, 1), prev.io["ids"],
                                     prev.io["weights"], prev.views["ids"].shape[0])
-    r1 = lib.ggml_add(ctx, x, delta)
+    r2, n = attention_ops(lib, ctx, w, lib.ggml_add(ctx, x, delta), kv, shared, length, capacity)
+    graph = lib.ggml_new_graph_custom(ctx, 128, False)
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, r2, w.io["r2"]))
+    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, n, w.io["n"]))
+    if "logits" in w.io:
+        lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, lib.ggml_mul_mat(ctx, w.floats["router"], n),
+                                                          w.io["logits"]))
+    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
+    if not owned.buffers[-1]:
+        raise MemoryError("ggml could not allocate a decoder layer's activations")
+    return graph
+
+
+def attention_ops(lib: Ggml, ctx: Any, w: GgmlLayer, r1: Any, kv: tuple[Any, Any], shared: DecodeInputs,
+                  length: int, capacity: int) -> tuple[Any, Any]:
+    """Layer `w`'s ops in `ctx` from its residual stream r1 F32 [H, 1] (the layer's input plus the previous
+    block's output) to (r2 = r1 + attention [H, 1], n = RMSNorm_post(r2) [H, 1]), attending to the first
+    `length` cache rows (of `capacity`); the token's k/v are written into the cache."""
+    attn = w.attn
+    hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+    f = w.floats
     a = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r1, w.eps[0]), f["in_w"])
     qkv = lib.ggml_mul_mat(ctx, w.w_qkv, a)
     if "qkv_b" in f:
@@ -177,13 +195,20 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
                                   float(attn.scale), 0.0, 0.0)  # [D, Hq, 1]
     o = lib.ggml_mul_mat(ctx, w.w_o, lib.ggml_reshape_2d(ctx, out, hq * d, 1))
     r2 = lib.ggml_add(ctx, r1, o)
-    n = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, w.eps[1]), f["post_w"])
-    graph = lib.ggml_new_graph_custom(ctx, 128, False)
-    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, r2, w.io["r2"]))
-    lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, n, w.io["n"]))
-    if "logits" in w.io:
-        lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, lib.ggml_mul_mat(ctx, f["router"], n), w.io["logits"]))
-    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
-    if not owned.buffers[-1]:
-        raise MemoryError("ggml could not allocate a decoder layer's activations")
-    return graph
+    return r2, lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, w.eps[1]), f["post_w"])
+
+
+def route_ops(lib: Ggml, ctx: Any, logits: Any, experts: int, k: int, renormalise: bool,
+              scale: float) -> tuple[Any, Any, Any]:
+    """The softmax top-k router (hybrimoe.models.routing.route without DeepSeek's rules) in `ctx`, as
+    llama.cpp's graph computes it: logits F32 [E, 1] -> (ids I32 [k, 1], highest score first;
+    weights F32 [1, k, 1]; scores F32 [E, 1] = softmax(logits))."""
+    scores = lib.ggml_soft_max(ctx, logits)
+    ids = lib.ggml_argsort_top_k(ctx, scores, k)  # a view of the descending argsort
+    weights = lib.ggml_get_rows(ctx, lib.ggml_reshape_3d(ctx, scores, 1, experts, 1), ids)  # [1, k, 1]
+    if renormalise:
+        flat = lib.ggml_reshape_2d(ctx, weights, k, 1)
+        weights = lib.ggml_reshape_3d(ctx, lib.ggml_div(ctx, flat, lib.ggml_sum_rows(ctx, flat)), 1, k, 1)
+    if scale != 1.0:
+        weights = lib.ggml_scale(ctx, weights, scale)
+    return ids, weights, scores

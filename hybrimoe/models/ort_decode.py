@@ -288,6 +288,11 @@ class OrtDecoder:
         assert delta is not None
         return (self.layers[-1].r2 + delta).to(dtype)
 
+    def logits(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor | None:
+        """The token's logits [1, V] where the decoder also computes the final norm and lm_head (GgmlDecoder);
+        None here: `hidden`, then the model's own head."""
+        return None
+
     def block_output(self, index: int, decode: DecodeLayer, block: nn.Module, dtype: torch.dtype) -> torch.Tensor | None:
         """Layer `index`'s MLP block on its normed hidden state (and router logits): its output, the next
         layer's delta (None: the next layer's graph computes it itself, GgmlDecoder)."""

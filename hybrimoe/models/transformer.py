@@ -117,8 +117,8 @@ class MoETransformer(nn.Module):
         `start_pos` = tokens already in `kv` (a smaller value rewinds the cache to that prefix). A forward
         of more than one token counts as prefill (see `forward_prefill`).
         """
-        x = self._hidden([(input_ids, start_pos, kv)], prefill=None)                 # [T, H]
-        return self.lm_head(self.model.norm(x)).float()                              # [T, V]
+        x, done = self._hidden([(input_ids, start_pos, kv)], prefill=None)           # [T, H]
+        return x if done else self.lm_head(self.model.norm(x)).float()               # [T, V]
 
     @torch.inference_mode()
     def forward_batch(self, segments: Sequence[tuple[torch.Tensor, int, KVCache]],
@@ -126,12 +126,17 @@ class MoETransformer(nn.Module):
         """Segments (input_ids [T_i], start_pos_i, kv_i), each as in `forward`, in one pass -> logits [S, V]
         fp32 of each segment's last token. `prefill`: whether this step carries prompt tokens (the engine
         knows; None = any segment has more than one token). Every segment needs its own KV cache."""
-        x = self._hidden(segments, prefill)                                          # [N, H]
+        x, done = self._hidden(segments, prefill)                                    # [N, H]
+        if done:
+            return x                                                                 # [1, V]
         ends = torch.tensor(list(accumulate(int(ids.shape[0]) for ids, _, _ in segments)), device=x.device) - 1
         return self.lm_head(self.model.norm(x[ends])).float()                        # [S, V]
 
-    def _hidden(self, segments: Sequence[tuple[torch.Tensor, int, KVCache]], prefill: bool | None) -> torch.Tensor:
-        """Final hidden states [N, H] (before the norm) of all segments' tokens, in segment order."""
+    def _hidden(self, segments: Sequence[tuple[torch.Tensor, int, KVCache]],
+                prefill: bool | None) -> tuple[torch.Tensor, bool]:
+        """Final hidden states [N, H] (before the norm) of all segments' tokens, in segment order, and False;
+        or, where the decode graph also computes the final norm and lm_head (one CPU decode token,
+        `ort_decoder.logits`), the logits [1, V] fp32 and True."""
         check_segments(segments)
         lengths = [int(ids.shape[0]) for ids, _, _ in segments]
         caches = [kv for _, _, kv in segments]
@@ -143,8 +148,14 @@ class MoETransformer(nn.Module):
         self._hooks.prefill = max(lengths) > 1 if prefill is None else bool(prefill)
         try:
             if self.ort_decoder is not None and lengths == [1] and input_ids.device.type == "cpu":
-                x = self.ort_decoder.hidden(self, input_ids, segments[0][1], caches[0])  # [1, H]: one decode token
+                logits = self.ort_decoder.logits(self, input_ids, segments[0][1], caches[0])  # [1, V] or None
+                done = logits is not None
+                if logits is None:
+                    x = self.ort_decoder.hidden(self, input_ids, segments[0][1], caches[0])  # [1, H]
+                else:
+                    x = logits
             else:
+                done = False
                 x = self.model.embed_tokens(input_ids)                               # [N, H]
                 for i, layer in enumerate(self.model.layers):
                     x = layer(x, positions, [kv[i] for kv in caches], lengths)
@@ -152,7 +163,7 @@ class MoETransformer(nn.Module):
             self._hooks.prefill = None
         for (_, start, kv), t in zip(segments, lengths):
             kv.length = start + t
-        return x
+        return x, done
 
 
 def check_segments(segments: Sequence[tuple[torch.Tensor, int, KVCache]]) -> None:

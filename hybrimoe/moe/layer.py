@@ -165,9 +165,17 @@ class MoEBlock(nn.Module):
     def route_logits(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """logits [T, E] fp32 -> (expert_ids [T, K], weights [T, K] fp32), told to the observer."""
         expert_ids, weights, scores = route(logits, self.config, self.gate.e_score_correction_bias)
+        self.observe(expert_ids, weights, scores)
+        return expert_ids, weights
+
+    def observe(self, expert_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor) -> None:
+        """Tells the observer (if any) this block's routing: expert_ids [T, K], weights [T, K], scores [T, E]."""
         if self.hooks.observer is not None:
             self.hooks.observer(self.layer_idx, RoutingRecord(self.layer_idx, expert_ids, weights, scores))
-        return expert_ids, weights
+
+    def simple_router(self) -> bool:
+        """Softmax, top-k, optional renormalisation and scale: no DeepSeek group or bias rules."""
+        return not self.config.uses_deepseek_router and self.gate.e_score_correction_bias is None
 
     def routed_only(self) -> bool:
         """The block's output is its routed experts' weighted sum (no shared expert)."""
