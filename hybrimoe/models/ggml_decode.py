@@ -118,7 +118,7 @@ class GgmlDecoder(OrtDecoder):
         self._unbind()
         lib, capacity = self.lib, pairs[0][0].shape[1]
         bound = BoundCache(key, [], [t for pair in pairs for t in pair])
-        lib.owner(bound, bound.contexts, bound.buffers)  # freed with it (or at once by _unbind)
+        lib.owner(bound, bound.contexts, bound.buffers, bound.allocators)  # freed with it (or at once by _unbind)
         ctx = lib.context(2 * len(pairs) + 4)
         bound.contexts.append(ctx)
         for k, v in pairs:
@@ -146,7 +146,7 @@ class GgmlDecoder(OrtDecoder):
 
     def _unbind(self) -> None:
         if self.bound is not None:
-            self.lib.free(self.bound.contexts, self.bound.buffers)
+            self.lib.free(self.bound.contexts, self.bound.buffers, self.bound.allocators)
             self.bound = self.shared = None
             self.graphs = []
 

@@ -19,7 +19,7 @@ from torch import nn
 from hybrimoe.models.attention import Attention
 from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_kernels import GgmlLayerExperts, q4_0_blocks, q4_0_weights
-from hybrimoe.moe.ggml_lib import GGML_F32, GGML_I32, ROPE_NEOX, Ggml
+from hybrimoe.moe.ggml_lib import GGML_F32, GGML_I32, ROPE_NEOX, SORT_DESCENDING, Ggml
 from hybrimoe.moe.layer import MoEBlock
 
 F32 = 4  # bytes
@@ -69,6 +69,7 @@ class BoundCache:
     token_graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (length, experts) -> TokenGraph
     contexts: list[Any] = field(default_factory=list)
     buffers: list[Any] = field(default_factory=list)
+    allocators: list[Any] = field(default_factory=list)  # graph allocators (ggml_gallocr)
 
 
 def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any]) -> tuple[GgmlLayer, int] | str:
@@ -154,9 +155,7 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
     if "logits" in w.io:
         lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, lib.ggml_mul_mat(ctx, w.floats["router"], n),
                                                           w.io["logits"]))
-    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
-    if not owned.buffers[-1]:
-        raise MemoryError("ggml could not allocate a decoder layer's activations")
+    lib.allocate_graph(graph, [], owned.allocators)  # (its outputs are copies into the io tensors)
     return graph
 
 
@@ -199,16 +198,18 @@ def attention_ops(lib: Ggml, ctx: Any, w: GgmlLayer, r1: Any, kv: tuple[Any, Any
 
 
 def route_ops(lib: Ggml, ctx: Any, logits: Any, experts: int, k: int, renormalise: bool,
-              scale: float) -> tuple[Any, Any, Any]:
+              scale: float) -> tuple[Any, Any, Any, Any]:
     """The softmax top-k router (hybrimoe.models.routing.route without DeepSeek's rules) in `ctx`, as
-    llama.cpp's graph computes it: logits F32 [E, 1] -> (ids I32 [k, 1], highest score first;
-    weights F32 [1, k, 1]; scores F32 [E, 1] = softmax(logits))."""
+    llama.cpp's graph computes it: logits F32 [E, 1] -> (ids I32 [k, 1], highest score first; weights
+    F32 [1, k, 1]; scores F32 [E, 1] = softmax(logits); order I32 [E, 1], every expert by descending score:
+    ids is a view of its first k)."""
     scores = lib.ggml_soft_max(ctx, logits)
-    ids = lib.ggml_argsort_top_k(ctx, scores, k)  # a view of the descending argsort
+    order = lib.ggml_argsort(ctx, scores, SORT_DESCENDING)  # I32 [E, 1]
+    ids = lib.ggml_view_2d(ctx, order, k, 1, experts * 4, 0)  # its first k (ggml_argsort_top_k's view)
     weights = lib.ggml_get_rows(ctx, lib.ggml_reshape_3d(ctx, scores, 1, experts, 1), ids)  # [1, k, 1]
     if renormalise:
         flat = lib.ggml_reshape_2d(ctx, weights, k, 1)
         weights = lib.ggml_reshape_3d(ctx, lib.ggml_div(ctx, flat, lib.ggml_sum_rows(ctx, flat)), 1, k, 1)
     if scale != 1.0:
         weights = lib.ggml_scale(ctx, weights, scale)
-    return ids, weights, scores
+    return ids, weights, scores, order

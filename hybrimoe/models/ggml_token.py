@@ -90,11 +90,11 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[MoEBlock], expe
         r, n = attention_ops(lib, ctx, w, r1, cache, shared, length, capacity)
         config = block.config
         logits = lib.ggml_mul_mat(ctx, w.floats["router"], n)  # [E, 1] fp32
-        ids, weights, scores = route_ops(lib, ctx, logits, config.num_experts, k, config.norm_topk_prob,
-                                         float(config.routed_scaling_factor))
+        ids, weights, scores, order = route_ops(lib, ctx, logits, config.num_experts, k, config.norm_topk_prob,
+                                                float(config.routed_scaling_factor))
         hidden = w.views["n"].shape[1]
         delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, n, hidden, 1, 1), ids, weights, k)
-        routing.append((ids, weights, scores, config.num_experts))
+        routing.append((order, weights, scores, config.num_experts))
     assert delta is not None
     out = lib.ggml_add(ctx, r, delta)
     if head is not None:
@@ -102,12 +102,10 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[MoEBlock], expe
         out = lib.ggml_mul_mat(ctx, lm_head, lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, out, eps), norm))  # [V, 1]
     graph = lib.ggml_new_graph_custom(ctx, nodes, False)
     lib.ggml_build_forward_expand(graph, out)
-    owned.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
-    if not owned.buffers[-1]:
-        raise MemoryError("ggml could not allocate a decode token's activations")
+    lib.allocate_graph(graph, [out] + [t for route in routing for t in route[:3]], owned.allocators)
     width = lib.ggml_nbytes(out) // 4
     return TokenGraph(graph, floats_view(out, (1, width), lib),
-                      [_array(lib, ids, C.c_int32, (k,)) for ids, _, _, _ in routing],
+                      [_array(lib, order, C.c_int32, (k,)) for order, _, _, _ in routing],
                       [_array(lib, w, C.c_float, (k,)) for _, w, _, _ in routing],
                       [_array(lib, s, C.c_float, (e,)) for _, _, s, e in routing])
 

@@ -26,6 +26,7 @@ from hybrimoe.errors import ConfigError
 log = logging.getLogger(__name__)
 
 GGML_F32, GGML_F16, GGML_Q4_0, GGML_I32 = 0, 1, 2, 26  # enum ggml_type
+SORT_DESCENDING = 1  # enum ggml_sort_order
 ROPE_NEOX = 2  # GGML_ROPE_TYPE_NEOX: rotate-half pairs (x[i], x[i + D/2])
 DEVICE_CPU = 0  # enum ggml_backend_dev_type
 BUFFER_USAGE_WEIGHTS = 1
@@ -73,6 +74,12 @@ _SIGNATURES: dict[str, tuple[Any, tuple[Any, ...]]] = {  # name -> (return type,
     "ggml_mul": (P, (P, P, P)),
     "ggml_rms_norm": (P, (P, P, C.c_float)),
     "ggml_soft_max": (P, (P, P)),
+    "ggml_argsort": (P, (P, P, C.c_int)),
+    "ggml_set_output": (None, (P,)),
+    "ggml_gallocr_new": (P, (P,)),
+    "ggml_gallocr_alloc_graph": (C.c_bool, (P, P)),
+    "ggml_gallocr_get_buffer_size": (C.c_size_t, (P, C.c_int)),
+    "ggml_gallocr_free": (None, (P,)),
     "ggml_argsort_top_k": (P, (P, P, C.c_int)),
     "ggml_get_rows": (P, (P, P, P)),
     "ggml_sum_rows": (P, (P, P)),
@@ -165,17 +172,34 @@ class Ggml:
             i += 1
         return None
 
-    def owner(self, obj: Any, contexts: list[Any], buffers: list[Any]) -> None:
-        """Frees `contexts` and `buffers` (lists the caller may still extend) when `obj` is garbage-collected."""
-        weakref.finalize(obj, self.free, contexts, buffers)
+    def owner(self, obj: Any, contexts: list[Any], buffers: list[Any], allocators: list[Any] | None = None) -> None:
+        """Frees `contexts`, `buffers` and graph `allocators` (lists the caller may still extend) when `obj` is
+        garbage-collected."""
+        weakref.finalize(obj, self.free, contexts, buffers, allocators)
 
-    def free(self, contexts: list[Any], buffers: list[Any]) -> None:
+    def free(self, contexts: list[Any], buffers: list[Any], allocators: list[Any] | None = None) -> None:
+        for allocator in allocators or ():
+            self.ggml_gallocr_free(allocator)
+        if allocators:
+            allocators.clear()
         for buffer in buffers:
             self.ggml_backend_buffer_free(buffer)
         for ctx in contexts:
             self.ggml_free(ctx)
         contexts.clear()
         buffers.clear()
+
+    def allocate_graph(self, graph: Any, outputs: list[Any], allocators: list[Any]) -> None:
+        """Memory for `graph`'s activations from one allocator (appended to `allocators`) that reuses a
+        buffer once its last reader ran, as llama.cpp allocates its graphs; `outputs` keep theirs."""
+        for tensor in outputs:
+            self.ggml_set_output(tensor)
+        allocator = self.ggml_gallocr_new(self.cpu_buffer_type)
+        if not allocator:
+            raise MemoryError("ggml could not make a graph allocator")
+        allocators.append(allocator)
+        if not self.ggml_gallocr_alloc_graph(allocator, graph):
+            raise MemoryError("ggml could not allocate a graph's activations")
 
     def context(self, tensors: int, graph_nodes: int = 0) -> Any:
         """A ggml context holding the metadata of `tensors` tensors (and a graph of `graph_nodes`), no data."""
