@@ -184,6 +184,7 @@ def machine_row(args: argparse.Namespace, model, ggufs: dict[str, Path], llama_v
     return {"kind": "machine", "cpu": name, "threads": args.threads, "load": os.getloadavg(), "measured": True,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(default)"),
             "llama_omp_wait_policy": args.llama_omp_wait_policy or "(default)", "torch": torch.__version__,
+            "llama_flash_attn": args.llama_flash_attn,
             "llama_cpp_python": llama_version, "int4_expert_bytes": model.expert_store.nbytes,
             "gguf_bytes": {d: p.stat().st_size for d, p in ggufs.items()}, "config": model_config(args)}
 
@@ -202,6 +203,9 @@ def main() -> None:
     parser.add_argument("--llama-omp-wait-policy", default=None,
                         help="OMP_WAIT_POLICY of the llama.cpp process (default: unset, llama.cpp's own default; "
                              "ours runs in this process with this process's environment)")
+    parser.add_argument("--llama-flash-attn", choices=["off", "on"], default="off",
+                        help="llama.cpp's flash attention: off is llama-cpp-python's default (its F16 KV cache read "
+                             "by matmuls), on is what llama-cli and llama-server choose on a CPU (their 'auto')")
     parser.add_argument("--cpu-kernel", default="torch",
                         help="our CPU int4 kernel, or a comma list (variants): torch, onnxruntime, onnxruntime-nograph "
                              "(onnxruntime's kernel without the per-layer decode graph of hybrimoe.models.ort_decode), ggml "
@@ -247,7 +251,9 @@ def main() -> None:
             if kernel.endswith("-nograph"):
                 ours[dense, kernel].ort_decoder = None  # decode tokens take the torch path around the kernels
         for n in thread_counts:  # llama.cpp in processes of their own (benchmarks/llama_worker.py: why)
-            llamas[dense, n] = LlamaProcess(ggufs[dense], n, args.llama_omp_wait_policy)
+            context = -(-(args.prompt_tokens + args.new_tokens + 1) // 256) * 256
+            llamas[dense, n] = LlamaProcess(ggufs[dense], n, args.llama_omp_wait_policy, context,
+                                            args.llama_flash_attn == "on")
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(259, args.vocab, (args.prompt_tokens,), generator=gen).tolist()
     variants = [(d, k, n) for d in denses for k in ["llama.cpp", *kernels] for n in thread_counts

@@ -1,6 +1,6 @@
 """llama.cpp in a process of its own, for benchmarks/bench_vs_llamacpp.py.
 
-    python benchmarks/llama_worker.py MODEL.gguf THREADS
+    python benchmarks/llama_worker.py MODEL.gguf THREADS [CONTEXT [FLASH_ATTN]]
 
 Why a process of its own: llama.cpp and torch each bring an OpenMP runtime, and OMP_WAIT_POLICY is read
 once per process. In one process, llama.cpp ran 1.5x slower under the PASSIVE policy that suits our
@@ -39,11 +39,13 @@ def time_llama(llm, prompt: list[int], new: int) -> float:
 class LlamaProcess:
     """The parent's handle on a worker: `seconds_per_token(prompt, new)`, `close()`."""
 
-    def __init__(self, gguf: Path, threads: int, omp_wait_policy: str | None) -> None:
+    def __init__(self, gguf: Path, threads: int, omp_wait_policy: str | None, context: int = 256,
+                 flash_attn: bool = False) -> None:
         env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
         if omp_wait_policy:
             env["OMP_WAIT_POLICY"] = omp_wait_policy
-        self.proc = subprocess.Popen([sys.executable, __file__, str(gguf), str(threads)], stdin=subprocess.PIPE,
+        argv = [sys.executable, __file__, str(gguf), str(threads), str(context), str(int(flash_attn))]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, text=True, env=env)
         self.version = self._answer()["llama_cpp_python"]
 
@@ -70,8 +72,10 @@ def main() -> None:
     import llama_cpp
 
     path, threads = sys.argv[1], int(sys.argv[2])
-    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=256, n_batch=64,
-                          n_gpu_layers=0, logits_all=True, verbose=False)
+    context = int(sys.argv[3]) if len(sys.argv) > 3 else 256  # tokens (llama.cpp's KV cache)
+    flash_attn = len(sys.argv) > 4 and sys.argv[4] == "1"  # llama-cpp-python's default: off (llama-cli: auto)
+    llm = llama_cpp.Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=context, n_batch=64,
+                          n_gpu_layers=0, logits_all=True, verbose=False, flash_attn=flash_attn)
     print(json.dumps({"ready": True, "llama_cpp_python": llama_cpp.__version__}), flush=True)
     for line in sys.stdin:
         request = json.loads(line)
