@@ -196,6 +196,7 @@ class GgmlDecoder(OrtDecoder):
             previous = [None] + [(f, g) if f is not None else None for f, g in zip(fused[:-1], layers[:-1])]
             bound.graphs[key] = [layer_graph(self.lib, g, x, kvt, self.shared, length, capacity, bound, p)
                                  for g, x, kvt, p in zip(layers, inputs, bound.tensors, previous)]
+            bound.keep.extend(f for f in fused if f is not None)  # (keyed by id: none may be collected)
         self.graphs = bound.graphs[key]
 
     def _compute(self, graph: Any) -> None:
@@ -234,6 +235,7 @@ class GgmlDecoder(OrtDecoder):
             final = None if head is None else (*self.final_norm, head)
             bound.token_graphs[key] = token_graph(self.lib, self.ggml_layers, blocks, experts, self.x_tensor,
                                                   bound.tensors, self.shared, length, capacity, bound, final)
+            bound.keep.extend(experts)  # (keyed by id: none may be collected)
         token = bound.token_graphs[key]
         self.x.copy_(model.model.embed_tokens(input_ids))
         self._compute(token.graph)

@@ -64,7 +64,7 @@ class BoundCache:
     """The KV cache the graphs are built on: per layer (k, v) as ggml tensors over torch's memory."""
     key: tuple[int, ...]
     tensors: list[tuple[Any, Any]]
-    keep: list[torch.Tensor]  # torch's buffers, kept alive while ggml reads them
+    keep: list[Any]  # torch's buffers and the stacked experts the graphs read, kept alive while ggml reads them
     graphs: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)  # (length, fused) -> graph per layer
     token_graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (length, experts) -> TokenGraph
     contexts: list[Any] = field(default_factory=list)
