@@ -88,12 +88,12 @@ def decode_logits(model, graph: bool, max_tokens: int = 40) -> torch.Tensor:
         model.ort_decoder = decoder
 
 
-WHOLE_TOKEN = ("mixtral", "qwen3-moe", "olmoe")  # softmax top-k over routed experts only: one graph per token
+WHOLE_TOKEN = GQA_FAMILIES  # softmax top-k routers (a shared expert, dense MLP layers): one graph per token
 
 
 @pytest.mark.parametrize("family,chunk,yarn,whole", [(f, 256, False, True) for f in GQA_FAMILIES]
                          + [("mixtral", 8, False, True), ("qwen3-moe", 8, False, True), ("qwen3-moe", 256, True, True)]
-                         + [(f, c, False, False) for f, c in (("mixtral", 256), ("olmoe", 8))])
+                         + [(f, c, False, False) for f, c in (("mixtral", 256), ("olmoe", 8), ("qwen2-moe", 256))])
 def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int, yarn: bool, whole: bool, reference,
                                                          monkeypatch) -> None:
     """chunk 256: every graph attends to the whole (40-token) cache; 8: to 16, 24, 32, 40 rows as it fills.
@@ -104,7 +104,7 @@ def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int
 
     monkeypatch.setattr(ggml_decode, "KV_CHUNK", chunk)
     if not whole:
-        monkeypatch.setattr(ggml_decode, "token_experts", lambda model: None)
+        monkeypatch.setattr(ggml_decode, "token_experts", lambda *args: None)
     model = built(family, yarn=yarn)
     decoder = model.ort_decoder
     decoder._unbind()  # graphs built for this chunk
@@ -120,7 +120,7 @@ def test_every_gqa_family_decodes_the_torch_paths_logits(family: str, chunk: int
     assert torch.equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("family", ["mixtral", "olmoe"])  # top-k weights renormalised / not
+@pytest.mark.parametrize("family", ["mixtral", "olmoe", "qwen2-moe"])  # renormalised / not; a shared expert, a dense layer
 def test_the_whole_token_graph_tells_the_observer_the_torch_paths_routing(family: str, reference) -> None:
     """The routing a whole-token graph computes (read back after it) reaches the observer layer by layer:
     the torch path's experts, in its order (highest score first), weights and softmax scores."""
@@ -133,7 +133,8 @@ def test_the_whole_token_graph_tells_the_observer_the_torch_paths_routing(family
             decode_logits(model, graph)
         finally:
             hooks.observer = None
-    assert len(seen[True]) == len(seen[False]) == (1 + STEPS) * len(model.model.layers)
+    moe_layers = sum(hasattr(layer.mlp, "route_logits") for layer in model.model.layers)
+    assert len(seen[True]) == len(seen[False]) == (1 + STEPS) * moe_layers
     for (layer, ids, weights, scores), (want_layer, want_ids, want_weights, want_scores) in zip(*seen.values()):
         assert layer == want_layer and ids.dtype == torch.long and torch.equal(ids, want_ids)
         assert weights.shape == want_weights.shape and torch.allclose(weights, want_weights, atol=1e-5)

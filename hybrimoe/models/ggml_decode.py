@@ -30,7 +30,7 @@ included; our tables compute position * inv_freq_i: ~1 ulp apart) and cos/sin ti
 scale. Numerics: the int4 matmuls round their input to Q8_0 per 32 (hybrimoe.moe.ggml_kernels); norms,
 rotary, attention and the router are fp32 (ggml's rms_norm sums squares in double; its flash attention
 accumulates in fp32 with an online softmax). Memory: ggml holds a
-Q4_0 copy of q/k/v/o (logged), next to the kernels' copies that prompts use; the KV cache is shared.
+Q4_0 copy of q/k/v/o and of dense MLPs and shared experts (logged), next to the kernels' copies that prompts use; the KV cache is shared.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class GgmlDecoder(OrtDecoder):
             lib.free(contexts, buffers)
             raise MemoryError("ggml could not allocate the decoder's input")
         floats_view(norm, (1, hidden), lib)[0] = model.model.norm.weight.detach().float().numpy()
-        log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o as Q4_0", len(built), total / 1e6)
+        log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o (and dense MLPs, shared experts) as Q4_0",
+                 len(built), total / 1e6)
         decoder = cls(model, lib, built, x, contexts, buffers)
         decoder.final_norm = (norm, float(model.model.norm.eps))
         return decoder
@@ -224,20 +225,20 @@ class GgmlDecoder(OrtDecoder):
                head: Any) -> torch.Tensor | None:
         """One token through the whole-token graph: its hidden state [1, H] in the model's dtype, or with
         `head` (lm_head's Q4_0 weight) its logits [1, V] fp32; None where `token_experts` refuses."""
-        experts = token_experts(model)
+        experts = token_experts(model, self.ggml_layers)
         if experts is None:
             return None
         bound, length, capacity = self._inputs(kv, start + 1)
-        key = (length, tuple(id(e) for e in experts), head)
+        key = (length, tuple(id(e) for e in experts if e is not None), head)
         blocks = [layer.mlp for layer in model.model.layers]
         if key not in bound.token_graphs:
             assert self.shared is not None
             final = None if head is None else (*self.final_norm, head)
             bound.token_graphs[key] = token_graph(self.lib, self.ggml_layers, blocks, experts, self.x_tensor,
                                                   bound.tensors, self.shared, length, capacity, bound, final)
-            bound.keep.extend(experts)  # (keyed by id: none may be collected)
+            bound.keep.extend(e for e in experts if e is not None)  # (keyed by id: none may be collected)
         token = bound.token_graphs[key]
         self.x.copy_(model.model.embed_tokens(input_ids))
         self._compute(token.graph)
-        observe_token(token, blocks)
+        observe_token(token)
         return torch.from_numpy(token.out).to(torch.float32 if head is not None else model.dtype, copy=True)

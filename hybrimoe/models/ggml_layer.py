@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hybrimoe.models.attention import Attention
+from hybrimoe.models.layers import GatedMLP
 from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_kernels import GgmlLayerExperts, q4_0_blocks, q4_0_weights
 from hybrimoe.moe.ggml_lib import GGML_F32, GGML_I32, ROPE_NEOX, SORT_DESCENDING, Ggml
@@ -45,6 +46,7 @@ class GgmlLayer:
     rope_scale: float  # cos and sin times this (YaRN's magnitude correction; 1 otherwise)
     w_qkv: Any  # Q4_0 [(Hq+2Hkv)D rows, H]
     w_o: Any  # Q4_0 [H rows, Hq*D]
+    mlp: dict[str, Any]  # the dense MLP's or shared expert's Q4_0 gate_up [2I rows, H], down [H rows, I]; or {}
     floats: dict[str, Any]  # in_w, post_w [H]; qkv_b; q_norm, k_norm; rope [D/2]; router [E rows, H]
     io: dict[str, Any]  # delta, r2, n [H]; logits [E]; ids I32 [K], weights [1, K] (its routed experts)
     views: dict[str, np.ndarray]  # the same, [1, width] (ids int32 [K], weights [K])
@@ -99,9 +101,12 @@ def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[
     f32["rope"] = 1 / attn.rotary.inv_freq.float()  # [D/2]: theta_i = position / rope_i (rope_ext, base 1)
     if experts:
         f32["router"] = layer.mlp.gate.weight  # [E, H]
+    mlp_mats = mlp_blocks(layer.mlp)
+    if mlp_mats and isinstance(layer.mlp, MoEBlock):
+        f32["shared_gate"] = layer.mlp.shared_expert_gate.weight  # [1, H]
     # weights: Q4_0 in the repack buffer, fp32 in a plain one; then the stable activations
-    wq, wq_buffer, (w_qkv, w_o) = q4_0_weights(lib, [(qkv_blocks, (hidden, rows)), (o_blocks, (width, hidden))],
-                                               "a decoder layer's q/k/v/o")
+    wq, wq_buffer, (w_qkv, w_o, *w_mlp) = q4_0_weights(
+        lib, [(qkv_blocks, (hidden, rows)), (o_blocks, (width, hidden))] + mlp_mats, "a decoder layer's q/k/v/o")
     contexts.append(wq)
     buffers.append(wq_buffer)
     wf, io_ctx = lib.context(len(f32)), lib.context(6)
@@ -131,7 +136,27 @@ def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[
         array[...] = 0  # ggml's memory comes uninitialised; layer 0's delta is read as zeros
     eps = (float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps))
     rope_scale = float(attn.rotary.spec.cos_sin_scale)
-    return GgmlLayer(attn, eps, rope_scale, w_qkv, w_o, floats, io, views), qkv_blocks.nbytes + o_blocks.nbytes
+    nbytes = qkv_blocks.nbytes + o_blocks.nbytes + sum(blocks.nbytes for blocks, _ in mlp_mats)
+    return GgmlLayer(attn, eps, rope_scale, w_qkv, w_o, dict(zip(("gate_up", "down"), w_mlp)), floats, io, views), nbytes
+
+
+def mlp_blocks(block: nn.Module) -> list[tuple[np.ndarray, tuple[int, int]]]:
+    """The Q4_0 blocks and ggml shapes of a dense MLP's or a Qwen2-MoE shared expert's gate_up [2I, H] and
+    down [H, I] (for the whole-token graph, hybrimoe.models.ggml_token); [] where there is none or its
+    linears are not symmetric int4 (then the token keeps the per-layer graphs)."""
+    mlp = block.shared_expert if isinstance(block, MoEBlock) else block if isinstance(block, GatedMLP) else None
+    if mlp is None:
+        return []
+    gate, up, down = (q4_0_of(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    if gate is None or up is None or down is None:
+        return []
+    width, hidden = mlp.down_proj.in_features, mlp.down_proj.out_features
+    return [(np.concatenate([gate, up]), (hidden, 2 * width)), (down, (width, hidden))]
+
+
+def mlp_ops(lib: Ggml, ctx: Any, w: GgmlLayer, n: Any) -> Any:
+    """down(silu(gate(n)) * up(n)) [H, 1] from n [H, 1] with the layer's dense MLP or shared expert."""
+    return lib.ggml_mul_mat(ctx, w.mlp["down"], lib.ggml_swiglu(ctx, lib.ggml_mul_mat(ctx, w.mlp["gate_up"], n)))
 
 
 def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: DecodeInputs, length: int,

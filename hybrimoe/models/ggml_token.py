@@ -1,17 +1,21 @@
 """A whole decode token as ONE ggml graph: the plain CPU engine's fastest path (`--cpu-kernel ggml`).
 
-    token_experts(model) -> [GgmlLayerExperts per layer] | None     may this token run as one graph?
-    token_graph(lib, layers, blocks, experts, x, kv, shared, length, capacity, owned) -> TokenGraph
+    token_experts(model, layers) -> [GgmlLayerExperts | None per layer] | None   may this token be one graph?
+    token_graph(lib, layers, blocks, experts, x, kv, shared, length, capacity, owned, head) -> TokenGraph
 
-Where every layer's block is a softmax top-k router and its routed experts only (Mixtral, Qwen3-MoE, OLMoE;
-no shared expert, no dense MLP, no DeepSeek rules), the plain engine's `ReferenceExecutor` runs them and
-ggml holds each layer's experts stacked (`GgmlLayerExperts`), the token's whole forward is one graph, as
-llama.cpp builds it (llama-graph.cpp, `build_moe_ffn`):
+Where every MoE block is a softmax top-k router over its routed experts (Mixtral, Qwen3-MoE, OLMoE, and
+Qwen2-MoE with its gated shared expert; no DeepSeek rules) on the plain engine's `ReferenceExecutor` with
+each layer's experts stacked in ggml (`GgmlLayerExperts`), and every dense MLP layer and shared expert has
+Q4_0 weights (`--dense-dtype q4_0`), the token's whole forward is one graph, as llama.cpp builds it
+(llama-graph.cpp, `build_moe_ffn`):
 
     r = embedding;  per layer:  r2, n = attention_ops(r)  (hybrimoe.models.ggml_layer)
-        scores = softmax(n @ Wr^T);  ids = argsort_top_k(scores, K);  weights = scores[ids]
-        (/ their sum where norm_topk_prob; * routed_scaling_factor);  r = r2 + sum_k weights_k expert_ids_k(n)
-    hidden = r  (before the final norm)
+        MoE:    scores = softmax(n @ Wr^T);  ids = argsort_top_k(scores, K);  weights = scores[ids]
+                (/ their sum where norm_topk_prob; * routed_scaling_factor);  m = sum_k weights_k expert_ids_k(n)
+                (+ sigmoid(n . w_gate) * shared(n) for Qwen2-MoE)
+        dense:  m = down(silu(gate(n)) * up(n))
+        r = r2 + m
+    hidden = r  (before the final norm; with `head`, logits = lm_head(RMSNorm(r)))
 
 One graph call per token instead of one per layer, and no torch between layers: on the 2-vCPU Zen 3 the
 torch routing, the observer call and the Python between the per-layer graphs cost ~1.7 of ~16.6 ms per
@@ -31,7 +35,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrimoe.models.ggml_layer import BoundCache, DecodeInputs, GgmlLayer, attention_ops, floats_view, route_ops
+from hybrimoe.models.ggml_layer import (BoundCache, DecodeInputs, GgmlLayer, attention_ops, floats_view, mlp_ops,
+                                        route_ops)
+from hybrimoe.models.layers import GatedMLP
 from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
 from hybrimoe.moe.ggml_lib import Ggml
 from hybrimoe.moe.layer import MoEBlock, ReferenceExecutor
@@ -46,40 +52,45 @@ class TokenGraph:
     graph: Any
     out: np.ndarray  # [1, H] fp32: the last layer's residual stream (before the final norm); or, with the
     #                  head in the graph, the logits [1, V] fp32
-    ids: list[np.ndarray]  # per layer int32 [K], highest score first
-    weights: list[np.ndarray]  # per layer fp32 [K]
-    scores: list[np.ndarray]  # per layer fp32 [E]
+    blocks: list[MoEBlock]  # the MoE blocks, in layer order (dense MLP layers have no routing)
+    ids: list[np.ndarray]  # per MoE block int32 [K], highest score first
+    weights: list[np.ndarray]  # per MoE block fp32 [K]
+    scores: list[np.ndarray]  # per MoE block fp32 [E]
 
 
-def token_experts(model: nn.Module) -> list[GgmlLayerExperts] | None:
-    """Each layer's stacked ggml experts where the whole token may be one graph (every block a simple
-    router over its routed experts on the plain engine's executor; checked per token: the hybrid runtime
-    swaps executors), else None."""
-    stacked = []
-    for layer in model.model.layers:
+def token_experts(model: nn.Module, layers: list[GgmlLayer]) -> list[GgmlLayerExperts | None] | None:
+    """Per layer its stacked ggml experts (None for a dense MLP layer) where the whole token may be one graph,
+    else None: every MoE block a simple router over its routed experts (and a Qwen2-MoE shared expert) on the
+    plain engine's executor, every dense MLP or shared expert with Q4_0 weights in ggml (`GgmlLayer.mlp`);
+    checked per token (the hybrid runtime swaps executors)."""
+    stacked: list[GgmlLayerExperts | None] = []
+    for layer, weights in zip(model.model.layers, layers):
         block = layer.mlp
-        if not (isinstance(block, MoEBlock) and block.routed_only() and block.simple_router()
-                and type(block.executor) is ReferenceExecutor):
+        if isinstance(block, GatedMLP) and weights.mlp:
+            stacked.append(None)
+            continue
+        if not (isinstance(block, MoEBlock) and block.shared_experts is None and block.simple_router()
+                and (block.shared_expert is None or weights.mlp) and type(block.executor) is ReferenceExecutor):
             return None
         experts = block.executor.store.layer_kernel(block.layer_idx)
         if experts is None:
             return None
         stacked.append(experts)
-    return stacked
+    return stacked if any(e is not None for e in stacked) else None
 
 
 def _array(lib: Ggml, tensor: Any, ctype: Any, shape: tuple[int, ...]) -> np.ndarray:
     return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(ctype)), shape)
 
 
-def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[MoEBlock], experts: list[GgmlLayerExperts],
+def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], experts: list[GgmlLayerExperts | None],
                 x: Any, kv: list[tuple[Any, Any]], shared: DecodeInputs, length: int, capacity: int,
                 owned: BoundCache, head: tuple[Any, float, Any] | None = None) -> TokenGraph:
     """The graph of one token from its embedding x F32 [H, 1] through every layer, attending to the first
     `length` cache rows (of `capacity`); its context and activations are owned by the bound cache.
     `head`: (the final RMSNorm's weight F32 [H, 1], its eps, lm_head's Q4_0 weight [H -> V]): the graph
     ends with them and outputs logits."""
-    k = blocks[0].config.top_k
+    k = max(b.config.top_k for b in blocks if isinstance(b, MoEBlock))
     nodes = len(layers) * (NODES_PER_LAYER + 2 * k) + 32
     ctx = lib.context(nodes, graph_nodes=nodes)
     owned.contexts.append(ctx)
@@ -88,13 +99,19 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[MoEBlock], expe
     for w, block, stacked, cache in zip(layers, blocks, experts, kv):
         r1 = r if delta is None else lib.ggml_add(ctx, r, delta)
         r, n = attention_ops(lib, ctx, w, r1, cache, shared, length, capacity)
+        if stacked is None:  # a dense MLP layer
+            delta = mlp_ops(lib, ctx, w, n)
+            continue
         config = block.config
         logits = lib.ggml_mul_mat(ctx, w.floats["router"], n)  # [E, 1] fp32
-        ids, weights, scores, order = route_ops(lib, ctx, logits, config.num_experts, k, config.norm_topk_prob,
-                                                float(config.routed_scaling_factor))
+        ids, weights, scores, order = route_ops(lib, ctx, logits, config.num_experts, config.top_k,
+                                                config.norm_topk_prob, float(config.routed_scaling_factor))
         hidden = w.views["n"].shape[1]
-        delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, n, hidden, 1, 1), ids, weights, k)
-        routing.append((order, weights, scores, config.num_experts))
+        delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, n, hidden, 1, 1), ids, weights, config.top_k)
+        if w.mlp:  # Qwen2-MoE's shared expert: + sigmoid(n . w_gate) * shared(n), as MoEBlock.from_logits adds it
+            gate = lib.ggml_sigmoid(ctx, lib.ggml_mul_mat(ctx, w.floats["shared_gate"], n))  # [1, 1]
+            delta = lib.ggml_add(ctx, delta, lib.ggml_mul(ctx, mlp_ops(lib, ctx, w, n), gate))
+        routing.append((block, order, weights, scores, config))
     assert delta is not None
     out = lib.ggml_add(ctx, r, delta)
     if head is not None:
@@ -102,18 +119,18 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[MoEBlock], expe
         out = lib.ggml_mul_mat(ctx, lm_head, lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, out, eps), norm))  # [V, 1]
     graph = lib.ggml_new_graph_custom(ctx, nodes, False)
     lib.ggml_build_forward_expand(graph, out)
-    lib.allocate_graph(graph, [out] + [t for route in routing for t in route[:3]], owned.allocators)
+    lib.allocate_graph(graph, [out] + [t for route in routing for t in route[1:4]], owned.allocators)
     width = lib.ggml_nbytes(out) // 4
-    return TokenGraph(graph, floats_view(out, (1, width), lib),
-                      [_array(lib, order, C.c_int32, (k,)) for order, _, _, _ in routing],
-                      [_array(lib, w, C.c_float, (k,)) for _, w, _, _ in routing],
-                      [_array(lib, s, C.c_float, (e,)) for _, _, s, e in routing])
+    return TokenGraph(graph, floats_view(out, (1, width), lib), [route[0] for route in routing],
+                      [_array(lib, order, C.c_int32, (c.top_k,)) for _, order, _, _, c in routing],
+                      [_array(lib, w, C.c_float, (c.top_k,)) for _, _, w, _, c in routing],
+                      [_array(lib, s, C.c_float, (c.num_experts,)) for _, _, _, s, c in routing])
 
 
-def observe_token(token: TokenGraph, blocks: list[MoEBlock]) -> None:
-    """Tells each block's observer (if any) the routing the graph computed, in layer order, as copies."""
-    if blocks[0].hooks.observer is None:
+def observe_token(token: TokenGraph) -> None:
+    """Tells the observer (if any) each MoE block's routing the graph computed, in layer order, as copies."""
+    if not token.blocks or token.blocks[0].hooks.observer is None:
         return
-    for block, ids, weights, scores in zip(blocks, token.ids, token.weights, token.scores):
+    for block, ids, weights, scores in zip(token.blocks, token.ids, token.weights, token.scores):
         block.observe(torch.from_numpy(ids.astype(np.int64)).view(1, -1), torch.from_numpy(weights.copy()).view(1, -1),
                       torch.from_numpy(scores.copy()).view(1, -1))
