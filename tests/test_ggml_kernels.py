@@ -151,8 +151,8 @@ def test_a_stacked_layer_equals_the_reference_expert_by_expert(monkeypatch) -> N
     lib = ggml_runtime()
     freed: list[int] = []
     free = lib.free
-    monkeypatch.setattr(lib, "free", lambda contexts, buffers: freed.append(len(contexts) + len(buffers))
-                        or free(contexts, buffers))
+    monkeypatch.setattr(lib, "free", lambda contexts, buffers, allocators=None:
+                        freed.append(len(contexts) + len(buffers)) or free(contexts, buffers, allocators))
     fmt = ExpertFormat.parse("q4_0", torch.float32, 32)
     views = [expert_view(fmt, seed=s) for s in range(4)]
     layer = GgmlLayerExperts.build(views)
@@ -280,7 +280,7 @@ def test_ggmls_memory_goes_with_the_expert(monkeypatch) -> None:
 
     lib = ggml_runtime()
     freed: list[int] = []
-    monkeypatch.setattr(lib, "free", lambda contexts, buffers: freed.append(len(contexts) + len(buffers)))
+    monkeypatch.setattr(lib, "free", lambda contexts, buffers, allocators=None: freed.append(len(contexts) + len(buffers)))
     expert = GgmlExpert.build(expert_view(ExpertFormat.parse("q4_0", torch.float32, 32)))
     expert.forward(torch.randn(1, 96))  # caches a one-token graph: its memory too
     del expert
