@@ -194,3 +194,59 @@ def test_fused_routing_is_observed_and_the_hybrid_runtime_gets_every_expert(refe
     assert len(seen[True]) == (1 + STEPS) * len(model.model.layers)  # the prompt (one forward) and every step
     want, got, calls = under_each_policy(model, "hybrimoe", GgmlExpert, lambda m: decode_logits(m, True), monkeypatch)
     assert rel(got, want) <= 1e-4 and calls
+
+
+def f16_cache_attention(monkeypatch) -> None:
+    """The torch path's one-query attention as llama.cpp's default F16 cache computes it (flash attention off):
+    q, k, v and the softmax weights rounded to fp16, sums in fp32; prompts keep torch's own attention."""
+    from hybrimoe.models import attention
+
+    causal = attention.causal_attention
+
+    def f16(q, k, v, scale, window=None):
+        if q.shape[1] != 1:
+            return causal(q, k, v, scale, window)
+        (hq, _, d), (hkv, s, _) = q.shape, k.shape
+        h = lambda x: x.half().float()  # noqa: E731
+        scores = torch.einsum("hgd,hsd->hgs", h(q).view(hkv, hq // hkv, d), h(k)) * scale
+        if window:
+            scores[..., :max(0, s - window)] = -float("inf")
+        return torch.einsum("hgs,hsd->hgd", h(torch.softmax(scores, -1)), h(v)).reshape(1, hq * d)
+
+    monkeypatch.setattr(attention, "causal_attention", f16)
+
+
+@pytest.mark.parametrize("family", GQA_FAMILIES)
+def test_long_contexts_read_an_f16_copy_of_the_cache_as_llamacpp_does(family: str, reference, monkeypatch) -> None:
+    """From MATMUL_ATTENTION_FROM attended rows (here 8: every decode token) the graphs read their F16 copy of
+    the cache (K, V transposed) with two matmuls: llama.cpp's own numerics (the torch path with q, k, v and the
+    softmax weights rounded to fp16 gives the same logits); the copy follows the torch path's writes
+    (prompts, a rewind) and the graphs' own."""
+    from hybrimoe.models import ggml_decode, ggml_kv
+
+    monkeypatch.setattr(ggml_kv, "MATMUL_ATTENTION_FROM", 8)
+    monkeypatch.setattr(ggml_decode, "KV_CHUNK", 8)
+    model = built(family)
+    model.ort_decoder._unbind()
+    fp32 = decode_logits(model, False)
+    f16_cache_attention(monkeypatch)
+    want, got = decode_logits(model, False), decode_logits(model, True)
+    assert model.ort_decoder.bound.mirror is not None
+    assert rel(got, want) <= 1e-5 < rel(want, fp32)  # llama.cpp's rounding, not the fp32 cache's
+    assert rel(cache_roundtrip(model, True), cache_roundtrip(model, False)) <= 1e-5
+    assert rel(rewritten(model, True), rewritten(model, False)) <= 1e-5
+
+
+def rewritten(model, graph: bool) -> torch.Tensor:
+    """Logits of a prompt, decode tokens, a prompt chunk that rewinds and rewrites two rows the decode tokens
+    attended to, and decode tokens that must read those rows anew."""
+    decoder, model.ort_decoder = model.ort_decoder, (model.ort_decoder if graph else None)
+    try:
+        kv = model.new_kv_cache(32)
+        out = [model(torch.tensor(PROMPT[:4]), 0, kv)]
+        out += [model(torch.tensor([t]), 4 + i, kv) for i, t in enumerate([3, 7, 11])]  # rows 4, 5, 6
+        out.append(model(torch.tensor([21, 22]), 2, kv))                                # rows 2, 3 again
+        out += [model(torch.tensor([t]), 4 + i, kv) for i, t in enumerate([5, 6])]
+        return torch.cat(out)
+    finally:
+        model.ort_decoder = decoder

@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hybrimoe.models import ggml_kv
+from hybrimoe.models.ggml_kv import KVMirror
 from hybrimoe.models.ggml_layer import F32, BoundCache, DecodeInputs, GgmlLayer, build_layer, floats_view, layer_graph
 from hybrimoe.models.ggml_token import observe_token, token_experts, token_graph
 from hybrimoe.models.kv_cache import KVCache
@@ -142,6 +144,11 @@ class GgmlDecoder(OrtDecoder):
                               np.ctypeslib.as_array(C.cast(lib.ggml_get_data(position), C.POINTER(C.c_int32)), (1,)),
                               np.ctypeslib.as_array(C.cast(lib.ggml_get_data(mask), C.POINTER(C.c_uint16)),
                                                     (capacity,)).view(np.float16))
+        bound.pairs = pairs
+        if capacity >= ggml_kv.MATMUL_ATTENTION_FROM:  # a cache long enough for the F16 copy's matmuls
+            bound.mirror = mirror = KVMirror.build(lib, bound.contexts, bound.buffers, len(pairs), self.kv_heads,
+                                                   self.head_dim, capacity)
+            bound.tensors = [(*t, k16, vt16, mirror.v_rows) for t, (k16, vt16) in zip(bound.tensors, mirror.tensors)]
         self.bound = bound
         return bound
 
@@ -184,7 +191,14 @@ class GgmlDecoder(OrtDecoder):
         window = self.ggml_layers[0].attn.sliding_window
         shared.mask_view[:length] = -np.inf
         shared.mask_view[max(0, end - window) if window else 0:end] = 0  # attended: pos - j < window
+        if bound.mirror is not None:
+            bound.mirror.sync(bound.pairs, kv, end - 1)
         return bound, length, capacity
+
+    def _written(self, end: int) -> None:
+        """The token's graphs ran: the F16 copy holds every row below `end`."""
+        if self.bound is not None and self.bound.mirror is not None:
+            self.bound.mirror.synced = end
 
     def _prepare(self, model: nn.Module, kv: KVCache, end: int) -> None:
         """This token's inputs (`_inputs`), the fusion pattern and the graphs."""
@@ -211,7 +225,10 @@ class GgmlDecoder(OrtDecoder):
     def hidden(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor:
         """As OrtDecoder.hidden; where `token_experts` allows, the whole token is one graph (ggml_token)."""
         out = self._token(model, input_ids, start, kv, None)
-        return super().hidden(model, input_ids, start, kv) if out is None else out
+        if out is None:
+            out = super().hidden(model, input_ids, start, kv)
+            self._written(start + 1)
+        return out
 
     def logits(self, model: nn.Module, input_ids: torch.Tensor, start: int, kv: KVCache) -> torch.Tensor | None:
         """The token's logits [1, V] fp32 from one graph that also computes the final norm and lm_head, where
@@ -240,5 +257,6 @@ class GgmlDecoder(OrtDecoder):
         token = bound.token_graphs[key]
         self.x.copy_(model.model.embed_tokens(input_ids))
         self._compute(token.graph)
+        self._written(start + 1)
         observe_token(token)
         return torch.from_numpy(token.out).to(torch.float32 if head is not None else model.dtype, copy=True)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from hybrimoe.models.attention import Attention
+from hybrimoe.models.ggml_kv import KVMirror, attend
 from hybrimoe.models.layers import GatedMLP
 from hybrimoe.models.quant_linear import QuantLinear
 from hybrimoe.moe.ggml_kernels import GgmlLayerExperts, q4_0_blocks, q4_0_weights
@@ -65,13 +66,15 @@ class DecodeInputs:
 class BoundCache:
     """The KV cache the graphs are built on: per layer (k, v) as ggml tensors over torch's memory."""
     key: tuple[int, ...]
-    tensors: list[tuple[Any, Any]]
+    tensors: list[tuple[Any, ...]]  # per layer (k, v) F32 [D, S, Hkv], and with a mirror its (K16, V^T16, v_rows)
     keep: list[Any]  # torch's buffers and the stacked experts the graphs read, kept alive while ggml reads them
     graphs: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)  # (length, fused) -> graph per layer
     token_graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (length, experts) -> TokenGraph
     contexts: list[Any] = field(default_factory=list)
     buffers: list[Any] = field(default_factory=list)
     allocators: list[Any] = field(default_factory=list)  # graph allocators (ggml_gallocr)
+    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # torch's k, v [Hkv, S, D]
+    mirror: KVMirror | None = None  # the cache in F16 (K, V^T) for long contexts, where it can hold them
 
 
 def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any]) -> tuple[GgmlLayer, int] | str:
@@ -159,7 +162,7 @@ def mlp_ops(lib: Ggml, ctx: Any, w: GgmlLayer, n: Any) -> Any:
     return lib.ggml_mul_mat(ctx, w.mlp["down"], lib.ggml_swiglu(ctx, lib.ggml_mul_mat(ctx, w.mlp["gate_up"], n)))
 
 
-def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: DecodeInputs, length: int,
+def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, ...], shared: DecodeInputs, length: int,
            capacity: int, owned: BoundCache, previous: tuple[GgmlLayerExperts, GgmlLayer] | None) -> Any:
     """Layer `w`'s graph attending to the first `length` cache rows (of `capacity`); x: its input [H] (the
     previous layer's r2). `previous`: that layer's stacked experts and tensors: its routed experts' sum is
@@ -173,8 +176,11 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
         hidden = prev.views["n"].shape[1]
         delta = stacked.combine_ops(ctx, lib.ggml_reshape_3d(ctx, prev.io["n"], hidden, 1, 1), prev.io["ids"],
                                     prev.io["weights"], prev.views["ids"].shape[0])
-    r2, n = attention_ops(lib, ctx, w, lib.ggml_add(ctx, x, delta), kv, shared, length, capacity)
+    writes: list[Any] = []
+    r2, n = attention_ops(lib, ctx, w, lib.ggml_add(ctx, x, delta), kv, shared, length, capacity, writes)
     graph = lib.ggml_new_graph_custom(ctx, 128, False)
+    for write in writes:
+        lib.ggml_build_forward_expand(graph, write)
     lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, r2, w.io["r2"]))
     lib.ggml_build_forward_expand(graph, lib.ggml_cpy(ctx, n, w.io["n"]))
     if "logits" in w.io:
@@ -184,11 +190,13 @@ def layer_graph(lib: Ggml, w: GgmlLayer, x: Any, kv: tuple[Any, Any], shared: De
     return graph
 
 
-def attention_ops(lib: Ggml, ctx: Any, w: GgmlLayer, r1: Any, kv: tuple[Any, Any], shared: DecodeInputs,
-                  length: int, capacity: int) -> tuple[Any, Any]:
+def attention_ops(lib: Ggml, ctx: Any, w: GgmlLayer, r1: Any, kv: tuple[Any, ...], shared: DecodeInputs,
+                  length: int, capacity: int, writes: list[Any]) -> tuple[Any, Any]:
     """Layer `w`'s ops in `ctx` from its residual stream r1 F32 [H, 1] (the layer's input plus the previous
     block's output) to (r2 = r1 + attention [H, 1], n = RMSNorm_post(r2) [H, 1]), attending to the first
-    `length` cache rows (of `capacity`); the token's k/v are written into the cache."""
+    `length` cache rows (of `capacity`); the token's k/v are written into the cache (kv: the layer's fp32
+    k, v and, where there is one, its F16 mirror: hybrimoe.models.ggml_kv.attend), the writes nothing in
+    the graph reads appended to `writes`."""
     attn = w.attn
     hq, hkv, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
     f = w.floats
@@ -211,12 +219,7 @@ def attention_ops(lib: Ggml, ctx: Any, w: GgmlLayer, r1: Any, kv: tuple[Any, Any
         k = lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, k, norm_eps), f["k_norm"])
     q, k = (lib.ggml_rope_ext(ctx, lib.ggml_reshape_3d(ctx, t, d, heads, 1), shared.position, f["rope"], d,
                               ROPE_NEOX, 0, 1.0, 1.0, 0.0, w.rope_scale, 0.0, 0.0) for t, heads in ((q, hq), (k, hkv)))
-    cache = [lib.ggml_set_rows(ctx, kv[i], lib.ggml_reshape_3d(ctx, t, d, 1, hkv), shared.position)
-             for i, t in enumerate((k, v))]  # the new row written in place; views of the cache after it
-    keys, values = (lib.ggml_view_3d(ctx, c, d, length, hkv, d * F32, capacity * d * F32, 0) for c in cache)
-    mask = lib.ggml_view_2d(ctx, shared.mask, length, 1, length * 2, 0)
-    out = lib.ggml_flash_attn_ext(ctx, lib.ggml_reshape_3d(ctx, q, d, 1, hq), keys, values, mask,
-                                  float(attn.scale), 0.0, 0.0)  # [D, Hq, 1]
+    out = attend(lib, ctx, q, k, v, (hq, hkv, d), kv, shared, length, capacity, float(attn.scale), writes)
     o = lib.ggml_mul_mat(ctx, w.w_o, lib.ggml_reshape_2d(ctx, out, hq * d, 1))
     r2 = lib.ggml_add(ctx, r1, o)
     return r2, lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, r2, w.eps[1]), f["post_w"])

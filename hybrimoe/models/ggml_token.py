@@ -84,7 +84,7 @@ def _array(lib: Ggml, tensor: Any, ctype: Any, shape: tuple[int, ...]) -> np.nda
 
 
 def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], experts: list[GgmlLayerExperts | None],
-                x: Any, kv: list[tuple[Any, Any]], shared: DecodeInputs, length: int, capacity: int,
+                x: Any, kv: list[tuple[Any, ...]], shared: DecodeInputs, length: int, capacity: int,
                 owned: BoundCache, head: tuple[Any, float, Any] | None = None) -> TokenGraph:
     """The graph of one token from its embedding x F32 [H, 1] through every layer, attending to the first
     `length` cache rows (of `capacity`); its context and activations are owned by the bound cache.
@@ -94,11 +94,11 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], exp
     nodes = len(layers) * (NODES_PER_LAYER + 2 * k) + 32
     ctx = lib.context(nodes, graph_nodes=nodes)
     owned.contexts.append(ctx)
-    routing = []
+    routing, writes = [], []
     r, delta = x, None
     for w, block, stacked, cache in zip(layers, blocks, experts, kv):
         r1 = r if delta is None else lib.ggml_add(ctx, r, delta)
-        r, n = attention_ops(lib, ctx, w, r1, cache, shared, length, capacity)
+        r, n = attention_ops(lib, ctx, w, r1, cache, shared, length, capacity, writes)
         if stacked is None:  # a dense MLP layer
             delta = mlp_ops(lib, ctx, w, n)
             continue
@@ -118,6 +118,8 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], exp
         norm, eps, lm_head = head
         out = lib.ggml_mul_mat(ctx, lm_head, lib.ggml_mul(ctx, lib.ggml_rms_norm(ctx, out, eps), norm))  # [V, 1]
     graph = lib.ggml_new_graph_custom(ctx, nodes, False)
+    for write in writes:
+        lib.ggml_build_forward_expand(graph, write)
     lib.ggml_build_forward_expand(graph, out)
     lib.allocate_graph(graph, [out] + [t for route in routing for t in route[1:4]], owned.allocators)
     width = lib.ggml_nbytes(out) // 4

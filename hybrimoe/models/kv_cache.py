@@ -36,6 +36,7 @@ class LayerKV:
         cache_k, cache_v = self.buffers(end, k.shape[0], k.shape[2], v.shape[2], k.dtype, k.device)
         cache_k[:, start_pos:end] = k
         cache_v[:, start_pos:end] = v
+        self.cache.written_from = min(self.cache.written_from, start_pos)
         return cache_k[:, :end], cache_v[:, :end]
 
     def buffers(self, end: int, heads: int, dk: int, dv: int, dtype: torch.dtype,
@@ -65,6 +66,8 @@ class KVCache:
         self.max_tokens = max_tokens
         self.layers = [LayerKV(self) for _ in range(num_layers)]
         self.length = 0
+        self.written_from = 0  # lowest position `LayerKV.append` wrote since a copy of the cache last synced
+        #                        (the ggml decode graphs' F16 copy, hybrimoe.models.ggml_kv)
 
     def __getitem__(self, layer: int) -> LayerKV:
         return self.layers[layer]
