@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import ctypes as C
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -38,12 +38,12 @@ class KVMirror:
     """Per layer F16 K [D, S, Hkv] and V^T [S, D, Hkv] (ggml order) over one bound cache; `synced`: rows
     below it equal the fp32 cache's."""
     tensors: list[tuple[Any, Any]]
-    views: list[tuple[np.ndarray, np.ndarray]]  # numpy [Hkv, S, D] and [Hkv, D, S] float16
+    halves: list[tuple[torch.Tensor, torch.Tensor]]  # torch views: fp16 [Hkv, S, D] and [Hkv, D, S]
     v_rows: Any  # I32 [D * Hkv]: where the token's v values go in V^T seen as S * D * Hkv rows of one
     v_rows_view: np.ndarray
     v_base: np.ndarray  # int32 [D * Hkv]: (h * D + d) * S
     synced: int = 0
-    nbytes: int = field(default=0)
+    nbytes: int = 0
 
     @classmethod
     def build(cls, lib: Ggml, contexts: list[Any], buffers: list[Any], layers: int, kv_heads: int, head_dim: int,
@@ -57,17 +57,18 @@ class KVMirror:
         if not buffers[-1]:
             raise MemoryError("ggml could not allocate the F16 copy of the KV cache")
 
-        def half(tensor: Any, shape: tuple[int, ...]) -> np.ndarray:
-            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_uint16)), shape).view(np.float16)
+        def half(tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
+            array = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_uint16)), shape)
+            return torch.from_numpy(array.view(np.float16))
 
-        views = [(half(k, (kv_heads, capacity, head_dim)), half(vt, (kv_heads, head_dim, capacity))) for k, vt in tensors]
-        for k16, vt16 in views:  # the matmuls read masked rows too (0 * garbage could be NaN): zeros, as llama.cpp
-            k16[...] = 0
-            vt16[...] = 0
+        halves = [(half(k, (kv_heads, capacity, head_dim)), half(vt, (kv_heads, head_dim, capacity))) for k, vt in tensors]
+        for k16, vt16 in halves:  # the matmuls read masked rows too (0 * garbage could be NaN): zeros, as llama.cpp
+            k16.zero_()
+            vt16.zero_()
         rows = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(v_rows), C.POINTER(C.c_int32)), (head_dim * kv_heads,))
         nbytes = 2 * layers * kv_heads * head_dim * capacity * F16
         log.info("ggml decode graphs: an F16 copy of the KV cache, %.1f MB", nbytes / 1e6)
-        return cls(tensors, views, v_rows, rows, np.arange(head_dim * kv_heads, dtype=np.int32) * capacity, 0, nbytes)
+        return cls(tensors, halves, v_rows, rows, np.arange(head_dim * kv_heads, dtype=np.int32) * capacity, 0, nbytes)
 
     def sync(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], kv: Any, position: int) -> None:
         """Before a graph writes `position`: rows [synced, position) copied from the fp32 cache `pairs`
@@ -75,10 +76,10 @@ class KVMirror:
         self.synced = min(self.synced, kv.written_from)
         kv.written_from = kv.max_tokens
         start = self.synced
-        if start < position:
-            for (k, v), (k16, vt16) in zip(pairs, self.views):
-                k16[:, start:position] = k[:, start:position].numpy()
-                vt16[:, :, start:position] = v[:, start:position].numpy().transpose(0, 2, 1)
+        if start < position:  # (torch's fp16 conversion: 3000 rows of 8 layers in ~10 against 150 ms with numpy)
+            for (k, v), (k16, vt16) in zip(pairs, self.halves):
+                k16[:, start:position].copy_(k[:, start:position])
+                vt16[:, :, start:position].copy_(v[:, start:position].transpose(1, 2))
         self.v_rows_view[...] = self.v_base + position
         self.synced = position  # position + 1 once the graph wrote it (the decoder says so)
 
