@@ -7,8 +7,8 @@
 Up to MATMUL_ATTENTION_FROM attended rows the graph runs `ggml_flash_attn_ext` over our fp32 cache. From
 there on it reads the mirror as llama.cpp reads its own cache with flash attention off (its default in
 llama-cpp-python): kq = K16 q (one matmul, GQA broadcast), softmax with the mask, out = V^T16 kq. On the
-2-vCPU Zen 3 at 1024 cached tokens, ggml's flash attention over fp32 costs us ~6.8 ms per token against
-~2.6 ms for llama.cpp's layout; a transposed V cannot be made per token (a ggml_cont of it: 11 ms), so it is
+2-vCPU Zen 3 a whole token went from 20.4 to 19.6 ms at 1024 cached tokens and from 27.3 to 24.4 at 3000
+(benchmarks/RESULTS_formats.md); a transposed V cannot be made per token (a ggml_cont of it: 11 ms), so it is
 kept: every graph writes the token's k/v into both (ggml_set_rows; V^T element-wise at rows
 (h * D + d) * S + position), and rows the torch path wrote (prompts) are copied in before the next graph
 (`KVCache.written_from`). Memory: half the fp32 cache again (logged). Numerics: K and V rounded to F16 and
