@@ -196,15 +196,16 @@ def test_fused_routing_is_observed_and_the_hybrid_runtime_gets_every_expert(refe
     assert rel(got, want) <= 1e-4 and calls
 
 
-def f16_cache_attention(monkeypatch) -> None:
-    """The torch path's one-query attention as llama.cpp's default F16 cache computes it (flash attention off):
-    q, k, v and the softmax weights rounded to fp16, sums in fp32; prompts keep torch's own attention."""
+def f16_cache_attention(monkeypatch, start: int) -> None:
+    """The torch path's one-query attention as llama.cpp's default F16 cache computes it (flash attention off)
+    where the graphs attend to at least `start` rows (KV_CHUNK 8: the keys rounded up to 8): q, k, v and the
+    softmax weights rounded to fp16, sums in fp32; prompts and shorter ones keep torch's own attention."""
     from hybrimoe.models import attention
 
     causal = attention.causal_attention
 
     def f16(q, k, v, scale, window=None):
-        if q.shape[1] != 1:
+        if q.shape[1] != 1 or -(-k.shape[1] // 8) * 8 < start:
             return causal(q, k, v, scale, window)
         (hq, _, d), (hkv, s, _) = q.shape, k.shape
         h = lambda x: x.half().float()  # noqa: E731
@@ -216,25 +217,41 @@ def f16_cache_attention(monkeypatch) -> None:
     monkeypatch.setattr(attention, "causal_attention", f16)
 
 
-@pytest.mark.parametrize("family", GQA_FAMILIES)
-def test_long_contexts_read_an_f16_copy_of_the_cache_as_llamacpp_does(family: str, reference, monkeypatch) -> None:
-    """From MATMUL_ATTENTION_FROM attended rows (here 8: every decode token) the graphs read their F16 copy of
-    the cache (K, V transposed) with two matmuls: llama.cpp's own numerics (the torch path with q, k, v and the
-    softmax weights rounded to fp16 gives the same logits); the copy follows the torch path's writes
-    (prompts, a rewind) and the graphs' own."""
+@pytest.mark.parametrize("family,start", [(f, 8) for f in GQA_FAMILIES] + [("mixtral", 24)])
+def test_long_contexts_read_an_f16_copy_of_the_cache_as_llamacpp_does(family: str, start: int, reference,
+                                                                      monkeypatch) -> None:
+    """From MATMUL_ATTENTION_FROM attended rows (8: every decode token; 24: the copy made mid-way, from the rows
+    the graphs wrote so far) the graphs read their F16 copy of the cache (K, V transposed) with two matmuls:
+    llama.cpp's own numerics (the torch path with q, k, v and the softmax weights rounded to fp16 from there
+    on gives the same logits); the copy follows the torch path's writes (prompts, a rewind) and the graphs'."""
     from hybrimoe.models import ggml_decode, ggml_kv
 
-    monkeypatch.setattr(ggml_kv, "MATMUL_ATTENTION_FROM", 8)
+    monkeypatch.setattr(ggml_kv, "MATMUL_ATTENTION_FROM", start)
     monkeypatch.setattr(ggml_decode, "KV_CHUNK", 8)
     model = built(family)
     model.ort_decoder._unbind()
     fp32 = decode_logits(model, False)
-    f16_cache_attention(monkeypatch)
+    f16_cache_attention(monkeypatch, start)
     want, got = decode_logits(model, False), decode_logits(model, True)
     assert model.ort_decoder.bound.mirror is not None
     assert rel(got, want) <= 1e-5 < rel(want, fp32)  # llama.cpp's rounding, not the fp32 cache's
     assert rel(cache_roundtrip(model, True), cache_roundtrip(model, False)) <= 1e-5
     assert rel(rewritten(model, True), rewritten(model, False)) <= 1e-5
+    assert rel(regrown(model, True), regrown(model, False)) <= 1e-5
+
+
+def regrown(model, graph: bool) -> torch.Tensor:
+    """Logits of decode tokens past 24 cached rows, a rewind to 10 (a shorter graph writes the row) and decode
+    tokens past 24 rows again (reading that row)."""
+    decoder, model.ort_decoder = model.ort_decoder, (model.ort_decoder if graph else None)
+    try:
+        kv = model.new_kv_cache(32)
+        out = [model(torch.tensor(PROMPT[:4]), 0, kv)]
+        out += [model(torch.tensor([(3 * p + 1) % 256]), p, kv) for p in range(4, 18)]
+        out += [model(torch.tensor([(5 * p + 2) % 256]), p, kv) for p in range(10, 20)]
+        return torch.cat(out)
+    finally:
+        model.ort_decoder = decoder
 
 
 def rewritten(model, graph: bool) -> torch.Tensor:

@@ -145,12 +145,18 @@ class GgmlDecoder(OrtDecoder):
                               np.ctypeslib.as_array(C.cast(lib.ggml_get_data(mask), C.POINTER(C.c_uint16)),
                                                     (capacity,)).view(np.float16))
         bound.pairs = pairs
-        if capacity >= ggml_kv.MATMUL_ATTENTION_FROM:  # a cache long enough for the F16 copy's matmuls
-            bound.mirror = mirror = KVMirror.build(lib, bound.contexts, bound.buffers, len(pairs), self.kv_heads,
-                                                   self.head_dim, capacity)
-            bound.tensors = [(*t, k16, vt16, mirror.v_rows) for t, (k16, vt16) in zip(bound.tensors, mirror.tensors)]
         self.bound = bound
         return bound
+
+    def _add_mirror(self, bound: BoundCache, capacity: int) -> None:
+        """The F16 copy of the bound cache (hybrimoe.models.ggml_kv), made when a token first attends to
+        MATMUL_ATTENTION_FROM rows (short conversations never pay its memory); the graphs built so far do
+        not write it, so they are built again."""
+        bound.mirror = mirror = KVMirror.build(self.lib, bound.contexts, bound.buffers, len(bound.pairs),
+                                               self.kv_heads, self.head_dim, capacity)
+        bound.tensors = [(*t, k16, vt16, mirror.v_rows) for t, (k16, vt16) in zip(bound.tensors, mirror.tensors)]
+        bound.graphs.clear()
+        bound.token_graphs.clear()
 
     def _unbind(self) -> None:
         if self.bound is not None:
@@ -191,6 +197,8 @@ class GgmlDecoder(OrtDecoder):
         window = self.ggml_layers[0].attn.sliding_window
         shared.mask_view[:length] = -np.inf
         shared.mask_view[max(0, end - window) if window else 0:end] = 0  # attended: pos - j < window
+        if bound.mirror is None and length >= ggml_kv.MATMUL_ATTENTION_FROM:
+            self._add_mirror(bound, capacity)
         if bound.mirror is not None:
             bound.mirror.sync(bound.pairs, kv, end - 1)
         return bound, length, capacity

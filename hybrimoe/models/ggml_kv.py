@@ -11,7 +11,8 @@ llama-cpp-python): kq = K16 q (one matmul, GQA broadcast), softmax with the mask
 (benchmarks/RESULTS_formats.md); a transposed V cannot be made per token (a ggml_cont of it: 11 ms), so it is
 kept: every graph writes the token's k/v into both (ggml_set_rows; V^T element-wise at rows
 (h * D + d) * S + position), and rows the torch path wrote (prompts) are copied in before the next graph
-(`KVCache.written_from`). Memory: half the fp32 cache again (logged). Numerics: K and V rounded to F16 and
+(`KVCache.written_from`). Memory: half the fp32 cache again (logged), made when a token first attends to
+MATMUL_ATTENTION_FROM rows. Numerics: K and V rounded to F16 and
 the attention weights to F16 in the second matmul, as llama.cpp's default cache does.
 """
 
