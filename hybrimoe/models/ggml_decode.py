@@ -35,7 +35,6 @@ Q4_0 copy of q/k/v/o and of dense MLPs and shared experts (logged), next to the 
 
 from __future__ import annotations
 
-import ctypes as C
 import logging
 from typing import Any
 
@@ -45,7 +44,7 @@ from torch import nn
 
 from hybrimoe.models import ggml_kv
 from hybrimoe.models.ggml_kv import KVMirror
-from hybrimoe.models.ggml_layer import F32, BoundCache, DecodeInputs, GgmlLayer, build_layer, floats_view, layer_graph
+from hybrimoe.models.ggml_layer import F32, BoundCache, DecodeInputs, GgmlLayer, build_layer, layer_graph
 from hybrimoe.models.ggml_token import observe_token, token_experts, token_graph
 from hybrimoe.models.kv_cache import KVCache
 from hybrimoe.models.ort_decode import DecodeLayer, OrtDecoder
@@ -63,20 +62,20 @@ class GgmlDecoder(OrtDecoder):
     """OrtDecoder whose `run_layer` computes a layer's whole token (projections, attention, router) as one
     ggml graph; no onnxruntime session."""
 
-    def __init__(self, model: nn.Module, lib: Ggml, ggml_layers: list[GgmlLayer], x: Any, contexts: list[Any],
-                 buffers: list[Any]) -> None:
+    def __init__(self, model: nn.Module, lib: Ggml, ggml_layers: list[GgmlLayer], x: Any,
+                 final_norm: tuple[Any, float], contexts: list[Any], buffers: list[Any]) -> None:
         layers = [DecodeLayer(None, None, *(torch.from_numpy(g.views[k]) for k in ("delta", "r2", "n")),
                               torch.from_numpy(g.views["logits"]) if "logits" in g.views else None)
                   for g in ggml_layers]
         hidden = ggml_layers[0].views["delta"].shape[1]
-        super().__init__(model, layers, torch.from_numpy(floats_view(x, (1, hidden), lib)))
+        super().__init__(model, layers, torch.from_numpy(lib.array(x, np.float32, (1, hidden))))
         self.lib, self.ggml_layers, self.x_tensor = lib, ggml_layers, x
         self.contexts, self.buffers = contexts, buffers
         self.shared: DecodeInputs | None = None
         self.bound: BoundCache | None = None
         self.graphs: list[Any] = []
         self.fused: tuple[GgmlLayerExperts | None, ...] = ()  # this token's `_fused`
-        self.final_norm: tuple[Any, float] | None = None  # the model's final RMSNorm: weight F32 [H, 1], eps
+        self.final_norm = final_norm  # the model's final RMSNorm: weight F32 [H, 1], eps
         lib.owner(self, contexts, buffers)  # freed with the decoder (the bound cache's graphs too)
 
     @classmethod
@@ -104,12 +103,10 @@ class GgmlDecoder(OrtDecoder):
         if not buffers[-1]:
             lib.free(contexts, buffers)
             raise MemoryError("ggml could not allocate the decoder's input")
-        floats_view(norm, (1, hidden), lib)[0] = model.model.norm.weight.detach().float().numpy()
+        lib.array(norm, np.float32, (hidden,))[:] = model.model.norm.weight.detach().float().numpy()
         log.info("ggml decode graphs: %d layers, %.1f MB of q/k/v/o (and dense MLPs, shared experts) as Q4_0",
                  len(built), total / 1e6)
-        decoder = cls(model, lib, built, x, contexts, buffers)
-        decoder.final_norm = (norm, float(model.model.norm.eps))
-        return decoder
+        return cls(model, lib, built, x, (norm, float(model.model.norm.eps)), contexts, buffers)
 
     def _bind_cache(self, kv: KVCache, end: int) -> BoundCache:
         """The ggml tensors over kv's buffers (and the mask for its length), made again for a new cache."""
@@ -120,7 +117,7 @@ class GgmlDecoder(OrtDecoder):
             return self.bound
         self._unbind()
         lib, capacity = self.lib, pairs[0][0].shape[1]
-        bound = BoundCache(key, [], [t for pair in pairs for t in pair])
+        bound = BoundCache(key, [], pairs)
         lib.owner(bound, bound.contexts, bound.buffers, bound.allocators)  # freed with it (or at once by _unbind)
         ctx = lib.context(2 * len(pairs) + 4)
         bound.contexts.append(ctx)
@@ -140,11 +137,8 @@ class GgmlDecoder(OrtDecoder):
         bound.buffers.append(lib.ggml_backend_alloc_ctx_tensors(ctx, lib.backend))
         if not bound.buffers[-1]:
             raise MemoryError("ggml could not allocate the decoder's inputs")
-        self.shared = DecodeInputs(position, mask,
-                              np.ctypeslib.as_array(C.cast(lib.ggml_get_data(position), C.POINTER(C.c_int32)), (1,)),
-                              np.ctypeslib.as_array(C.cast(lib.ggml_get_data(mask), C.POINTER(C.c_uint16)),
-                                                    (capacity,)).view(np.float16))
-        bound.pairs = pairs
+        self.shared = DecodeInputs(position, mask, lib.array(position, np.int32, (1,)),
+                                   lib.array(mask, np.float16, (capacity,)))
         self.bound = bound
         return bound
 
@@ -242,7 +236,7 @@ class GgmlDecoder(OrtDecoder):
         """The token's logits [1, V] fp32 from one graph that also computes the final norm and lm_head, where
         `token_experts` allows and lm_head runs on ggml (`--lm-head-dtype q4_0`); else None (nothing done)."""
         head = model.lm_head.ort if isinstance(model.lm_head, QuantLinear) else None
-        if not isinstance(head, GgmlMatmul) or self.final_norm is None:
+        if not isinstance(head, GgmlMatmul):
             return None
         return self._token(model, input_ids, start, kv, head.weight)
 
@@ -255,9 +249,9 @@ class GgmlDecoder(OrtDecoder):
             return None
         bound, length, capacity = self._inputs(kv, start + 1)
         key = (length, tuple(id(e) for e in experts if e is not None), head)
-        blocks = [layer.mlp for layer in model.model.layers]
         if key not in bound.token_graphs:
             assert self.shared is not None
+            blocks = [layer.mlp for layer in model.model.layers]
             final = None if head is None else (*self.final_norm, head)
             bound.token_graphs[key] = token_graph(self.lib, self.ggml_layers, blocks, experts, self.x_tensor,
                                                   bound.tensors, self.shared, length, capacity, bound, final)

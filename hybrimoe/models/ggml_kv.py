@@ -18,7 +18,6 @@ the attention weights to F16 in the second matmul, as llama.cpp's default cache 
 
 from __future__ import annotations
 
-import ctypes as C
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -44,7 +43,6 @@ class KVMirror:
     v_rows_view: np.ndarray
     v_base: np.ndarray  # int32 [D * Hkv]: (h * D + d) * S
     synced: int = 0
-    nbytes: int = 0
 
     @classmethod
     def build(cls, lib: Ggml, contexts: list[Any], buffers: list[Any], layers: int, kv_heads: int, head_dim: int,
@@ -58,18 +56,15 @@ class KVMirror:
         if not buffers[-1]:
             raise MemoryError("ggml could not allocate the F16 copy of the KV cache")
 
-        def half(tensor: Any, shape: tuple[int, ...]) -> torch.Tensor:
-            array = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_uint16)), shape)
-            return torch.from_numpy(array.view(np.float16))
-
-        halves = [(half(k, (kv_heads, capacity, head_dim)), half(vt, (kv_heads, head_dim, capacity))) for k, vt in tensors]
+        halves = [(torch.from_numpy(lib.array(k, np.float16, (kv_heads, capacity, head_dim))),
+                   torch.from_numpy(lib.array(vt, np.float16, (kv_heads, head_dim, capacity)))) for k, vt in tensors]
         for k16, vt16 in halves:  # the matmuls read masked rows too (0 * garbage could be NaN): zeros, as llama.cpp
             k16.zero_()
             vt16.zero_()
-        rows = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(v_rows), C.POINTER(C.c_int32)), (head_dim * kv_heads,))
-        nbytes = 2 * layers * kv_heads * head_dim * capacity * F16
-        log.info("ggml decode graphs: an F16 copy of the KV cache, %.1f MB", nbytes / 1e6)
-        return cls(tensors, halves, v_rows, rows, np.arange(head_dim * kv_heads, dtype=np.int32) * capacity, 0, nbytes)
+        log.info("ggml decode graphs: an F16 copy of the KV cache, %.1f MB",
+                 2 * layers * kv_heads * head_dim * capacity * F16 / 1e6)
+        return cls(tensors, halves, v_rows, lib.array(v_rows, np.int32, (head_dim * kv_heads,)),
+                   np.arange(head_dim * kv_heads, dtype=np.int32) * capacity)
 
     def sync(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], kv: Any, position: int) -> None:
         """Before a graph writes `position`: rows [synced, position) copied from the fp32 cache `pairs`

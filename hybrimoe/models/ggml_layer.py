@@ -8,7 +8,6 @@ See hybrimoe.models.ggml_decode for what the graph computes and why.
 
 from __future__ import annotations
 
-import ctypes as C
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,11 +31,6 @@ def q4_0_of(linear: nn.Module) -> np.ndarray | None:
     if not isinstance(linear, QuantLinear) or linear.layout is None or linear.q.device.type != "cpu":
         return None
     return q4_0_blocks(linear.view())
-
-
-def floats_view(view: Any, shape: tuple[int, ...], lib: Ggml) -> np.ndarray:
-    """A numpy view of an allocated fp32 ggml tensor (torch reads and writes ggml's memory in place)."""
-    return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(view), C.POINTER(C.c_float)), shape)
 
 
 @dataclass
@@ -67,14 +61,14 @@ class BoundCache:
     """The KV cache the graphs are built on: per layer (k, v) as ggml tensors over torch's memory."""
     key: tuple[int, ...]
     tensors: list[tuple[Any, ...]]  # per layer (k, v) F32 [D, S, Hkv], and with a mirror its (K16, V^T16, v_rows)
-    keep: list[Any]  # torch's buffers and the stacked experts the graphs read, kept alive while ggml reads them
+    pairs: list[tuple[torch.Tensor, torch.Tensor]]  # torch's k, v [Hkv, S, D] per layer (kept alive: ggml reads them)
+    keep: list[Any] = field(default_factory=list)  # the stacked experts the graphs read (their keys hold ids)
     graphs: dict[tuple[Any, ...], list[Any]] = field(default_factory=dict)  # (length, fused) -> graph per layer
     token_graphs: dict[tuple[Any, ...], Any] = field(default_factory=dict)  # (length, experts) -> TokenGraph
     contexts: list[Any] = field(default_factory=list)
     buffers: list[Any] = field(default_factory=list)
     allocators: list[Any] = field(default_factory=list)  # graph allocators (ggml_gallocr)
-    pairs: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # torch's k, v [Hkv, S, D]
-    mirror: KVMirror | None = None  # the cache in F16 (K, V^T) for long contexts, where it can hold them
+    mirror: KVMirror | None = None  # the cache in F16 (K, V^T), made when a token first attends to 512 rows
 
 
 def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[Any]) -> tuple[GgmlLayer, int] | str:
@@ -131,10 +125,10 @@ def build_layer(lib: Ggml, layer: nn.Module, contexts: list[Any], buffers: list[
     for tensor, array in [(floats[k], arrays[k]) for k in floats]:
         assert lib.ggml_nbytes(tensor) == array.nbytes
         lib.ggml_backend_tensor_set(tensor, np.ascontiguousarray(array).ctypes.data, 0, array.nbytes)
-    views = {name: floats_view(t, (1, widths[name]), lib) for name, t in io.items() if name in widths}
+    views = {name: lib.array(t, np.float32, (1, widths[name])) for name, t in io.items() if name in widths}
     if experts:
-        views["ids"] = np.ctypeslib.as_array(C.cast(lib.ggml_get_data(io["ids"]), C.POINTER(C.c_int32)), (k,))
-        views["weights"] = floats_view(io["weights"], (k,), lib)
+        views["ids"] = lib.array(io["ids"], np.int32, (k,))
+        views["weights"] = lib.array(io["weights"], np.float32, (k,))
     for array in views.values():
         array[...] = 0  # ggml's memory comes uninitialised; layer 0's delta is read as zeros
     eps = (float(layer.input_layernorm.eps), float(layer.post_attention_layernorm.eps))

@@ -27,7 +27,6 @@ installed (a routing trace being recorded); the hybrid runtime swaps executors, 
 
 from __future__ import annotations
 
-import ctypes as C
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,8 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from hybrimoe.models.ggml_layer import (BoundCache, DecodeInputs, GgmlLayer, attention_ops, floats_view, mlp_ops,
-                                        route_ops)
+from hybrimoe.models.ggml_layer import BoundCache, DecodeInputs, GgmlLayer, attention_ops, mlp_ops, route_ops
 from hybrimoe.models.layers import GatedMLP
 from hybrimoe.moe.ggml_kernels import GgmlLayerExperts
 from hybrimoe.moe.ggml_lib import Ggml
@@ -79,10 +77,6 @@ def token_experts(model: nn.Module, layers: list[GgmlLayer]) -> list[GgmlLayerEx
     return stacked if any(e is not None for e in stacked) else None
 
 
-def _array(lib: Ggml, tensor: Any, ctype: Any, shape: tuple[int, ...]) -> np.ndarray:
-    return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(ctype)), shape)
-
-
 def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], experts: list[GgmlLayerExperts | None],
                 x: Any, kv: list[tuple[Any, ...]], shared: DecodeInputs, length: int, capacity: int,
                 owned: BoundCache, head: tuple[Any, float, Any] | None = None) -> TokenGraph:
@@ -123,10 +117,10 @@ def token_graph(lib: Ggml, layers: list[GgmlLayer], blocks: list[nn.Module], exp
     lib.ggml_build_forward_expand(graph, out)
     lib.allocate_graph(graph, [out] + [t for route in routing for t in route[1:4]], owned.allocators)
     width = lib.ggml_nbytes(out) // 4
-    return TokenGraph(graph, floats_view(out, (1, width), lib), [route[0] for route in routing],
-                      [_array(lib, order, C.c_int32, (c.top_k,)) for _, order, _, _, c in routing],
-                      [_array(lib, w, C.c_float, (c.top_k,)) for _, _, w, _, c in routing],
-                      [_array(lib, s, C.c_float, (c.num_experts,)) for _, _, _, s, c in routing])
+    return TokenGraph(graph, lib.array(out, np.float32, (1, width)), [route[0] for route in routing],
+                      [lib.array(order, np.int32, (c.top_k,)) for _, order, _, _, c in routing],
+                      [lib.array(w, np.float32, (c.top_k,)) for _, _, w, _, c in routing],
+                      [lib.array(s, np.float32, (c.num_experts,)) for _, _, _, s, c in routing])
 
 
 def observe_token(token: TokenGraph) -> None:

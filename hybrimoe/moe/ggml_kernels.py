@@ -27,7 +27,6 @@ engine frees the store's bytes layer by layer as the copies are made.
 
 from __future__ import annotations
 
-import ctypes as C
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,10 +108,8 @@ class _GgmlKernel:
             lib.ggml_free(ctx)
             raise MemoryError("ggml could not allocate a kernel's activations")
 
-        def array(tensor: Any, width: int) -> np.ndarray:
-            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(C.c_float)), (tokens, width))
-
-        return _Graph(ctx, graph, array(x, self.in_features), array(y, self.out_features), buffer)
+        return _Graph(ctx, graph, lib.array(x, np.float32, (tokens, self.in_features)),
+                      lib.array(y, np.float32, (tokens, self.out_features)), buffer)
 
     def _run(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, K] (any float dtype, CPU) -> [T, N] in x's dtype."""
@@ -259,13 +256,14 @@ class GgmlLayerExperts:
 
     def combine_ops(self, ctx: Any, x: Any, ids: Any, weights: Any, k: int) -> Any:
         """The ops of `combine` in `ctx` (also inside a decoder layer's graph, hybrimoe.models.ggml_decode):
-        x F32 [H, 1, 1], ids I32 [k, 1] (ascending), weights F32 [1, k, 1] -> y F32 [H, 1]."""
+        x F32 [H, 1, 1], ids I32 [k, 1], weights F32 [1, k, 1] -> y F32 [H, 1], summed in slot order."""
         lib, h = self.lib, self.hidden
         act = lib.ggml_swiglu(ctx, lib.ggml_mul_mat_id(ctx, self.gate_up, x, ids))  # [I, k, 1]
         ys = lib.ggml_mul(ctx, lib.ggml_mul_mat_id(ctx, self.down, act, ids), weights)  # [H, k, 1], weighted
         row = h * 4
         y = lib.ggml_view_2d(ctx, ys, h, 1, row, 0)
-        for j in range(1, k):  # in slot order (the caller sorts the slots by expert, as the torch path sums)
+        for j in range(1, k):  # in slot order (`combine` and the per-layer graphs sort them by expert, as the torch
+            #                    path sums; the whole-token graph keeps the router's order, highest score first)
             y = lib.ggml_add(ctx, y, lib.ggml_view_2d(ctx, ys, h, 1, row, j * row))
         return y
 
@@ -284,11 +282,8 @@ class GgmlLayerExperts:
             raise MemoryError("ggml could not allocate a layer's expert activations")
         lib.owner(self, [ctx], [buffer])
 
-        def array(tensor: Any, ctype: Any, shape: tuple[int, ...]) -> np.ndarray:
-            return np.ctypeslib.as_array(C.cast(lib.ggml_get_data(tensor), C.POINTER(ctype)), shape)
-
-        return _Combine(ctx, buffer, graph, array(x, C.c_float, (h,)), array(ids, C.c_int32, (k,)),
-                        array(w, C.c_float, (k,)), array(y, C.c_float, (1, h)))
+        return _Combine(ctx, buffer, graph, lib.array(x, np.float32, (h,)), lib.array(ids, np.int32, (k,)),
+                        lib.array(w, np.float32, (k,)), lib.array(y, np.float32, (1, h)))
 
     def combine(self, x: torch.Tensor, ids: list[int], weights: torch.Tensor) -> torch.Tensor:
         """x [1, H] (CPU), the token's routed experts `ids` [k] and their weights [k] -> sum_j w_j f_j(x),

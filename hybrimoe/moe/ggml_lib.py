@@ -191,6 +191,15 @@ class Ggml:
         contexts.clear()
         buffers.clear()
 
+    def array(self, tensor: Any, dtype: Any, shape: tuple[int, ...]) -> Any:
+        """A numpy view [shape] of `dtype` over an allocated ggml tensor's memory (read and written in place)."""
+        import numpy as np
+
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape)) * dtype.itemsize
+        raw = np.ctypeslib.as_array(C.cast(self.ggml_get_data(tensor), C.POINTER(C.c_uint8)), (size,))
+        return raw.view(dtype).reshape(shape)
+
     def allocate_graph(self, graph: Any, outputs: list[Any], allocators: list[Any]) -> None:
         """Memory for `graph`'s activations from one allocator (appended to `allocators`) that reuses a
         buffer once its last reader ran, as llama.cpp allocates its graphs; `outputs` keep theirs."""
